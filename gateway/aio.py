@@ -1,0 +1,29 @@
+"""Small asyncio helpers shared by the long-running loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+async def wait_any(*events: asyncio.Event, timeout_s: float | None) -> bool:
+    """Wait until any event is set or the timeout passes; True if an event was set.
+
+    Waiter tasks are always cancelled and awaited, so no task outlives the call.
+    """
+    if any(event.is_set() for event in events):
+        return True
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        done, _ = await asyncio.wait(
+            waiters,
+            timeout=None if timeout_s is None else max(0.0, timeout_s),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        for waiter in waiters:
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+    return bool(done)

@@ -1,0 +1,144 @@
+"""Composition root: builds the parts, runs them as named tasks, shuts them down in order.
+
+Shutdown order matters for data safety: ingest stops first (it commits and acknowledges
+what it holds, then disconnects, so the broker keeps everything after that), then the
+flush loop gets a bounded final flush, then the database is closed. A second signal exits
+at once: everything acknowledged is already committed, so nothing is lost by hurrying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import httpx
+
+from gateway import __version__
+from gateway.cloud import BlynkCloud
+from gateway.config import Settings
+from gateway.flush import FlushLoop
+from gateway.ingest import MqttIngest
+from gateway.log import get_logger
+from gateway.routes import RouteTable
+from gateway.store import Store
+
+log = get_logger("app")
+
+
+class Gateway:
+    """The daemon as an object, so tests can run it in-process and stop it on demand."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock_ms: Callable[[], int] | None = None,
+        cloud_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._cloud_transport = cloud_transport
+        self._stop_requested = asyncio.Event()
+        self.started = asyncio.Event()
+        self.store: Store | None = None
+        self.ingest: MqttIngest | None = None
+        self.flush: FlushLoop | None = None
+        self.cloud: BlynkCloud | None = None
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def run(self) -> None:
+        settings = self.settings
+        started_at = time.monotonic()
+        self.store = store = await Store.open(
+            settings.store.path, synchronous=settings.store.synchronous, clock_ms=self._clock_ms
+        )
+        self.cloud = cloud = BlynkCloud(
+            settings.cloud.server,
+            settings.cloud.client_id,
+            settings.cloud.client_secret.get_secret_value(),
+            timeout_s=settings.cloud.timeout_s,
+            transport=self._cloud_transport,
+        )
+        routes = RouteTable(settings.routes, settings.mqtt.max_payload_bytes)
+        self.ingest = ingest = MqttIngest(
+            settings.mqtt,
+            routes,
+            store,
+            commit_interval_s=settings.store.commit_interval_ms / 1000,
+            commit_max_readings=settings.commit_max_readings(),
+            clock_ms=self._clock_ms,
+        )
+        self.flush = flush = FlushLoop(
+            store, cloud, settings.flush, settings.cloud, clock_ms=self._clock_ms
+        )
+        log.info(
+            "gateway_started",
+            version=__version__,
+            db=str(settings.store.path),
+            buffered=store.pending_points,
+            routes=len(routes.routes),
+            broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
+            cloud=settings.cloud.server,
+            startup_ms=round((time.monotonic() - started_at) * 1000, 1),
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                ingest_task = tasks.create_task(ingest.run(), name="ingest")
+                flush_task = tasks.create_task(flush.run(), name="flush")
+                self.started.set()
+                await self._stop_requested.wait()
+                await self._shutdown(ingest_task, flush_task)
+        finally:
+            await cloud.aclose()
+            await store.close()
+            log.info(
+                "gateway_stopped",
+                buffered=store.pending_points,
+                received=ingest.stats.received,
+                delivered=flush.stats.delivered,
+            )
+
+    async def _shutdown(
+        self, ingest_task: asyncio.Task[None], flush_task: asyncio.Task[None]
+    ) -> None:
+        assert self.ingest is not None and self.flush is not None
+        log.info("gateway_stopping", buffered=self.store.pending_points if self.store else None)
+        await self.ingest.stop()
+        ingest_task.cancel()
+        self.flush.stop()
+        budget_s = self.settings.flush.shutdown_flush_s
+        deadline = time.monotonic() + budget_s
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(budget_s):
+                await asyncio.shield(flush_task)
+        if not flush_task.done():
+            flush_task.cancel()
+        await self.flush.final_flush(max(0.0, deadline - time.monotonic()))
+
+
+async def run_until_signalled(settings: Settings) -> int:
+    """`blynk-gateway run`: first SIGTERM/SIGINT stops gracefully, a second exits at once."""
+    gateway = Gateway(settings)
+    loop = asyncio.get_running_loop()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("signal_received", signal=signal.Signals(signum).name, action="stopping")
+            gateway.request_stop()
+        else:
+            log.warning("signal_received", signal=signal.Signals(signum).name, action="exit_now")
+            os._exit(1)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await gateway.run()
+    return 0

@@ -1,0 +1,250 @@
+"""Settings: a TOML file, then environment overrides (`BLYNK_GATEWAY_SECTION__KEY`).
+
+Everything is validated before the daemon starts. Unknown keys are errors because a typo in
+a key (`comit_interval_ms`) would otherwise silently keep a default the operator meant to
+change. Errors name the offending key and value; secret values are never echoed.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+ENV_PREFIX = "BLYNK_GATEWAY_"
+ENV_NESTED_DELIMITER = "__"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MqttSettings(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    client_id: str = Field(default="blynk-gateway-1", min_length=1, max_length=64)
+    username: str | None = None
+    password: SecretStr | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 60
+    # How many unacknowledged QoS 1 messages the broker sends us at once. MQTT 3.1.1 has no
+    # way to ask: it is the broker's `max_inflight_messages` (Mosquitto: 20). With MQTT 5 the
+    # gateway announces it as Receive Maximum.
+    inflight_window: Annotated[int, Field(ge=1, le=65535)] = 20
+    # MQTT 5 only: how long the broker keeps our session (and queues for us) while we are away.
+    session_expiry_s: Annotated[int, Field(ge=0, le=4294967295)] = 7 * 24 * 3600
+    reconnect_min_s: PositiveFloat = 0.5
+    reconnect_max_s: PositiveFloat = 30.0
+    max_payload_bytes: Annotated[int, Field(ge=16, le=1_048_576)] = 16_384
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> MqttSettings:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) must be >= reconnect_min_s "
+                f"({self.reconnect_min_s})"
+            )
+        return self
+
+
+class CloudSettings(_Section):
+    server: str = "https://fra1.blynk.cloud"
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    timeout_s: PositiveFloat = 15.0
+    daily_points_limit: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    max_age_days: Annotated[float, Field(gt=0, le=3650)] = 30.0
+    # Readings this close to the age limit are not sent: clocks and queues differ.
+    age_margin_hours: Annotated[float, Field(ge=0, le=240)] = 6.0
+    day_timezone: str = "UTC"
+
+    @field_validator("server")
+    @classmethod
+    def _server_is_http_url(cls, server: str) -> str:
+        if not server.startswith(("https://", "http://")) or len(server.split("://", 1)[1]) == 0:
+            raise ValueError(
+                f"must start with https:// (or http:// for a local sandbox): {server!r}"
+            )
+        return server.rstrip("/")
+
+    @field_validator("day_timezone")
+    @classmethod
+    def _known_timezone(cls, name: str) -> str:
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {name!r}") from exc
+        return name
+
+
+class StoreSettings(_Section):
+    path: Path = Path("/var/lib/blynk-gateway/buffer.db")
+    # FULL: a reading acknowledged to the broker survives a power cut. NORMAL is faster but
+    # may lose the last transactions on power loss (never on a process crash).
+    synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "FULL"
+    # Group commit: readings wait at most this long for company before one fsync covers them.
+    commit_interval_ms: Annotated[int, Field(ge=1, le=10_000)] = 200
+    # Commit early when this many readings wait (0 = derive from mqtt.inflight_window).
+    commit_max_readings: Annotated[int, Field(ge=0, le=100_000)] = 0
+
+
+class FlushSettings(_Section):
+    batch_size: Annotated[int, Field(ge=1, le=10_000)] = 1000
+    interval_s: PositiveFloat = 5.0
+    order: Literal["oldest", "newest"] = "oldest"
+    backoff_min_s: PositiveFloat = 1.0
+    backoff_max_s: PositiveFloat = 300.0
+    auth_retry_s: PositiveFloat = 300.0
+    parked_retry_s: PositiveFloat = 600.0
+    shutdown_flush_s: Annotated[float, Field(ge=0, le=600)] = 10.0
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> FlushSettings:
+        if self.backoff_max_s < self.backoff_min_s:
+            raise ValueError(
+                f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_min_s "
+                f"({self.backoff_min_s})"
+            )
+        return self
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console", "logfmt"] = "auto"
+
+
+class RouteSettings(_Section):
+    topic: str = Field(min_length=1)
+    device_id: Annotated[int, Field(ge=0)]
+    datastream_id: Annotated[int, Field(ge=0)]
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_filter(cls, topic: str) -> str:
+        levels = topic.split("/")
+        for index, level in enumerate(levels):
+            if "#" in level and (level != "#" or index != len(levels) - 1):
+                raise ValueError(f"'#' must be a whole last level: {topic!r}")
+            if "+" in level and level != "+":
+                raise ValueError(f"'+' must be a whole level: {topic!r}")
+        return topic
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    mqtt: MqttSettings = MqttSettings()
+    cloud: CloudSettings
+    store: StoreSettings = StoreSettings()
+    flush: FlushSettings = FlushSettings()
+    log: LogSettings = LogSettings()
+    routes: Annotated[list[RouteSettings], Field(min_length=1)]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+    def commit_max_readings(self) -> int:
+        """Commit before the broker's in-flight window fills, or ingest stalls on it."""
+        if self.store.commit_max_readings:
+            return self.store.commit_max_readings
+        return max(1, math.floor(self.mqtt.inflight_window * 0.8))
+
+    def secret_values(self) -> list[str]:
+        """Literal secrets, handed to the log scrubber."""
+        values = [self.cloud.client_secret.get_secret_value()]
+        if self.mqtt.password is not None:
+            values.append(self.mqtt.password.get_secret_value())
+        return values
+
+
+def _is_secret_location(location: tuple[Any, ...]) -> bool:
+    return any(
+        isinstance(part, str) and ("secret" in part or "password" in part) for part in location
+    )
+
+
+def _format_location(location: tuple[Any, ...]) -> str:
+    text = ""
+    for part in location:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + str(part)
+    return text or "(top level)"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Operator-facing text: one line per problem, key path first, value shown unless secret."""
+    lines = []
+    for problem in error.errors():
+        location = tuple(problem.get("loc", ()))
+        key = _format_location(location)
+        kind = problem.get("type", "")
+        message = problem.get("msg", "invalid")
+        if kind == "missing":
+            lines.append(f"{key}: required key is missing")
+            continue
+        if kind == "extra_forbidden":
+            lines.append(f"{key}: unknown key (check the spelling; see config.example.toml)")
+            continue
+        value = problem.get("input")
+        shown = "***" if _is_secret_location(location) else repr(value)
+        lines.append(f"{key}: {message} (got {shown})")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"config file not readable: {path} ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def load_settings(path: Path | None) -> Settings:
+    """The one way settings are built, shared by `run` and `check-config`."""
+    file_values = read_toml(path) if path is not None else {}
+    try:
+        return Settings(**file_values)
+    except ValidationError as exc:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(
+            f"invalid configuration{where}:\n{describe_validation_error(exc)}"
+        ) from exc

@@ -1,0 +1,97 @@
+"""One exception tree for the whole gateway.
+
+```
+GatewayError
+├── ConfigError                  startup stops; message names the key and the value
+├── StoreError                   the buffer cannot take more right now (disk full, read-only)
+└── CloudError
+    ├── RetryableCloudError      keep the data, back off, try again (retry_after_s honoured)
+    │   ├── CloudUnreachable     connect/read errors, timeouts
+    │   ├── CloudServerError     5xx
+    │   ├── RateLimited          429
+    │   └── AuthFailed           token refused, or 401/403 after one renewal
+    └── PermanentCloudError      this request will never succeed as it is
+        ├── WrongRegion          308: the account lives on another server
+        ├── UnknownTarget        404: device or datastream does not exist
+        ├── QuotaRefused         the cloud says the device's daily limit is used up
+        └── BatchRejected        other 4xx: some points are bad -> bisect, dead-letter those
+```
+Third-party exceptions (httpx, sqlite3) are wrapped at the module edge with `raise ... from`.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is unusable; the message is meant for the operator as-is."""
+
+
+class StoreError(GatewayError):
+    """The buffer cannot accept writes (disk full, read-only filesystem, I/O error)."""
+
+
+class CloudError(GatewayError):
+    """Any failed exchange with the Blynk cloud."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class RetryableCloudError(CloudError):
+    """Nothing is wrong with the data: wait and send the same batch again."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after_s = retry_after_s
+
+
+class CloudUnreachable(RetryableCloudError):
+    """Network error or timeout: the cloud may never have seen the request."""
+
+
+class CloudServerError(RetryableCloudError):
+    """5xx from the cloud."""
+
+
+class RateLimited(RetryableCloudError):
+    """429: too many requests for the organization."""
+
+
+class AuthFailed(RetryableCloudError):
+    """Credentials refused; retried slowly because an operator may fix them in the console."""
+
+
+class PermanentCloudError(CloudError):
+    """Sending the same request again cannot succeed."""
+
+
+class WrongRegion(PermanentCloudError):
+    """308: the organization lives on another regional server (`location`)."""
+
+    def __init__(self, message: str, *, location: str | None) -> None:
+        super().__init__(message, status=308)
+        self.location = location
+
+
+class UnknownTarget(PermanentCloudError):
+    """404: the device or the datastream is unknown to the cloud (`kind` says which)."""
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message, status=404)
+        self.kind = kind
+
+
+class QuotaRefused(PermanentCloudError):
+    """The cloud counts the device's daily point limit as used up (possibly by other uploads)."""
+
+
+class BatchRejected(PermanentCloudError):
+    """4xx about the request's content: some points are unacceptable."""

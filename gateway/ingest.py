@@ -1,0 +1,549 @@
+"""MQTT → store: paho-mqtt driven by the asyncio loop, acknowledged only after commit.
+
+No paho network thread: paho's socket is registered with the event loop (`add_reader` /
+`add_writer`) and a timer calls `loop_misc`, as aiomqtt 2.x does. Only the blocking
+`connect()` runs in an executor, so only the socket callbacks it triggers are marshalled
+with `call_soon_threadsafe`; every other callback already runs on the loop thread.
+
+The broker keeps our session (fixed client id, clean session off) and we use
+`manual_ack=True`: a QoS 1 message is PUBACKed only after the transaction that holds its
+reading has committed. Messages are grouped so one commit (one fsync) covers many, and a
+group is committed early when it nears the broker's in-flight window — the broker sends at
+most that many unacknowledged messages, so waiting longer would only stall it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gateway.aio import wait_any
+from gateway.config import MqttSettings
+from gateway.errors import StoreError
+from gateway.log import Throttle, get_logger
+from gateway.models import Reading
+from gateway.routes import PayloadError, RouteTable
+from gateway.store import RejectedPayload, Store
+
+log = get_logger("ingest")
+
+MISC_INTERVAL_S = 1.0
+CONNACK_TIMEOUT_S = 10.0
+STORE_RETRY_MIN_S = 0.5
+STORE_RETRY_MAX_S = 30.0
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    unmapped: int = 0
+    retained_skipped: int = 0
+    redelivered_acked: int = 0
+    commits: int = 0
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class _PendingGroup:
+    """What the next commit will hold, and which messages it will acknowledge."""
+
+    readings: list[Reading] = field(default_factory=list)
+    rejected: list[RejectedPayload] = field(default_factory=list)
+    acks: list[tuple[int, int, int, str, bytes]] = field(default_factory=list)
+    first_at: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.acks)
+
+
+class MqttIngest:
+    """Subscribes to the routes' topics and turns messages into committed readings."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        routes: RouteTable,
+        store: Store,
+        *,
+        commit_interval_s: float,
+        commit_max_readings: int,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._routes = routes
+        self._store = store
+        self._commit_interval_s = commit_interval_s
+        self._commit_max = commit_max_readings
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self.stats = IngestStats()
+        self.connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._generation = 0
+        self._pending = _PendingGroup()
+        self._group_ready = asyncio.Event()
+        self._group_full = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._stopping = False
+        self._accepting = True
+        self._committer_idle = asyncio.Event()
+        self._committer_idle.set()
+        # Committed but not acknowledged because the connection dropped first: when the
+        # broker redelivers them (DUP flag) they are acknowledged without being stored again.
+        self._committed_unacked: Counter[tuple[str, bytes]] = Counter()
+        self._reject_throttle = Throttle(60.0)
+        self._store_failing_since: float | None = None
+        self._subscribed: set[str] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Connect, reconnect with capped jittered backoff, and commit groups until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._commit_loop(), name="ingest-commit")
+            tasks.create_task(self._connection_loop(), name="ingest-connection")
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop taking messages, commit and acknowledge what we hold, then disconnect."""
+        self._stopping = True
+        self._accepting = False
+        client = self._client
+        if client is not None:
+            sock = client.socket()
+            if sock is not None and self._loop is not None:
+                self._loop.remove_reader(sock)
+        self._group_ready.set()
+        self._group_full.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while len(self._pending) or not self._committer_idle.is_set():
+                    self._group_full.set()
+                    await asyncio.sleep(0.01)
+        if client is not None and client.is_connected():
+            client.disconnect()
+            for _ in range(20):
+                if client.socket() is None:
+                    break
+                client.loop_write()
+                await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------------ connection
+
+    def _new_client(self) -> mqtt.Client:
+        protocol = (
+            MQTTProtocolVersion.MQTTv5
+            if self._settings.protocol == "5"
+            else MQTTProtocolVersion.MQTTv311
+        )
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._settings.client_id,
+            clean_session=False if protocol == MQTTProtocolVersion.MQTTv311 else None,
+            protocol=protocol,
+            manual_ack=True,
+            reconnect_on_failure=False,
+        )
+        if self._settings.username is not None:
+            password = self._settings.password
+            client.username_pw_set(
+                self._settings.username,
+                password.get_secret_value() if password is not None else None,
+            )
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        return client
+
+    async def _connection_loop(self) -> None:
+        attempt = 0
+        failures_since_log = 0
+        last_error = ""
+        while not self._stopping:
+            self._client = self._new_client()
+            self._disconnected.clear()
+            try:
+                await self._connect(self._client)
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                attempt += 1
+                error = f"{type(exc).__name__}: {exc}"
+                if attempt == 1 or error != last_error:
+                    log.warning(
+                        "mqtt_connect_failed",
+                        host=self._settings.host,
+                        port=self._settings.port,
+                        error=error,
+                        attempt=attempt,
+                        previous_failures=failures_since_log,
+                    )
+                    failures_since_log = 0
+                else:
+                    failures_since_log += 1
+                last_error = error
+                self._close_client(self._client)
+                await self._sleep_backoff(attempt)
+                continue
+            if attempt > 1 and failures_since_log:
+                log.info("mqtt_connect_recovered", failed_attempts=attempt)
+            attempt = 0
+            failures_since_log = 0
+            last_error = ""
+            misc = asyncio.create_task(self._misc_loop(self._client), name="ingest-mqtt-misc")
+            try:
+                await self._disconnected.wait()
+            finally:
+                misc.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await misc
+                self._close_client(self._client)
+            if not self._stopping:
+                attempt = 1
+                await self._sleep_backoff(attempt)
+
+    async def _sleep_backoff(self, attempt: int) -> None:
+        cap = min(
+            self._settings.reconnect_max_s, self._settings.reconnect_min_s * 2 ** (attempt - 1)
+        )
+        delay = max(self._settings.reconnect_min_s / 2, random.uniform(0, cap))
+        await asyncio.sleep(delay)
+
+    async def _connect(self, client: mqtt.Client) -> None:
+        assert self._loop is not None
+        self._generation += 1
+        self.connected.clear()
+        properties: Properties | None = None
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        if self._settings.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self._settings.session_expiry_s
+            properties.ReceiveMaximum = self._settings.inflight_window
+            clean_start = False
+        await self._loop.run_in_executor(
+            None,
+            lambda: client.connect(
+                self._settings.host,
+                self._settings.port,
+                keepalive=self._settings.keepalive_s,
+                clean_start=clean_start,
+                properties=properties,
+            ),
+        )
+        answered = await wait_any(self.connected, self._disconnected, timeout_s=CONNACK_TIMEOUT_S)
+        if not answered:
+            raise TimeoutError(f"no CONNACK within {CONNACK_TIMEOUT_S:.0f} s")
+        if not self.connected.is_set():
+            raise ConnectionError(self._last_refusal or "connection closed before CONNACK")
+
+    _last_refusal: str | None = None
+
+    def _close_client(self, client: mqtt.Client | None) -> None:
+        if client is None:
+            return
+        sock = client.socket()
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        with contextlib.suppress(Exception):
+            client._sock_close()
+        self.connected.clear()
+
+    async def _misc_loop(self, client: mqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(MISC_INTERVAL_S)
+            if client.loop_misc() == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                self._disconnected.set()
+                return
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._watch_socket, client, sock)
+
+    def _watch_socket(self, client: mqtt.Client, sock: Any) -> None:
+        if self._accepting and client is self._client:
+            self._loop_add_reader(sock, client)
+
+    def _loop_add_reader(self, sock: Any, client: mqtt.Client) -> None:
+        assert self._loop is not None
+        self._loop.add_reader(sock, self._read_ready, client)
+
+    def _read_ready(self, client: mqtt.Client) -> None:
+        try:
+            rc = client.loop_read()
+        except Exception as exc:  # a bug in a callback must not kill the daemon
+            log.exception("mqtt_read_failed", error=f"{type(exc).__name__}: {exc}")
+            self._disconnected.set()
+            return
+        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+            self._disconnected.set()
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._forget_socket, sock)
+
+    def _forget_socket(self, sock: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._watch_writable, client, sock)
+
+    def _watch_writable(self, client: mqtt.Client, sock: Any) -> None:
+        assert self._loop is not None
+        if sock.fileno() != -1:
+            self._loop.add_writer(sock, client.loop_write)
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        if sock.fileno() != -1:
+            self._loop.remove_writer(sock)
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._last_refusal = f"broker refused connection: {reason_code}"
+            self._disconnected.set()
+            return
+        self._last_refusal = None
+        session_present = bool(flags.session_present)
+        if not session_present:
+            self._subscribed.clear()
+        wanted = self._routes.subscriptions
+        missing = [topic for topic in wanted if topic not in self._subscribed]
+        if missing:
+            if self._settings.protocol == "5":
+                client.subscribe([(topic, self._subscribe_options()) for topic in missing])
+            else:
+                client.subscribe([(topic, 1) for topic in missing])
+            self._subscribed.update(missing)
+        self.connected.set()
+        log.info(
+            "mqtt_connected",
+            host=self._settings.host,
+            port=self._settings.port,
+            client_id=self._settings.client_id,
+            session_present=session_present,
+            subscribed=len(missing),
+        )
+
+    def _subscribe_options(self) -> SubscribeOptions:
+        if self._settings.protocol == "5":
+            # Retained messages only on a brand-new subscription, never on a resumed one.
+            return SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
+        return SubscribeOptions(qos=1)
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("mqtt_subscribe_refused", reasons=refused)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self.connected.is_set()
+        self.connected.clear()
+        self._disconnected.set()
+        if was_connected and not self._stopping:
+            log.warning(
+                "mqtt_disconnected",
+                host=self._settings.host,
+                port=self._settings.port,
+                reason=str(reason_code),
+                pending=len(self._pending),
+            )
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        stats = self.stats
+        stats.received += 1
+        topic = message.topic
+        payload = bytes(message.payload)
+        qos = message.qos
+        group = self._pending
+        if not group.acks:
+            group.first_at = time.monotonic()
+            self._group_ready.set()
+        ack = (message.mid, qos, self._generation, topic, payload)
+        if message.dup and self._committed_unacked.get((topic, payload)):
+            # Stored before a disconnect swallowed its PUBACK: acknowledge, do not store twice.
+            self._committed_unacked[(topic, payload)] -= 1
+            stats.redelivered_acked += 1
+            group.acks.append(ack)
+        else:
+            self._accept(topic, payload, message.retain, group, ack)
+        if len(group) >= self._commit_max:
+            self._group_full.set()
+
+    def _accept(
+        self,
+        topic: str,
+        payload: bytes,
+        retained: bool,
+        group: _PendingGroup,
+        ack: tuple[int, int, int, str, bytes],
+    ) -> None:
+        group.acks.append(ack)
+        route = self._routes.match(topic)
+        if route is None:
+            self.stats.unmapped += 1
+            self._log_rejected(topic, "no route matches this topic", payload)
+            return
+        try:
+            reading = self._routes.decode(route, payload, self._clock_ms())
+        except PayloadError as exc:
+            reason = str(exc)
+            self.stats.rejected += 1
+            self.stats.rejected_by_reason[reason.split(":")[0]] += 1
+            self._log_rejected(topic, reason, payload)
+            group.rejected.append(
+                RejectedPayload(
+                    f"bad_payload: {reason}",
+                    topic,
+                    payload[:1024],
+                    route.device_id,
+                    route.datastream_id,
+                )
+            )
+            return
+        if retained and not _has_own_timestamp(payload):
+            # A retained value was published at an unknown time; stamping it "now" would lie.
+            self.stats.retained_skipped += 1
+            return
+        group.readings.append(reading)
+
+    def _log_rejected(self, topic: str, reason: str, payload: bytes) -> None:
+        allowed, suppressed = self._reject_throttle.allow((topic, reason.split(":")[0]))
+        if allowed:
+            log.warning(
+                "payload_rejected",
+                topic=topic,
+                reason=reason,
+                payload_bytes=len(payload),
+                suppressed_since_last=suppressed,
+                rejected_total=self.stats.rejected + self.stats.unmapped,
+            )
+
+    # ------------------------------------------------------------------ group commit
+
+    async def _commit_loop(self) -> None:
+        attempt = 0
+        while True:
+            await self._group_ready.wait()
+            group = self._pending
+            if not group.acks:
+                self._group_ready.clear()
+                if self._stopping:
+                    self._committer_idle.set()
+                    await asyncio.sleep(0.05)
+                continue
+            wait_s = group.first_at + self._commit_interval_s - time.monotonic()
+            if wait_s > 0 and not self._group_full.is_set() and not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await self._group_full.wait()
+            self._committer_idle.clear()
+            self._pending = _PendingGroup()
+            self._group_full.clear()
+            self._group_ready.clear()
+            try:
+                result = await self._store.append(group.readings, group.rejected)
+            except StoreError as exc:
+                attempt += 1
+                self._requeue(group)
+                await self._store_failed(exc, attempt)
+                continue
+            finally:
+                self._committer_idle.set()
+            if attempt:
+                log.info(
+                    "store_recovered",
+                    failed_attempts=attempt,
+                    down_s=round(time.monotonic() - (self._store_failing_since or 0), 1),
+                )
+                attempt = 0
+                self._store_failing_since = None
+            self.stats.commits += 1
+            self.stats.stored += result.inserted
+            self.stats.duplicates += result.duplicates
+            self._acknowledge(group)
+
+    def _requeue(self, group: _PendingGroup) -> None:
+        """Put a group that failed to commit back in front of what arrived since."""
+        newer = self._pending
+        group.readings.extend(newer.readings)
+        group.rejected.extend(newer.rejected)
+        group.acks.extend(newer.acks)
+        self._pending = group
+        self._group_ready.set()
+
+    async def _store_failed(self, exc: StoreError, attempt: int) -> None:
+        if attempt == 1:
+            self._store_failing_since = time.monotonic()
+            log.error(
+                "store_write_failed",
+                error=str(exc),
+                action="holding MQTT acknowledgements; the broker keeps the messages",
+                held=len(self._pending),
+            )
+        await asyncio.sleep(min(STORE_RETRY_MAX_S, STORE_RETRY_MIN_S * 2 ** (attempt - 1)))
+
+    def _acknowledge(self, group: _PendingGroup) -> None:
+        client = self._client
+        current = self._generation
+        for mid, qos, generation, topic, payload in group.acks:
+            if qos == 0:
+                continue
+            if generation == current and client is not None and client.is_connected():
+                client.ack(mid, qos)
+            else:
+                self._committed_unacked[(topic, payload)] += 1
+        if len(self._committed_unacked) > 10_000:
+            self._committed_unacked.clear()
+
+
+def _has_own_timestamp(payload: bytes) -> bool:
+    return b'"ts"' in payload

@@ -1,0 +1,66 @@
+"""Value types that travel between the modules.
+
+They are frozen and slot-based because one `Reading` is made per MQTT message on the hot
+path: small, cheap to build, and impossible to mutate behind the store's back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One point for one Blynk datastream.
+
+    `value_json` is the value already encoded as the JSON text the cloud will receive, so the
+    store keeps it verbatim and the uploader splices it into the request body without a
+    decode/encode round trip.
+    """
+
+    device_id: int
+    datastream_id: int
+    ts_ms: int
+    value_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    """A (device, datastream) pair: the unit of one import/batch request."""
+
+    device_id: int
+    datastream_id: int
+
+    def __str__(self) -> str:
+        return f"{self.device_id}/{self.datastream_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """A buffered reading as the uploader sees it: `row_id` lets it ack exactly what it sent."""
+
+    row_id: int
+    ts_ms: int
+    value_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Points of one stream leased from the store for one upload attempt."""
+
+    stream: StreamKey
+    points: tuple[Point, ...]
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def split(self) -> tuple[Batch, Batch]:
+        """Halves, for bisecting a batch the cloud refused because of some of its points."""
+        middle = len(self.points) // 2
+        return (
+            Batch(self.stream, self.points[:middle]),
+            Batch(self.stream, self.points[middle:]),
+        )
+
+    def take(self, count: int) -> Batch:
+        return Batch(self.stream, self.points[:count])

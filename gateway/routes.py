@@ -1,0 +1,170 @@
+"""Topic → (device, datastream) mapping and payload decoding.
+
+Decoding runs once per MQTT message, so the common cases are the fast ones: an exact topic
+is a dict hit, and a plain number payload is parsed without the JSON decoder. A payload
+that cannot become a valid point raises `PayloadError` with a reason meant for the log;
+the value is validated here, at ingest, so a bad point never poisons an upload later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config import RouteSettings
+from gateway.models import Reading
+
+MAX_STRING_BYTES = 1024
+# Blynk's Integer datastream is 32-bit, but a Double takes any finite number; refuse only
+# integers no JSON consumer can represent exactly.
+MAX_SAFE_INTEGER = 2**53
+# Timestamps before 2001-09 or after 2286 are almost certainly seconds or µs, not ms.
+MIN_TS_MS = 1_000_000_000_000
+MAX_TS_MS = 9_999_999_999_999
+
+
+class PayloadError(ValueError):
+    """The payload cannot become a point; `str(error)` is the reason for the log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    topic_filter: str
+    device_id: int
+    datastream_id: int
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT filter matching (`+` one level, `#` the rest); `$` topics never match wildcards."""
+    if topic_filter == topic:
+        return True
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    filter_levels = topic_filter.split("/")
+    topic_levels = topic.split("/")
+    for index, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if index >= len(topic_levels):
+            return False
+        if level != "+" and level != topic_levels[index]:
+            return False
+    return len(filter_levels) == len(topic_levels)
+
+
+class RouteTable:
+    """Finds the route for a topic; remembers the answer because topics repeat forever."""
+
+    def __init__(self, routes: Sequence[RouteSettings], max_payload_bytes: int = 16_384) -> None:
+        self.routes = tuple(Route(r.topic, r.device_id, r.datastream_id) for r in routes)
+        self.max_payload_bytes = max_payload_bytes
+        self._by_topic: dict[str, Route | None] = {}
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return list(dict.fromkeys(route.topic_filter for route in self.routes))
+
+    def match(self, topic: str) -> Route | None:
+        try:
+            return self._by_topic[topic]
+        except KeyError:
+            pass
+        found = next((r for r in self.routes if topic_matches(r.topic_filter, topic)), None)
+        if len(self._by_topic) < 100_000:
+            self._by_topic[topic] = found
+        return found
+
+    def decode(self, route: Route, payload: bytes, received_ms: int) -> Reading:
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadError(
+                f"payload of {len(payload)} bytes exceeds "
+                f"max_payload_bytes={self.max_payload_bytes}"
+            )
+        value_json, ts_ms = decode_payload(payload, received_ms)
+        return Reading(route.device_id, route.datastream_id, ts_ms, value_json)
+
+
+def decode_payload(payload: bytes, received_ms: int) -> tuple[str, int]:
+    """(value as JSON text, ts in epoch ms) from a plain number or `{"value": .., "ts": ..}`."""
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise PayloadError("payload is not UTF-8 text") from exc
+    if not text:
+        raise PayloadError("payload is empty")
+    first = text[0]
+    if first.isdigit() or first in "-.":
+        return _plain_number(text), received_ms
+    try:
+        document = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise PayloadError(f"payload is neither a number nor JSON: {_preview(text)}") from exc
+    if isinstance(document, dict):
+        return _from_object(document, received_ms)
+    return encode_value(document), received_ms
+
+
+def _plain_number(text: str) -> str:
+    try:
+        number: int | float = int(text)
+    except ValueError:
+        try:
+            number = float(text)
+        except ValueError as exc:
+            raise PayloadError(f"payload is not a number: {_preview(text)}") from exc
+    return encode_value(number)
+
+
+def _from_object(document: dict[str, Any], received_ms: int) -> tuple[str, int]:
+    if "value" not in document:
+        raise PayloadError(f"JSON object has no 'value' key (keys: {sorted(document)[:8]})")
+    ts_ms = received_ms
+    if "ts" in document and document["ts"] is not None:
+        ts_ms = validate_ts_ms(document["ts"])
+    return encode_value(document["value"]), ts_ms
+
+
+def validate_ts_ms(raw_ts: Any) -> int:
+    if isinstance(raw_ts, bool) or not isinstance(raw_ts, int | float):
+        raise PayloadError(f"'ts' must be epoch milliseconds, got {raw_ts!r}")
+    if isinstance(raw_ts, float) and not math.isfinite(raw_ts):
+        raise PayloadError(f"'ts' must be finite, got {raw_ts!r}")
+    ts_ms = int(raw_ts)
+    if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
+        raise PayloadError(f"'ts' {ts_ms} is not epoch milliseconds (seconds or µs?)")
+    return ts_ms
+
+
+def encode_value(value: Any) -> str:
+    """Validate a value against what Blynk datastreams accept and return its JSON text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if abs(value) > MAX_SAFE_INTEGER:
+            raise PayloadError(f"integer {value} is out of range (|v| <= 2**53)")
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PayloadError(f"value {value} is not a finite number")
+        return repr(value)
+    if isinstance(value, str):
+        if len(value.encode("utf-8")) > MAX_STRING_BYTES:
+            raise PayloadError(f"string value longer than {MAX_STRING_BYTES} bytes")
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list) and len(value) == 2 and all(_is_number(part) for part in value):
+        lon, lat = value
+        if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+            raise PayloadError(f"location {value} is outside [lon, lat] range")
+        return f"[{encode_value(lon)},{encode_value(lat)}]"
+    raise PayloadError(f"unsupported value type {type(value).__name__}: {_preview(repr(value))}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
