@@ -29,6 +29,7 @@ from gateway.errors import (
     BatchRejected,
     PermanentCloudError,
     QuotaRefused,
+    RateLimited,
     RetryableCloudError,
     UnknownTarget,
     WrongRegion,
@@ -41,6 +42,8 @@ from gateway.store import Store, StreamState
 log = get_logger("flush")
 
 EXPIRY_SWEEP_INTERVAL_S = 60.0
+# The cloud's Retry-After is obeyed even beyond backoff_max_s, up to this sanity cap.
+MAX_RETRY_AFTER_S = 3600.0
 
 
 class PassOutcome(enum.Enum):
@@ -301,11 +304,13 @@ class FlushLoop:
             delay = random.uniform(0, cap)
         retry_after = getattr(exc, "retry_after_s", None)
         if retry_after is not None:
-            delay = max(delay, min(retry_after, self._settings.backoff_max_s))
+            delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
         self._backoff_until = time.monotonic() + delay
         event = "auth_failed" if isinstance(exc, AuthFailed) else "went_offline"
         if isinstance(exc, WrongRegion):
             event = "wrong_region"
+        elif isinstance(exc, RateLimited):
+            event = "rate_limited"
         now = time.monotonic()
         if self.online:
             self.online = False

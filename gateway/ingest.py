@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -44,6 +44,8 @@ MISC_INTERVAL_S = 1.0
 CONNACK_TIMEOUT_S = 10.0
 STORE_RETRY_MIN_S = 0.5
 STORE_RETRY_MAX_S = 30.0
+# How many committed messages are remembered to recognise broker redeliveries (~2 MB).
+RECENT_COMMITTED_MAX = 20_000
 
 
 @dataclass
@@ -107,6 +109,8 @@ class MqttIngest:
         # Committed but not acknowledged because the connection dropped first: when the
         # broker redelivers them (DUP flag) they are acknowledged without being stored again.
         self._committed_unacked: Counter[tuple[str, bytes]] = Counter()
+        self._recently_committed: set[int] = set()
+        self._recent_order: deque[int] = deque()
         self._reject_throttle = Throttle(60.0)
         self._store_failing_since: float | None = None
         self._subscribed: set[str] = set()
@@ -408,15 +412,29 @@ class MqttIngest:
             group.first_at = time.monotonic()
             self._group_ready.set()
         ack = (message.mid, qos, self._generation, topic, payload)
-        if message.dup and self._committed_unacked.get((topic, payload)):
-            # Stored before a disconnect swallowed its PUBACK: acknowledge, do not store twice.
-            self._committed_unacked[(topic, payload)] -= 1
+        if message.dup and self._already_committed(topic, payload):
             stats.redelivered_acked += 1
             group.acks.append(ack)
         else:
             self._accept(topic, payload, message.retain, group, ack)
         if len(group) >= self._commit_max:
             self._group_full.set()
+
+    def _already_committed(self, topic: str, payload: bytes) -> bool:
+        """Is this redelivery (DUP) a message we already stored?
+
+        Two cases. We committed it but the connection dropped before our PUBACK: known
+        exactly. Or we did send the PUBACK but the broker did not process it before it
+        restarted (Mosquitto then redelivers from its persistence file): recognisable only
+        when the payload carries its own `ts`, since then it names one exact point. A
+        receive-stamped payload like `21.5` may legitimately repeat, so it is stored again
+        rather than risk dropping a real reading.
+        """
+        key = (topic, payload)
+        if self._committed_unacked.get(key):
+            self._committed_unacked[key] -= 1
+            return True
+        return _has_own_timestamp(payload) and hash(key) in self._recently_committed
 
     def _accept(
         self,
@@ -541,8 +559,18 @@ class MqttIngest:
                 client.ack(mid, qos)
             else:
                 self._committed_unacked[(topic, payload)] += 1
-        if len(self._committed_unacked) > 10_000:
+            if _has_own_timestamp(payload):
+                self._remember(hash((topic, payload)))
+        if len(self._committed_unacked) > RECENT_COMMITTED_MAX:
             self._committed_unacked.clear()
+
+    def _remember(self, key_hash: int) -> None:
+        if key_hash in self._recently_committed:
+            return
+        self._recently_committed.add(key_hash)
+        self._recent_order.append(key_hash)
+        if len(self._recent_order) > RECENT_COMMITTED_MAX:
+            self._recently_committed.discard(self._recent_order.popleft())
 
 
 def _has_own_timestamp(payload: bytes) -> bool:

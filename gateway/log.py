@@ -96,8 +96,11 @@ def configure(
 
 
 def get_logger(component: str) -> structlog.typing.FilteringBoundLogger:
-    """A logger with the component bound once, as the design notes ask."""
-    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger().bind(component=component)
+    """A logger with the component bound once, as the design notes ask.
+
+    A lazy proxy, so module-level loggers follow a later `configure()` (reload, tests).
+    """
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=component)
     return logger
 
 

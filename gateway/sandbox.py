@@ -400,6 +400,11 @@ class SandboxCloud:
         return sum(1 for p in self._accepted if p.device_id == device_id)
 
     @property
+    def delayed_imports(self) -> int:
+        """Import requests being held by the "slow" fault right now (an upload in flight)."""
+        return len(self._sleeping)
+
+    @property
     def token_requests(self) -> int:
         """Every POST to the token endpoint, failed ones included (to catch hammering)."""
         return self._token_requests

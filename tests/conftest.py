@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import io
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from gateway import log as gateway_log
+from gateway.config import Settings
 from gateway.mosquitto import BrokerFactory, MosquittoBroker
 from gateway.publisher import AckedPublisher
+from gateway.sandbox import SandboxCloud
+from harness import DEVICES, settings_dict
 
 
 # --------------------------------------------------------------------------- MQTT broker
@@ -49,3 +56,41 @@ def publisher(broker: MosquittoBroker) -> Iterator[AckedPublisher]:
         yield pub
     finally:
         pub.close()
+
+
+# --------------------------------------------------------------------------- sandbox cloud
+@pytest.fixture
+async def sandbox() -> AsyncIterator[SandboxCloud]:
+    """The Blynk-compatible cloud on a free 127.0.0.1 port, in the test's event loop."""
+    cloud = SandboxCloud(DEVICES)
+    await cloud.start()
+    yield cloud
+    await cloud.stop()
+
+
+@pytest.fixture
+def make_settings(
+    broker: MosquittoBroker, sandbox: SandboxCloud, tmp_path: Path
+) -> Callable[..., Settings]:
+    """`make_settings(routes=None, mqtt={...}, flush={...})` → validated Settings."""
+
+    def make(routes: list[dict[str, Any]] | None = None, **sections: Any) -> Settings:
+        config = settings_dict(
+            broker.port, sandbox.base_url, tmp_path / "buffer.db", routes, **sections
+        )
+        return Settings(**config)
+
+    return make
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """Captures the gateway's JSON log lines for assertions on events."""
+    stream = io.StringIO()
+    gateway_log.configure("debug", "json", stream=stream, secrets=["sandbox-secret"])
+    yield stream
+    gateway_log.configure("info", "json")
+
+
+def log_events(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]

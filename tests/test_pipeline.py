@@ -1,0 +1,269 @@
+"""End to end, in-process: real Mosquitto → gateway → SQLite → sandbox cloud over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+from conftest import log_events
+from gateway.config import Settings
+from gateway.mosquitto import MosquittoBroker
+from gateway.publisher import AckedPublisher
+from gateway.sandbox import SandboxCloud
+from harness import InProcessGateway, accepted_set, ts_payload, wait_until
+
+BASE_TS = int(time.time() * 1000) - 3_600_000
+
+
+def two_route_readings(count: int, offset: int = 0) -> tuple[list[tuple[str, str]], set[Any]]:
+    """`count` readings alternating over the two default routes, each with its own ts."""
+    messages = []
+    expected = set()
+    for index in range(offset, offset + count):
+        ts_ms = BASE_TS + index
+        if index % 2 == 0:
+            value: float = round(20 + index / 1000, 3)
+            messages.append(("sensors/boiler/temperature", ts_payload(value, ts_ms)))
+            expected.add((101, 5, ts_ms, value))
+        else:
+            value = float(index)
+            messages.append(("sensors/kitchen/humidity", ts_payload(value, ts_ms)))
+            expected.add((102, 1, ts_ms, value))
+    return messages, expected
+
+
+async def publish(publisher: AckedPublisher, messages: list[tuple[str, str]]) -> int:
+    return await asyncio.to_thread(publisher.publish_many, messages)
+
+
+async def test_thousand_readings_on_two_routes_arrive_exactly(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    messages, expected = two_route_readings(1000)
+    async with InProcessGateway(make_settings()) as gateway:
+        assert await publish(publisher, messages) == 1000
+        await wait_until(lambda: len(sandbox.accepted) >= 1000, message="1000 points accepted")
+        await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        assert gateway.ingest is not None and gateway.ingest.stats.stored == 1000
+    assert len(sandbox.accepted) == 1000
+    assert accepted_set(sandbox) == expected
+    # Every request carried one stream and used the documented endpoint successfully.
+    assert all(record.status == 204 for record in sandbox.requests)
+
+
+async def test_plain_number_payload_is_stamped_with_receive_time(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    async with InProcessGateway(make_settings()):
+        before_ms = int(time.time() * 1000)
+        await publish(
+            publisher, [("sensors/boiler/temperature", f"{20 + i / 10}") for i in range(50)]
+        )
+        after_ms = int(time.time() * 1000)
+        await wait_until(lambda: len(sandbox.accepted) >= 50)
+    values = sorted(point.value for point in sandbox.accepted)
+    assert values == sorted(20 + i / 10 for i in range(50))
+    assert all(before_ms <= point.ts <= after_ms + 50 for point in sandbox.accepted)
+
+
+async def test_outage_buffers_everything_and_delivers_after_return(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    messages, expected = two_route_readings(2000)
+    async with InProcessGateway(make_settings()) as gateway:
+        assert gateway.store is not None
+        await sandbox.set_fault("down")
+        assert await publish(publisher, messages) == 2000
+        await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 2000)
+        await asyncio.sleep(0.5)  # several failed attempts while down
+        assert sandbox.accepted == []
+        await sandbox.set_fault("none")
+        await wait_until(lambda: len(sandbox.accepted) >= 2000, message="backlog delivered")
+        await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 0)
+    assert accepted_set(sandbox) == expected
+    assert len(sandbox.accepted) == 2000
+    events = [event["event"] for event in log_events(log_output)]
+    assert events.count("went_offline") == 1
+    assert events.count("back_online") == 1
+    assert events.count("backlog_drained") == 1
+    back = next(event for event in log_events(log_output) if event["event"] == "back_online")
+    assert back["backlog"] > 0
+
+
+async def test_broker_restart_reconnects_and_loses_nothing(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    broker: MosquittoBroker,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    first, expected_first = two_route_readings(300)
+    second, expected_second = two_route_readings(300, offset=300)
+    async with InProcessGateway(make_settings()) as gateway:
+        assert gateway.ingest is not None
+        assert await publish(publisher, first) == 300
+        await asyncio.to_thread(broker.restart)
+        await wait_until(lambda: gateway.ingest is not None and gateway.ingest.connected.is_set())
+        await asyncio.to_thread(publisher.wait_connected, 20)
+        assert await publish(publisher, second) == 300
+        await wait_until(lambda: len(sandbox.accepted) >= 600, message="600 points")
+    assert accepted_set(sandbox) == expected_first | expected_second
+    assert len(sandbox.accepted) == 600
+    events = [event["event"] for event in log_events(log_output)]
+    assert events.count("mqtt_disconnected") == 1
+    assert events.count("mqtt_connected") == 2
+
+
+async def test_retryable_cloud_errors_are_retried_until_delivered(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    messages, expected = two_route_readings(200)
+    async with InProcessGateway(make_settings(cloud={"timeout_s": 0.5})) as gateway:
+        assert gateway.flush is not None
+        await sandbox.set_fault("error500", count=3)
+        await publish(publisher, messages[:50])
+        await wait_until(lambda: sandbox.fault == "none" and len(sandbox.accepted) >= 50)
+        await sandbox.set_fault("rate_limit", count=1, retry_after_s=1)
+        started = time.monotonic()
+        await publish(publisher, messages[50:100])
+        await wait_until(lambda: len(sandbox.accepted) >= 100)
+        assert time.monotonic() - started >= 0.9, "Retry-After: 1 was not honoured"
+        await sandbox.set_fault("reset", count=2)
+        await publish(publisher, messages[100:150])
+        await wait_until(lambda: len(sandbox.accepted) >= 150)
+        # A timeout: the sandbox still stores the slow request, so one batch may repeat.
+        await sandbox.set_fault("slow", count=1, delay_s=1.0)
+        await publish(publisher, messages[150:])
+        await wait_until(lambda: accepted_set(sandbox) == expected, message="all delivered")
+        assert gateway.flush.stats.failures >= 3 + 1 + 2 + 1
+    statuses = [record.status for record in sandbox.requests]
+    assert statuses.count(500) == 3 and statuses.count(429) == 1
+    duplicates = len(sandbox.accepted) - len(expected)
+    assert 0 <= duplicates <= 50
+
+
+async def test_expired_token_is_renewed_once(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    messages, expected = two_route_readings(100)
+    async with InProcessGateway(make_settings()):
+        await publish(publisher, messages[:50])
+        await wait_until(lambda: len(sandbox.accepted) >= 50)
+        assert sandbox.tokens_issued == 1
+        sandbox.revoke_tokens()
+        await publish(publisher, messages[50:])
+        await wait_until(lambda: len(sandbox.accepted) >= 100)
+    assert accepted_set(sandbox) == expected
+    assert sandbox.tokens_issued == 2
+    assert [r.status for r in sandbox.requests].count(401) == 1
+
+
+async def test_unknown_device_is_parked_and_others_keep_flowing(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    routes = [
+        {"topic": "sensors/known", "device_id": 101, "datastream_id": 5},
+        {"topic": "sensors/unknown", "device_id": 999, "datastream_id": 1},
+    ]
+    settings = make_settings(routes=routes, flush={"parked_retry_s": 0.5})
+    async with InProcessGateway(settings) as gateway:
+        assert gateway.store is not None
+        await publish(
+            publisher, [("sensors/unknown", ts_payload(i, BASE_TS + i)) for i in range(20)]
+        )
+        await publish(publisher, [("sensors/known", ts_payload(i, BASE_TS + i)) for i in range(30)])
+        await wait_until(lambda: sandbox.accepted_count(101) == 30, message="known device")
+        counts = await gateway.store.counts()
+        assert counts["buffered"] == 20 and counts["parked_streams"] == 1
+        parked = [e for e in log_events(log_output) if e["event"] == "stream_parked"]
+        assert len(parked) == 1
+        assert parked[0]["device_id"] == 999 and "not found" in parked[0]["reason"]
+        # The device is created in the console: the next slow retry delivers the kept data.
+        sandbox.add_device(999, {1: "double"})
+        await wait_until(lambda: sandbox.accepted_count(999) == 20, message="parked data sent")
+        for _ in range(100):  # the unpark follows the accepted upload
+            if (await gateway.store.counts())["parked_streams"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert (await gateway.store.counts())["parked_streams"] == 0
+    # Retries of the parked stream happened on the slow cadence, not in a loop.
+    refused = [r for r in sandbox.requests if r.status == 404]
+    assert 1 <= len(refused) <= 6
+
+
+async def test_bad_payloads_are_rejected_counted_and_do_not_stop_valid_ones(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    topic = "sensors/boiler/temperature"
+    bad = [
+        (topic, "not-a-number"),
+        (topic, "{broken json"),
+        (topic, "NaN"),
+        (topic, '{"value": "x" , "ts": 1702656423}'),  # ts in seconds
+        (topic, "9" * 20_000),  # oversized
+        (topic, b"\xff\xfe\x00"),
+        (topic, '{"temperature": 21}'),  # no value key
+        (topic, "[1, 2, 3]"),
+    ]
+    good = [(topic, ts_payload(i, BASE_TS + i)) for i in range(40)]
+    interleaved: list[tuple[str, str | bytes]] = []
+    for index, message in enumerate(good):
+        interleaved.append(message)
+        if index < len(bad):
+            interleaved.append(bad[index])
+    async with InProcessGateway(make_settings()) as gateway:
+        assert gateway.ingest is not None and gateway.store is not None
+        assert await asyncio.to_thread(publisher.publish_many, interleaved) == len(interleaved)
+        await wait_until(lambda: len(sandbox.accepted) >= 40)
+        assert gateway.ingest.stats.rejected == len(bad)
+        letters = await gateway.store.dead_letters(limit=100)
+    assert {(p.ts, p.value) for p in sandbox.accepted} == {(BASE_TS + i, i) for i in range(40)}
+    assert len(letters) == len(bad)
+    assert all(
+        letter.reason.startswith("bad_payload:") and letter.topic == topic for letter in letters
+    )
+    rejected = [e for e in log_events(log_output) if e["event"] == "payload_rejected"]
+    assert rejected and all(event["topic"] == topic for event in rejected)
+    assert any("max_payload_bytes" in event["reason"] for event in rejected)
+
+
+async def test_graceful_stop_keeps_undelivered_readings_for_next_start(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    messages, expected = two_route_readings(400)
+    settings = make_settings(flush={"shutdown_flush_s": 0.0})
+    async with InProcessGateway(settings) as gateway:
+        await sandbox.set_fault("down")
+        assert await publish(publisher, messages) == 400
+        await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 400)
+    await sandbox.set_fault("none")
+    assert sandbox.accepted == []
+    async with InProcessGateway(settings):
+        await wait_until(lambda: len(sandbox.accepted) >= 400, message="delivered after restart")
+    assert accepted_set(sandbox) == expected
+
+
+async def test_readings_published_while_gateway_is_stopped_are_queued_by_broker(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    messages, expected = two_route_readings(500)
+    settings = make_settings()
+    async with InProcessGateway(settings):
+        await publish(publisher, messages[:100])
+    # The gateway is down; the broker keeps the rest for its persistent session.
+    assert await publish(publisher, messages[100:]) == 400
+    async with InProcessGateway(settings):
+        await wait_until(lambda: accepted_set(sandbox) == expected, message="all 500 delivered")
+    assert len(sandbox.accepted) == 500
