@@ -22,7 +22,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from gateway.errors import ConfigError
 
@@ -221,8 +226,15 @@ def describe_validation_error(error: ValidationError) -> str:
             lines.append(f"{key}: unknown key (check the spelling; see config.example.toml)")
             continue
         value = problem.get("input")
-        shown = "***" if _is_secret_location(location) else repr(value)
-        lines.append(f"{key}: {message} (got {shown})")
+        if _is_secret_location(location):
+            lines.append(f"{key}: {message} (got ***)")
+            continue
+        if isinstance(value, dict | list):
+            # A whole section failed a cross-field check: the message names the keys, and
+            # echoing the section could print a secret that sits beside them.
+            lines.append(f"{key}: {message}")
+            continue
+        lines.append(f"{key}: {message} (got {value!r})")
     return "\n".join(lines)
 
 
@@ -234,6 +246,12 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}") from exc
     except PermissionError as exc:
         raise ConfigError(f"config file not readable: {path} ({exc.strerror})") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config path is a directory, not a file: {path}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file not readable: {path} ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
@@ -243,6 +261,9 @@ def load_settings(path: Path | None) -> Settings:
     file_values = read_toml(path) if path is not None else {}
     try:
         return Settings(**file_values)
+    except SettingsError as exc:
+        # e.g. BLYNK_GATEWAY_MQTT='not json': pydantic-settings names the field and source.
+        raise ConfigError(f"invalid environment override: {exc}") from exc
     except ValidationError as exc:
         where = f" in {path}" if path is not None else ""
         raise ConfigError(
