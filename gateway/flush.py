@@ -94,6 +94,12 @@ class FlushLoop:
     def stop(self) -> None:
         self._stop.set()
 
+    async def unpark_all(self) -> None:
+        """Retry every parked stream now: after a config reload the ids may have been fixed."""
+        await self._store.unpark()
+        self._parked_logged.clear()
+        self._store.new_rows.set()
+
     # ------------------------------------------------------------------ loop
 
     async def run(self) -> None:
