@@ -216,6 +216,9 @@ async def test_bad_payloads_are_rejected_counted_and_do_not_stop_valid_ones(
         (topic, b"\xff\xfe\x00"),
         (topic, '{"temperature": 21}'),  # no value key
         (topic, "[1, 2, 3]"),
+        (topic, "1e400"),  # infinite
+        (topic, "123456789012345678901234"),  # integer out of range
+        (topic, '{"value": {"nested": 1}}'),  # unsupported type
     ]
     good = [(topic, ts_payload(i, BASE_TS + i)) for i in range(40)]
     interleaved: list[tuple[str, str | bytes]] = []
