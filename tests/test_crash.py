@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -131,3 +132,37 @@ async def test_sigterm_exits_zero_and_second_start_resumes(
     gateway_process.start()
     await wait_until(lambda: accepted_set(sandbox) == expected_points(300), 30, "all 300")
     assert gateway_process.terminate() == 0
+
+
+@pytest.mark.slow
+async def test_second_signal_exits_at_once_and_loses_nothing(
+    broker: MosquittoBroker, sandbox: SandboxCloud, publisher: AckedPublisher, tmp_path: Path
+) -> None:
+    config = settings_dict(
+        broker.port,
+        sandbox.base_url,
+        tmp_path / "buffer.db",
+        flush={"shutdown_flush_s": 60.0},
+        cloud={"timeout_s": 60.0},
+    )
+    process = GatewayProcess(write_config(tmp_path / "gateway.toml", config), tmp_path / "gw.log")
+    try:
+        process.start()
+        await asyncio.to_thread(process.wait_for_event, "mqtt_connected")
+        await sandbox.set_fault("slow", delay_s=60.0)  # every upload hangs: so will the final flush
+        assert await asyncio.to_thread(publisher.publish_many, messages(200)) == 200
+        await wait_until(lambda: sandbox.delayed_imports > 0, 20, "an upload in flight")
+        assert process.process is not None
+        process.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.wait_for_event, "gateway_stopping")
+        started = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(process.process.wait, 10)
+        assert time.monotonic() - started < 5, "the second signal must not wait for the flush"
+        assert exit_code != 0
+        await sandbox.set_fault("none")
+        process.start()
+        await wait_until(lambda: expected_points(200) <= accepted_set(sandbox), 30, "all 200")
+        assert process.terminate() == 0
+    finally:
+        process.close()
