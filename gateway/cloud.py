@@ -36,7 +36,9 @@ MAX_REQUEST_BYTES = 2_000_000
 
 # The cloud's wording for a refused daily quota is not documented; match it loosely.
 _QUOTA_MESSAGE = re.compile(
-    r"(daily|per day|a day).{0,40}limit|limit.{0,40}(daily|per day|day)", re.I
+    r"(exceed|reach|over)\w*\b.{0,40}\b(daily|per[- ]day|a day)\b.{0,20}\blimit"
+    r"|\b(daily|per[- ]day)\s+(points?\s+)?limit\b.{0,20}\b(exceeded|reached)",
+    re.I,
 )
 
 
@@ -133,6 +135,8 @@ class BlynkCloud:
             raise CloudUnreachable(
                 f"cannot reach {self.server}: {type(exc).__name__}: {exc}"
             ) from exc
+        except httpx.HTTPError as exc:  # e.g. a body that does not match its Content-Encoding
+            raise CloudServerError(f"unreadable answer from {self.server}: {exc}") from exc
 
     async def access_token(self) -> str:
         """A cached token, renewed ahead of `expires_in` so no upload meets an expired one."""
@@ -229,6 +233,6 @@ class BlynkCloud:
         if status == 404:
             kind = "datastream" if "data stream" in message.lower() else "device"
             raise UnknownTarget(message, kind=kind)
-        if _QUOTA_MESSAGE.search(message):
+        if _QUOTA_MESSAGE.search(message) and not message.lower().startswith("invalid value"):
             raise QuotaRefused(message, status=status)
         raise BatchRejected(message, status=status)

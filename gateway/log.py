@@ -34,7 +34,22 @@ class SecretScrubber:
             if value and len(value) >= 4:
                 self._secret_values.add(value)
 
+    def _is_secret_key(self, key: str) -> bool:
+        lowered = key.lower()
+        return any(part in lowered for part in _SECRET_FIELD_PARTS) and not lowered.endswith(
+            ("_s", "_at", "_count", "_requests")
+        )
+
     def _scrub(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                key: _MASK
+                if isinstance(key, str) and self._is_secret_key(key)
+                else self._scrub(item)
+                for key, item in value.items()
+            }
+        if isinstance(value, list | tuple):
+            return type(value)(self._scrub(item) for item in value)
         if isinstance(value, str):
             for secret in self._secret_values:
                 if secret in value:
@@ -48,10 +63,7 @@ class SecretScrubber:
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         for key in list(event_dict):
-            lowered = key.lower()
-            if any(part in lowered for part in _SECRET_FIELD_PARTS) and not lowered.endswith(
-                ("_s", "_at", "_count", "_requests")
-            ):
+            if self._is_secret_key(key):
                 event_dict[key] = _MASK
             else:
                 event_dict[key] = self._scrub(event_dict[key])
@@ -79,11 +91,17 @@ def configure(
         renderer = structlog.processors.LogfmtRenderer(key_order=["timestamp", "level", "event"])
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    # Tracebacks become a string field (then scrubbed like any other); the console renderer
+    # formats them itself.
+    exceptions: list[Any] = (
+        [] if log_format == "console" else [structlog.processors.format_exc_info]
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *exceptions,
             scrubber,
             renderer,
         ],

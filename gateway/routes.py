@@ -102,6 +102,8 @@ def decode_payload(payload: bytes, received_ms: int) -> tuple[str, int]:
         document = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise PayloadError(f"payload is neither a number nor JSON: {_preview(text)}") from exc
+    except ValueError as exc:  # e.g. an integer beyond Python's 4300-digit conversion limit
+        raise PayloadError(f"payload has an unreadable number: {exc}") from exc
     if isinstance(document, dict):
         return _from_object(document, received_ms)
     return encode_value(document), received_ms
@@ -151,7 +153,11 @@ def encode_value(value: Any) -> str:
             raise PayloadError(f"value {value} is not a finite number")
         return repr(value)
     if isinstance(value, str):
-        if len(value.encode("utf-8")) > MAX_STRING_BYTES:
+        try:
+            encoded = value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON can spell a lone surrogate ("\ud800")
+            raise PayloadError("string value is not valid Unicode") from exc
+        if len(encoded) > MAX_STRING_BYTES:
             raise PayloadError(f"string value longer than {MAX_STRING_BYTES} bytes")
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list) and len(value) == 2 and all(_is_number(part) for part in value):
