@@ -20,13 +20,17 @@ import httpx
 from gateway import __version__
 from gateway.cloud import BlynkCloud
 from gateway.config import Settings
+from gateway.errors import StoreError
 from gateway.flush import FlushLoop
 from gateway.ingest import MqttIngest
 from gateway.log import get_logger
 from gateway.routes import RouteTable
-from gateway.store import Store
+from gateway.store import Capacity, Store
 
 log = get_logger("app")
+
+# The full integrity check reads the whole file: let the first uploads go out before it.
+VERIFY_DELAY_S = 2.0
 
 
 class Gateway:
@@ -55,8 +59,20 @@ class Gateway:
     async def run(self) -> None:
         settings = self.settings
         started_at = time.monotonic()
+        # owner=True: a damaged file is moved aside and salvaged here (logged as
+        # `buffer_corrupt`) instead of stopping the gateway.
         self.store = store = await Store.open(
-            settings.store.path, synchronous=settings.store.synchronous, clock_ms=self._clock_ms
+            settings.store.path,
+            synchronous=settings.store.synchronous,
+            clock_ms=self._clock_ms,
+            capacity=Capacity(
+                max_points=settings.store.max_points,
+                max_bytes=settings.store.max_bytes,
+                policy=settings.store.full_policy,
+                max_dead_letters=settings.store.max_dead_letters,
+                disk_reserve_bytes=settings.store.disk_reserve_bytes,
+            ),
+            owner=True,
         )
         self.cloud = cloud = BlynkCloud(
             settings.cloud.server,
@@ -82,6 +98,9 @@ class Gateway:
             version=__version__,
             db=str(settings.store.path),
             buffered=store.pending_points,
+            clean_start=store.started_clean,
+            recovered_from=str(store.recovery.moved_to) if store.recovery else None,
+            full_policy=settings.store.full_policy,
             routes=len(routes.routes),
             broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
             cloud=settings.cloud.server,
@@ -91,8 +110,10 @@ class Gateway:
             async with asyncio.TaskGroup() as tasks:
                 ingest_task = tasks.create_task(ingest.run(), name="ingest")
                 flush_task = tasks.create_task(flush.run(), name="flush")
+                verify_task = tasks.create_task(self._verify(store), name="store-verify")
                 self.started.set()
                 await self._stop_requested.wait()
+                verify_task.cancel()
                 await self._shutdown(ingest_task, flush_task)
         finally:
             await cloud.aclose()
@@ -103,6 +124,18 @@ class Gateway:
                 received=ingest.stats.received,
                 delivered=flush.stats.delivered,
             )
+
+    async def _verify(self, store: Store) -> None:
+        """The full integrity check, once, in the background (start-up only probes the file).
+
+        A damaged file found here is swapped for a salvaged one by the store itself; a
+        failure to check is logged and never takes the gateway down.
+        """
+        await asyncio.sleep(VERIFY_DELAY_S)
+        try:
+            await store.verify()
+        except StoreError as exc:
+            log.error("integrity_check_failed", error=str(exc))
 
     async def _shutdown(
         self, ingest_task: asyncio.Task[None], flush_task: asyncio.Task[None]

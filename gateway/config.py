@@ -110,6 +110,20 @@ class StoreSettings(_Section):
     commit_interval_ms: Annotated[int, Field(ge=1, le=10_000)] = 200
     # Commit early when this many readings wait (0 = derive from mqtt.inflight_window).
     commit_max_readings: Annotated[int, Field(ge=0, le=100_000)] = 0
+    # Capacity. A buffered reading takes about 25 bytes of file (measured, see README "Data
+    # safety"), so 20 million readings are about 0.5 GB, well inside max_bytes; 2 GiB leaves
+    # most of a 16 GB card to the system and its logs.
+    max_points: Annotated[int, Field(ge=1, le=1_000_000_000)] = 20_000_000
+    max_bytes: Annotated[int, Field(ge=1_048_576)] = 2 * 1024**3
+    # What happens at the limit: drop-oldest (evict the oldest readings, counted and logged),
+    # drop-newest (acknowledge but do not store new readings, counted and logged), or
+    # backpressure (stop acknowledging MQTT: the broker queues for us until uploads free room).
+    full_policy: Literal["drop-oldest", "drop-newest", "backpressure"] = "drop-oldest"
+    # Readings the cloud refused, kept for inspection; the oldest are pruned beyond this.
+    max_dead_letters: Annotated[int, Field(ge=1, le=100_000_000)] = 100_000
+    # Space kept allocated next to the buffer and released when the disk fills up, so that
+    # uploads can still delete what they delivered (WAL mode needs room even to delete).
+    disk_reserve_bytes: Annotated[int, Field(ge=0, le=1024**3)] = 8 * 1024**2
 
 
 class FlushSettings(_Section):

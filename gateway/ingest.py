@@ -36,14 +36,18 @@ from gateway.errors import StoreError
 from gateway.log import Throttle, get_logger
 from gateway.models import Reading
 from gateway.routes import PayloadError, RouteTable
-from gateway.store import RejectedPayload, Store
+from gateway.store import BufferFull, RejectedPayload, Store
 
 log = get_logger("ingest")
 
 MISC_INTERVAL_S = 1.0
 CONNACK_TIMEOUT_S = 10.0
+# A failed commit (disk full, read-only) is retried with capped backoff, and at once when
+# the flush loop frees rows: a full disk often has room again after an upload.
 STORE_RETRY_MIN_S = 0.5
-STORE_RETRY_MAX_S = 30.0
+STORE_RETRY_MAX_S = 10.0
+# backpressure: while the buffer is full, look again at least this often.
+BUFFER_FULL_RECHECK_S = 5.0
 # How many committed messages are remembered to recognise broker redeliveries (~2 MB).
 RECENT_COMMITTED_MAX = 20_000
 
@@ -58,6 +62,12 @@ class IngestStats:
     retained_skipped: int = 0
     redelivered_acked: int = 0
     commits: int = 0
+    # capacity policy outcomes (see Store.append): evicted = dropped oldest to make room,
+    # refused = acknowledged but not stored (drop-newest)
+    evicted: int = 0
+    refused: int = 0
+    # commits that found the buffer full (backpressure) or unwritable, and were held
+    held_commits: int = 0
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
 
 
@@ -113,6 +123,8 @@ class MqttIngest:
         self._recent_order: deque[int] = deque()
         self._reject_throttle = Throttle(60.0)
         self._store_failing_since: float | None = None
+        # Set while commits fail or the buffer is full: acks are being held.
+        self.holding = False
         self._subscribed: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,6 +150,8 @@ class MqttIngest:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 while len(self._pending) or not self._committer_idle.is_set():
+                    if self.holding:
+                        break  # cannot commit now: the broker keeps these for our session
                     self._group_full.set()
                     await asyncio.sleep(0.01)
         if client is not None and client.is_connected():
@@ -509,9 +523,17 @@ class MqttIngest:
             self._group_ready.clear()
             try:
                 result = await self._store.append(group.readings, group.rejected)
+            except BufferFull:
+                # backpressure: the store logged `buffer_full`; no PUBACK, so the broker
+                # stops sending once its in-flight window is used up and queues the rest.
+                self._requeue(group)
+                self._hold()
+                await self._wait_for_space(BUFFER_FULL_RECHECK_S)
+                continue
             except StoreError as exc:
                 attempt += 1
                 self._requeue(group)
+                self._hold()
                 await self._store_failed(exc, attempt)
                 continue
             finally:
@@ -521,12 +543,16 @@ class MqttIngest:
                     "store_recovered",
                     failed_attempts=attempt,
                     down_s=round(time.monotonic() - (self._store_failing_since or 0), 1),
+                    held=len(group),
                 )
                 attempt = 0
                 self._store_failing_since = None
+            self.holding = False
             self.stats.commits += 1
             self.stats.stored += result.inserted
             self.stats.duplicates += result.duplicates
+            self.stats.evicted += result.evicted
+            self.stats.refused += result.refused
             self._acknowledge(group)
 
     def _requeue(self, group: _PendingGroup) -> None:
@@ -538,16 +564,28 @@ class MqttIngest:
         self._pending = group
         self._group_ready.set()
 
+    def _hold(self) -> None:
+        self.holding = True
+        self.stats.held_commits += 1
+
+    async def _wait_for_space(self, timeout_s: float) -> None:
+        """Until the flush loop deletes rows, or the timeout. `stop` does not wait for us."""
+        await wait_any(self._store.space_freed, timeout_s=timeout_s)
+        self._store.space_freed.clear()
+
     async def _store_failed(self, exc: StoreError, attempt: int) -> None:
+        """Log once per failure streak; retry with backoff, or as soon as rows are freed."""
         if attempt == 1:
             self._store_failing_since = time.monotonic()
             log.error(
                 "store_write_failed",
                 error=str(exc),
-                action="holding MQTT acknowledgements; the broker keeps the messages",
+                action="holding MQTT acknowledgements; the broker keeps the messages; "
+                "uploads continue and free space; retrying by itself",
                 held=len(self._pending),
             )
-        await asyncio.sleep(min(STORE_RETRY_MAX_S, STORE_RETRY_MIN_S * 2 ** (attempt - 1)))
+            self._store.space_freed.clear()
+        await self._wait_for_space(min(STORE_RETRY_MAX_S, STORE_RETRY_MIN_S * 2 ** (attempt - 1)))
 
     def _acknowledge(self, group: _PendingGroup) -> None:
         client = self._client
