@@ -62,6 +62,7 @@ class RouteTable:
         self.routes = tuple(Route(r.topic, r.device_id, r.datastream_id) for r in routes)
         self.max_payload_bytes = max_payload_bytes
         self._by_topic: dict[str, Route | None] = {}
+        self._last_stamp: dict[tuple[int, int], int] = {}
 
     @property
     def subscriptions(self) -> list[str]:
@@ -83,12 +84,33 @@ class RouteTable:
                 f"payload of {len(payload)} bytes exceeds "
                 f"max_payload_bytes={self.max_payload_bytes}"
             )
-        value_json, ts_ms = decode_payload(payload, received_ms)
-        return Reading(route.device_id, route.datastream_id, ts_ms, value_json)
+        value_json, own_ts_ms = decode_value(payload)
+        if own_ts_ms is None:
+            own_ts_ms = self._receive_stamp(route, received_ms)
+        return Reading(route.device_id, route.datastream_id, own_ts_ms, value_json)
+
+    def _receive_stamp(self, route: Route, received_ms: int) -> int:
+        """Receive time, made strictly increasing per datastream.
+
+        Two readings without their own `ts` that arrive in the same millisecond (a burst, or
+        the broker draining its queue after an outage) are still two readings: equal stamps
+        would make them one point, both here (the buffer keeps one row per stream, ts and
+        value) and in the cloud. Each later one is moved forward by a millisecond instead.
+        """
+        key = (route.device_id, route.datastream_id)
+        stamp = max(received_ms, self._last_stamp.get(key, 0) + 1)
+        self._last_stamp[key] = stamp
+        return stamp
 
 
 def decode_payload(payload: bytes, received_ms: int) -> tuple[str, int]:
     """(value as JSON text, ts in epoch ms) from a plain number or `{"value": .., "ts": ..}`."""
+    value_json, own_ts_ms = decode_value(payload)
+    return value_json, received_ms if own_ts_ms is None else own_ts_ms
+
+
+def decode_value(payload: bytes) -> tuple[str, int | None]:
+    """(value as JSON text, the payload's own ts in epoch ms or None)."""
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
@@ -97,7 +119,7 @@ def decode_payload(payload: bytes, received_ms: int) -> tuple[str, int]:
         raise PayloadError("payload is empty")
     first = text[0]
     if first.isdigit() or first in "-.":
-        return _plain_number(text), received_ms
+        return _plain_number(text), None
     try:
         document = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -105,8 +127,8 @@ def decode_payload(payload: bytes, received_ms: int) -> tuple[str, int]:
     except ValueError as exc:  # e.g. an integer beyond Python's 4300-digit conversion limit
         raise PayloadError(f"payload has an unreadable number: {exc}") from exc
     if isinstance(document, dict):
-        return _from_object(document, received_ms)
-    return encode_value(document), received_ms
+        return _from_object(document)
+    return encode_value(document), None
 
 
 def _plain_number(text: str) -> str:
@@ -120,10 +142,10 @@ def _plain_number(text: str) -> str:
     return encode_value(number)
 
 
-def _from_object(document: dict[str, Any], received_ms: int) -> tuple[str, int]:
+def _from_object(document: dict[str, Any]) -> tuple[str, int | None]:
     if "value" not in document:
         raise PayloadError(f"JSON object has no 'value' key (keys: {sorted(document)[:8]})")
-    ts_ms = received_ms
+    ts_ms = None
     if "ts" in document and document["ts"] is not None:
         ts_ms = validate_ts_ms(document["ts"])
     return encode_value(document["value"]), ts_ms

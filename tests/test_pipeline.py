@@ -270,3 +270,20 @@ async def test_readings_published_while_gateway_is_stopped_are_queued_by_broker(
     async with InProcessGateway(settings):
         await wait_until(lambda: accepted_set(sandbox) == expected, message="all 500 delivered")
     assert len(sandbox.accepted) == 500
+
+
+async def test_identical_plain_readings_drained_in_a_burst_stay_distinct(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    """A sensor that repeats `21.5` while the gateway is down must not collapse to one point."""
+    settings = make_settings()
+    async with InProcessGateway(settings):
+        pass  # creates the persistent session and its subscriptions
+    topic = "sensors/boiler/temperature"
+    assert await publish(publisher, [(topic, "21.5")] * 500) == 500
+    async with InProcessGateway(settings):
+        await wait_until(lambda: len(sandbox.accepted) >= 500, message="500 identical readings")
+        await asyncio.sleep(0.3)
+    assert len(sandbox.accepted) == 500
+    assert len({point.ts for point in sandbox.accepted}) == 500
+    assert {point.value for point in sandbox.accepted} == {21.5}

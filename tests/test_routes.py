@@ -412,3 +412,22 @@ def test_locations_round_trip(lon: float, lat: float) -> None:
 def test_non_finite_values_refused_by_encode_value(value: object) -> None:
     with pytest.raises(PayloadError):
         encode_value(value)
+
+
+def test_receive_stamps_are_strictly_increasing_per_datastream() -> None:
+    table = RouteTable(
+        [
+            RouteSettings(topic="a", device_id=1, datastream_id=1),
+            RouteSettings(topic="b", device_id=1, datastream_id=2),
+        ]
+    )
+    route_a, route_b = table.match("a"), table.match("b")
+    assert route_a is not None and route_b is not None
+    stamps = [table.decode(route_a, b"21.5", 1_700_000_000_000).ts_ms for _ in range(3)]
+    assert stamps == [1_700_000_000_000, 1_700_000_000_001, 1_700_000_000_002]
+    # Another datastream has its own sequence; a payload's own ts is never moved.
+    assert table.decode(route_b, b"1", 1_700_000_000_000).ts_ms == 1_700_000_000_000
+    own = b'{"value": 1, "ts": 1700000000000}'
+    assert table.decode(route_a, own, 1_700_000_000_000).ts_ms == 1_700_000_000_000
+    # Time moving on is used as is.
+    assert table.decode(route_a, b"2", 1_700_000_000_500).ts_ms == 1_700_000_000_500
