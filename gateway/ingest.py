@@ -48,6 +48,15 @@ STORE_RETRY_MIN_S = 0.5
 STORE_RETRY_MAX_S = 10.0
 # backpressure: while the buffer is full, look again at least this often.
 BUFFER_FULL_RECHECK_S = 5.0
+# At most this many uncommitted messages are kept in memory. The broker should stop at its
+# in-flight window anyway, but Mosquitto 2.0.x does not always (eclipse-mosquitto#2301), and
+# while commits are held it would push its whole queue to us: beyond this, messages are left
+# unacknowledged and not kept (the broker still has them in our session) and are fetched
+# again by one reconnect after the next successful commit.
+PENDING_MAX_MESSAGES = 5000
+# After that reconnect is asked for, commits wait (at most this long) for the new
+# connection, so that what the broker resends is not also committed from memory.
+RESYNC_WAIT_S = 10.0
 # How many committed messages are remembered to recognise broker redeliveries (~2 MB).
 RECENT_COMMITTED_MAX = 20_000
 
@@ -68,20 +77,48 @@ class IngestStats:
     refused: int = 0
     # commits that found the buffer full (backpressure) or unwritable, and were held
     held_commits: int = 0
+    # messages left unacknowledged (and not kept) while holding; the broker resends them
+    deferred: int = 0
+    # uncommitted messages of an earlier connection, left out because the broker resends them
+    resent_dropped: int = 0
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
+
+
+_Ack = tuple[int, int, int, str, bytes]  # mid, qos, connection generation, topic, payload
+# one message: its ack, what it became (a reading, a dead letter, or neither), its DUP flag
+_Entry = tuple[_Ack, Reading | None, RejectedPayload | None, bool]
 
 
 @dataclass(slots=True)
 class _PendingGroup:
-    """What the next commit will hold, and which messages it will acknowledge."""
+    """What the next commit will hold, and which messages it will acknowledge.
 
-    readings: list[Reading] = field(default_factory=list)
-    rejected: list[RejectedPayload] = field(default_factory=list)
-    acks: list[tuple[int, int, int, str, bytes]] = field(default_factory=list)
+    One entry per message, in arrival order, so a held group can be committed in slices.
+    """
+
+    entries: list[_Entry] = field(default_factory=list)
     first_at: float = 0.0
 
     def __len__(self) -> int:
-        return len(self.acks)
+        return len(self.entries)
+
+    @property
+    def readings(self) -> list[Reading]:
+        return [reading for _, reading, _, _ in self.entries if reading is not None]
+
+    @property
+    def rejected(self) -> list[RejectedPayload]:
+        return [item for _, _, item, _ in self.entries if item is not None]
+
+    @property
+    def acks(self) -> list[_Ack]:
+        return [entry[0] for entry in self.entries]
+
+    def split(self, count: int) -> tuple[_PendingGroup, _PendingGroup]:
+        return (
+            _PendingGroup(self.entries[:count], self.first_at),
+            _PendingGroup(self.entries[count:], self.first_at),
+        )
 
 
 class MqttIngest:
@@ -119,12 +156,18 @@ class MqttIngest:
         # Committed but not acknowledged because the connection dropped first: when the
         # broker redelivers them (DUP flag) they are acknowledged without being stored again.
         self._committed_unacked: Counter[tuple[str, bytes]] = Counter()
+        # The connection generation that started the broker's current session of ours.
+        self._session_first_generation = 0
         self._recently_committed: set[int] = set()
         self._recent_order: deque[int] = deque()
         self._reject_throttle = Throttle(60.0)
         self._store_failing_since: float | None = None
         # Set while commits fail or the buffer is full: acks are being held.
         self.holding = False
+        self._deferred_since_resync = 0
+        self._resyncing = False
+        self._resync_generation: int | None = None
+        self._full_since: float | None = None  # backpressure: holding since
         self._subscribed: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -359,6 +402,9 @@ class MqttIngest:
         session_present = bool(flags.session_present)
         if not session_present:
             self._subscribed.clear()
+            # The broker forgot our session: it will resend nothing we did not acknowledge.
+            self._session_first_generation = self._generation
+            self._committed_unacked.clear()
         wanted = self._routes.subscriptions
         missing = [topic for topic in wanted if topic not in self._subscribed]
         if missing:
@@ -406,6 +452,9 @@ class MqttIngest:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self._disconnected.set()
+        if self._resyncing:
+            self._resyncing = False
+            return
         if was_connected and not self._stopping:
             log.warning(
                 "mqtt_disconnected",
@@ -422,15 +471,21 @@ class MqttIngest:
         payload = bytes(message.payload)
         qos = message.qos
         group = self._pending
-        if not group.acks:
+        if len(group) >= PENDING_MAX_MESSAGES:
+            # Not acknowledged, not kept: the broker keeps it in our session (see _resync).
+            stats.deferred += 1
+            self._deferred_since_resync += 1
+            return
+        if not group.entries:
             group.first_at = time.monotonic()
             self._group_ready.set()
         ack = (message.mid, qos, self._generation, topic, payload)
         if message.dup and self._already_committed(topic, payload):
             stats.redelivered_acked += 1
-            group.acks.append(ack)
+            group.entries.append((ack, None, None, True))
         else:
-            self._accept(topic, payload, message.retain, group, ack)
+            reading, rejected = self._accept(topic, payload, message.retain)
+            group.entries.append((ack, reading, rejected, bool(message.dup)))
         if len(group) >= self._commit_max:
             self._group_full.set()
 
@@ -451,19 +506,14 @@ class MqttIngest:
         return _has_own_timestamp(payload) and hash(key) in self._recently_committed
 
     def _accept(
-        self,
-        topic: str,
-        payload: bytes,
-        retained: bool,
-        group: _PendingGroup,
-        ack: tuple[int, int, int, str, bytes],
-    ) -> None:
-        group.acks.append(ack)
+        self, topic: str, payload: bytes, retained: bool
+    ) -> tuple[Reading | None, RejectedPayload | None]:
+        """The reading a message becomes, or why it is kept as a dead letter, or neither."""
         route = self._routes.match(topic)
         if route is None:
             self.stats.unmapped += 1
             self._log_rejected(topic, "no route matches this topic", payload)
-            return
+            return None, None
         try:
             reading = self._routes.decode(route, payload, self._clock_ms())
         except PayloadError as exc:
@@ -471,21 +521,18 @@ class MqttIngest:
             self.stats.rejected += 1
             self.stats.rejected_by_reason[reason.split(":")[0]] += 1
             self._log_rejected(topic, reason, payload)
-            group.rejected.append(
-                RejectedPayload(
-                    f"bad_payload: {reason}",
-                    topic,
-                    payload[:1024],
-                    route.device_id,
-                    route.datastream_id,
-                )
+            return None, RejectedPayload(
+                f"bad_payload: {reason}",
+                topic,
+                payload[:1024],
+                route.device_id,
+                route.datastream_id,
             )
-            return
         if retained and not _has_own_timestamp(payload):
             # A retained value was published at an unknown time; stamping it "now" would lie.
             self.stats.retained_skipped += 1
-            return
-        group.readings.append(reading)
+            return None, None
+        return reading, None
 
     def _log_rejected(self, topic: str, reason: str, payload: bytes) -> None:
         allowed, suppressed = self._reject_throttle.allow((topic, reason.split(":")[0]))
@@ -502,16 +549,21 @@ class MqttIngest:
     # ------------------------------------------------------------------ group commit
 
     async def _commit_loop(self) -> None:
-        attempt = 0
+        failures = 0  # in this streak of failed commits (for the log)
+        consecutive = 0  # failures since the last successful slice (for the backoff)
         while True:
             await self._group_ready.wait()
             group = self._pending
-            if not group.acks:
+            if not group.entries:
                 self._group_ready.clear()
                 if self._stopping:
                     self._committer_idle.set()
                     await asyncio.sleep(0.05)
                 continue
+            if self._resync_generation is not None:
+                await self._wait_for_resync(self._resync_generation)
+                self._resync_generation = None
+                group = self._pending
             wait_s = group.first_at + self._commit_interval_s - time.monotonic()
             if wait_s > 0 and not self._group_full.is_set() and not self._stopping:
                 with contextlib.suppress(TimeoutError):
@@ -519,50 +571,116 @@ class MqttIngest:
                         await self._group_full.wait()
             self._committer_idle.clear()
             self._pending = _PendingGroup()
+            degraded = self.holding or self._store.disk_full
+            if degraded and len(group) > self._commit_max:
+                # Room comes back a little at a time (uploads free pages): retry in slices.
+                group, self._pending = group.split(self._commit_max)
             self._group_full.clear()
             self._group_ready.clear()
+            if self._pending.entries:
+                self._group_ready.set()
+            group = self._without_redeliveries(group)
             try:
                 result = await self._store.append(group.readings, group.rejected)
-            except BufferFull:
-                # backpressure: the store logged `buffer_full`; no PUBACK, so the broker
-                # stops sending once its in-flight window is used up and queues the rest.
+            except BufferFull as full:
+                # backpressure: no PUBACK, so the broker stops sending once its in-flight
+                # window is used up and queues the rest for our session.
+                attempted = len(group)
                 self._requeue(group)
                 self._hold()
+                if attempted > self._commit_max:
+                    await asyncio.sleep(0)  # a big group: retry at once, in a slice
+                    continue
+                if self._full_since is None:
+                    self._full_since = time.monotonic()
+                    log.warning(
+                        "buffer_full",
+                        policy="backpressure",
+                        buffered=full.buffered,
+                        limit=full.limit,
+                        held=len(self._pending),
+                        action="holding MQTT acknowledgements; the broker queues for us "
+                        "until uploads free room",
+                    )
                 await self._wait_for_space(BUFFER_FULL_RECHECK_S)
                 continue
             except StoreError as exc:
-                attempt += 1
+                failures += 1
+                consecutive += 1
                 self._requeue(group)
                 self._hold()
-                await self._store_failed(exc, attempt)
+                await self._store_failed(exc, first=failures == 1, attempt=consecutive)
                 continue
             finally:
                 self._committer_idle.set()
-            if attempt:
+            consecutive = 0
+            # Held messages are committed slice by slice; the hold ends when they are done.
+            # On a full disk the streak lasts until the store has room again (it logs that
+            # condition itself): one line each way, however often freed pages run out.
+            self.holding = self.holding and len(self._pending) > self._commit_max
+            if self._full_since is not None and not self.holding:
+                log.info(
+                    "buffer_full_ended",
+                    policy="backpressure",
+                    buffered=self._store.pending_points,
+                    held_s=round(time.monotonic() - self._full_since, 1),
+                )
+                self._full_since = None
+            if failures and not self.holding and not self._store.disk_full:
                 log.info(
                     "store_recovered",
-                    failed_attempts=attempt,
+                    failed_attempts=failures,
                     down_s=round(time.monotonic() - (self._store_failing_since or 0), 1),
-                    held=len(group),
                 )
-                attempt = 0
+                failures = 0
                 self._store_failing_since = None
-            self.holding = False
             self.stats.commits += 1
             self.stats.stored += result.inserted
             self.stats.duplicates += result.duplicates
             self.stats.evicted += result.evicted
             self.stats.refused += result.refused
             self._acknowledge(group)
+            if self._deferred_since_resync and not self.holding:
+                self._resync()  # after the PUBACKs: paho sends them before the DISCONNECT
 
     def _requeue(self, group: _PendingGroup) -> None:
         """Put a group that failed to commit back in front of what arrived since."""
-        newer = self._pending
-        group.readings.extend(newer.readings)
-        group.rejected.extend(newer.rejected)
-        group.acks.extend(newer.acks)
+        group.entries.extend(self._pending.entries)
         self._pending = group
         self._group_ready.set()
+
+    @property
+    def held_messages(self) -> int:
+        """Messages received but neither committed nor acknowledged yet."""
+        return len(self._pending)
+
+    def _resync(self) -> None:
+        """Reconnect once, so the broker resends what we left unacknowledged while holding.
+
+        MQTT 3.1.1 brokers resend unacknowledged messages only when the session resumes.
+        The session outlives the disconnect (fixed client id, no clean start).
+        """
+        log.info(
+            "mqtt_resync",
+            deferred=self._deferred_since_resync,
+            reason="messages left unacknowledged while the buffer was unavailable",
+        )
+        self._deferred_since_resync = 0
+        self._resync_generation = self._generation
+        client = self._client
+        if client is not None and client.is_connected():
+            self._resyncing = True
+            client.disconnect()
+        else:
+            self._disconnected.set()
+
+    async def _wait_for_resync(self, generation: int) -> None:
+        """Until a connection newer than `generation` is up (or RESYNC_WAIT_S, or stop)."""
+        deadline = time.monotonic() + RESYNC_WAIT_S
+        while not self._stopping and time.monotonic() < deadline:
+            if self._generation > generation and self.connected.is_set():
+                return
+            await asyncio.sleep(0.02)
 
     def _hold(self) -> None:
         self.holding = True
@@ -573,9 +691,9 @@ class MqttIngest:
         await wait_any(self._store.space_freed, timeout_s=timeout_s)
         self._store.space_freed.clear()
 
-    async def _store_failed(self, exc: StoreError, attempt: int) -> None:
+    async def _store_failed(self, exc: StoreError, *, first: bool, attempt: int) -> None:
         """Log once per failure streak; retry with backoff, or as soon as rows are freed."""
-        if attempt == 1:
+        if first:
             self._store_failing_since = time.monotonic()
             log.error(
                 "store_write_failed",
@@ -587,6 +705,32 @@ class MqttIngest:
             self._store.space_freed.clear()
         await self._wait_for_space(min(STORE_RETRY_MAX_S, STORE_RETRY_MIN_S * 2 ** (attempt - 1)))
 
+    def _without_redeliveries(self, group: _PendingGroup) -> _PendingGroup:
+        """Right before a commit, leave out what the broker has already resent or will resend.
+
+        Messages from an earlier connection of the same broker session were not acked, so
+        the broker resends them (DUP) on this connection: storing both copies would make a
+        second point whenever the first was delivered and deleted in between. A DUP whose
+        first copy committed meanwhile becomes a bare acknowledgement.
+        """
+        client = self._client
+        connected = client is not None and client.is_connected() and self.connected.is_set()
+        current = self._generation
+        kept: list[_Entry] = []
+        for entry in group.entries:
+            ack, reading, rejected, dup = entry
+            generation, qos, topic, payload = ack[2], ack[1], ack[3], ack[4]
+            if connected and qos > 0 and self._session_first_generation <= generation < current:
+                self.stats.resent_dropped += 1
+                continue
+            stored = reading is not None or rejected is not None
+            if dup and stored and self._already_committed(topic, payload):
+                self.stats.redelivered_acked += 1
+                entry = (ack, None, None, dup)
+            kept.append(entry)
+        group.entries = kept
+        return group
+
     def _acknowledge(self, group: _PendingGroup) -> None:
         client = self._client
         current = self._generation
@@ -595,7 +739,8 @@ class MqttIngest:
                 continue
             if generation == current and client is not None and client.is_connected():
                 client.ack(mid, qos)
-            else:
+            elif generation >= self._session_first_generation:
+                # The broker resends it on the next connection: recognise it then.
                 self._committed_unacked[(topic, payload)] += 1
             if _has_own_timestamp(payload):
                 self._remember(hash((topic, payload)))

@@ -152,6 +152,11 @@ T = TypeVar("T")
 class BufferFull(StoreError):
     """The `backpressure` policy refuses a commit: hold the MQTT acks until `space_freed`."""
 
+    def __init__(self, message: str, *, buffered: int, limit: int) -> None:
+        super().__init__(message)
+        self.buffered = buffered
+        self.limit = limit
+
 
 class StoreCorrupt(StoreError):
     """The database file is damaged (SQLITE_CORRUPT / SQLITE_NOTADB)."""
@@ -296,26 +301,9 @@ class _CapacityReporter:
             self._emit(policy, buffered=buffered, limit=limit, reason=reason, first=not self.active)
             self.active = True
 
-    def held(self, *, buffered: int, limit: int, reason: str) -> None:
-        """backpressure: nothing is dropped, the acks are held; one line per state."""
-        if not self.active:
-            self.active = True
-            self._last_line = self._clock()
-            log.warning(
-                "buffer_full",
-                policy="backpressure",
-                buffered=buffered,
-                limit=limit,
-                reason=reason,
-                action="holding MQTT acknowledgements; the broker queues for us",
-            )
-
     def room(self, policy: FullPolicy, *, buffered: int) -> None:
         """An append found room: close the streak once the policy has been quiet a while."""
-        if not self.active:
-            return
-        now = self._clock()
-        if policy != "backpressure" and now - self._last_drop < self._interval_s:
+        if not self.active or self._clock() - self._last_drop < self._interval_s:
             return
         if self._window_total:
             self._emit(policy, buffered=buffered, limit=None, reason=None, first=False)
@@ -771,7 +759,12 @@ class Store:
         was stored and the caller must not acknowledge.
         """
         policy = self._capacity.policy
-        if policy == "backpressure" and readings and self.pending_points >= self.limit():
+        if (
+            policy == "backpressure"
+            and readings
+            and self.pending_points > 0  # a group always fits into an empty buffer
+            and self.pending_points + len(readings) > self.limit()
+        ):
             self._refuse_full()
         if self.disk_full:
             async with self._lock:
@@ -863,13 +856,13 @@ class Store:
         return await self._in_transaction(work)
 
     def _refuse_full(self) -> None:
+        """backpressure: refuse the commit; ingest holds the acks (and logs that state)."""
         self.space_freed.clear()
-        self._reporter.held(
-            buffered=self.pending_points, limit=self.limit(), reason=self._full_reason()
-        )
         raise BufferFull(
             f"buffer full ({self.pending_points} readings, limit {self.limit()}, "
-            f"{self._full_reason()})"
+            f"{self._full_reason()})",
+            buffered=self.pending_points,
+            limit=self.limit(),
         )
 
     def _full_reason(self) -> str:

@@ -232,8 +232,8 @@ async def test_backpressure_refuses_the_commit_until_uploads_free_space(
     assert store.space_freed.is_set()
     result = await store.append(readings(10, start=50))
     assert result.inserted == 10 and result.refused == 0 and result.evicted == 0
-    events = [e["event"] for e in log_events(log_output)]
-    assert events.count("buffer_full") == 1 and events.count("buffer_full_ended") == 1
+    # Ingest holds the acks, so ingest logs that state (test_buffer_pressure.py).
+    assert not [e for e in log_events(log_output) if e["event"].startswith("buffer_full")]
 
 
 async def test_max_bytes_caps_the_file_and_lifts_when_drained(
