@@ -57,6 +57,9 @@ PENDING_MAX_MESSAGES = 5000
 # After that reconnect is asked for, commits wait (at most this long) for the new
 # connection, so that what the broker resends is not also committed from memory.
 RESYNC_WAIT_S = 10.0
+# Unsubscribed (never subscribed) at shutdown: its UNSUBACK proves our PUBACKs were read.
+ACK_BARRIER_TOPIC = "blynk-gateway/ack-barrier"
+ACK_BARRIER_TIMEOUT_S = 2.0
 # How many committed messages are remembered to recognise broker redeliveries (~2 MB).
 RECENT_COMMITTED_MAX = 20_000
 
@@ -169,6 +172,8 @@ class MqttIngest:
         self._resync_generation: int | None = None
         self._full_since: float | None = None  # backpressure: holding since
         self._subscribed: set[str] = set()
+        self._barrier_mid: int | None = None
+        self._barrier_done = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,12 +203,51 @@ class MqttIngest:
                     self._group_full.set()
                     await asyncio.sleep(0.01)
         if client is not None and client.is_connected():
+            await self._ack_barrier(client)
             client.disconnect()
             for _ in range(20):
                 if client.socket() is None:
                     break
                 client.loop_write()
                 await asyncio.sleep(0.01)
+
+    async def _ack_barrier(self, client: mqtt.Client) -> None:
+        """Wait until the broker has processed every PUBACK we sent.
+
+        MQTT does not acknowledge a PUBACK, and a broker may drop the ones still unread in
+        its socket buffer when the session is taken over by our next start (Mosquitto logs
+        "already connected, closing old connection") and then resend those messages: as
+        duplicates, since they were stored and may be uploaded already. The broker answers
+        packets in order, so the UNSUBACK of a harmless UNSUBSCRIBE (of a topic we never
+        subscribed) proves that every earlier PUBACK has been processed.
+        """
+        if self._loop is None:
+            return
+        sock = client.socket()
+        if sock is None:
+            return
+        self._barrier_mid = None
+        self._barrier_done.clear()
+        self._loop.add_reader(sock, self._read_ready, client)
+        result, mid = client.unsubscribe(ACK_BARRIER_TOPIC)
+        if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+            self._barrier_mid = mid
+            answered = await wait_any(self._barrier_done, timeout_s=ACK_BARRIER_TIMEOUT_S)
+            if not answered:
+                log.warning("mqtt_ack_barrier_timed_out", timeout_s=ACK_BARRIER_TIMEOUT_S)
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(sock)
+
+    def _on_unsubscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        if mid == self._barrier_mid:
+            self._barrier_done.set()
 
     # ------------------------------------------------------------------ connection
 
@@ -232,6 +276,7 @@ class MqttIngest:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -465,6 +510,8 @@ class MqttIngest:
             )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if not self._accepting:
+            return  # shutting down: left unacknowledged, the broker resends it next session
         stats = self.stats
         stats.received += 1
         topic = message.topic
