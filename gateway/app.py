@@ -73,6 +73,7 @@ class Gateway:
                 disk_reserve_bytes=settings.store.disk_reserve_bytes,
             ),
             owner=True,
+            page_size=settings.store.page_size,
         )
         self.cloud = cloud = BlynkCloud(
             settings.cloud.server,

@@ -124,6 +124,9 @@ class StoreSettings(_Section):
     # Space kept allocated next to the buffer and released when the disk fills up, so that
     # uploads can still delete what they delivered (WAL mode needs room even to delete).
     disk_reserve_bytes: Annotated[int, Field(ge=0, le=1024**3)] = 8 * 1024**2
+    # SQLite page size of a new buffer file (an existing file keeps its own). Small pages
+    # mean fewer bytes written per commit (SD wear); values over ~200 bytes then overflow.
+    page_size: Literal[512, 1024, 2048, 4096, 8192, 16384, 32768, 65536] = 1024
 
 
 class FlushSettings(_Section):

@@ -82,20 +82,31 @@ def _wal_page_size(wal: Path) -> int | None:
 
 
 def _guess_page_size(path: Path, size: int, default: int) -> int | None:
-    """The page size under which the most pages start like b-tree pages."""
-    best, best_score = None, 0
+    """The page size, judged from pages at odd multiples of each candidate size.
+
+    An odd multiple of a candidate is a page start only if the candidate is at least the
+    true size (else it falls mid-page), so the true size is the smallest candidate whose
+    odd multiples often start like b-tree pages. Sampled across the whole file, because
+    freed pages may be zeroed in runs.
+    """
+    ratios: dict[int, float] = {}
     with path.open("rb") as handle:
         for candidate in _SIZES:
-            if size % candidate:
+            pages = size // candidate
+            if size % candidate or pages < 3:
                 continue
-            score = 0
-            for number in range(2, min(size // candidate, 64) + 1):
-                handle.seek((number - 1) * candidate)
-                if _looks_like_btree(handle.read(12), 0, candidate):
-                    score += 1
-            if score > best_score or (score == best_score and candidate == default):
-                best, best_score = candidate, score
-    return best
+            odd = range(1, pages, 2)
+            step = max(1, len(odd) // 200)
+            samples = odd[::step]
+            hits = 0
+            for index in samples:
+                handle.seek(index * candidate)
+                hits += _looks_like_btree(handle.read(12), 0, candidate)
+            ratios[candidate] = hits / len(samples)
+    if not ratios or max(ratios.values()) == 0:
+        return default if size % default == 0 else None
+    best = max(ratios.values())
+    return min(c for c, ratio in ratios.items() if ratio >= 0.5 * best)
 
 
 def _looks_like_btree(page: bytes, offset: int, page_size: int) -> bool:

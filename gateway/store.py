@@ -132,9 +132,11 @@ Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
 FullPolicy = Literal["drop-oldest", "drop-newest", "backpressure"]
 StoreFault = Literal["none", "read-only", "full"]
 
-# New files only (SQLite fixes the page size when the file is created). 4096 matches the
-# OS page and the SD card's write unit; see benchmarks/sd_wear.py for the comparison.
-DEFAULT_PAGE_SIZE = 4096
+# New files only (SQLite fixes the page size when the file is created). A commit writes
+# every page it touches to the WAL, and small commits touch a few pages each: 1 KiB pages
+# halve the bytes written per reading against 4 KiB (benchmarks/sd_wear.py). Values longer
+# than about 200 bytes then spill into overflow pages, which costs space, not correctness.
+DEFAULT_PAGE_SIZE = 1024
 # One `buffer_full` summary line per interval while the policy is dropping readings.
 CAPACITY_LOG_INTERVAL_S = 60.0
 # The byte cap is lifted again once the file's used pages fall below this share of it.

@@ -354,7 +354,7 @@ async def build_file(path: Path, per_stream: int = 3000) -> set[tuple[int, int, 
 
 def rows_on_pages(path: Path, pages: set[int]) -> set[tuple[int, int, str]]:
     """(stream, ts, value) keys stored on the given pages of an intact file."""
-    raw = salvage.RawPages.open(path, 4096)
+    raw = salvage.RawPages.open(path, page_size_of(path))
     assert raw is not None
     return set(salvage.raw_readings(raw, only=pages))
 
@@ -365,7 +365,7 @@ def inner_pages(path: Path, stream_id: int, count: int) -> list[int]:
     Start-up probes the edges of each stream (min and max timestamp); damage in here is
     only found by the full check or by a read that crosses it.
     """
-    raw = salvage.RawPages.open(path, 4096)
+    raw = salvage.RawPages.open(path, page_size_of(path))
     assert raw is not None
     (low, high) = sql(
         path, "SELECT min(ts_ms), max(ts_ms) FROM readings WHERE stream_id = ?", (stream_id,)
@@ -388,7 +388,12 @@ def readings_pages(path: Path) -> list[int]:
     ]
 
 
-def damage(path: Path, pages: list[int], page_size: int = 4096) -> None:
+def page_size_of(path: Path) -> int:
+    return int(sql(path, "PRAGMA page_size")[0][0])
+
+
+def damage(path: Path, pages: list[int]) -> None:
+    page_size = page_size_of(path)
     noise = random.Random(7)
     with path.open("r+b") as handle:
         for page in pages:
