@@ -55,6 +55,10 @@ BUFFER_FULL_RECHECK_S = 5.0
 # unacknowledged and not kept (the broker still has them in our session) and are fetched
 # again by one reconnect after the next successful commit.
 PENDING_MAX_MESSAGES = 5000
+# The same cap while commits work: only a broker pushing far past its window faster than
+# commits complete reaches it. Deferring has a cost (a resync reconnect, after which the
+# broker may resend messages whose PUBACK it had not read yet), so it is a last resort.
+PENDING_HARD_MAX_MESSAGES = 100_000
 # After that reconnect is asked for, commits wait (at most this long) for the new
 # connection, so that what the broker resends is not also committed from memory.
 RESYNC_WAIT_S = 10.0
@@ -530,7 +534,7 @@ class MqttIngest:
         payload = bytes(message.payload)
         qos = message.qos
         group = self._pending
-        if len(group) >= PENDING_MAX_MESSAGES:
+        if len(group) >= (PENDING_MAX_MESSAGES if self.holding else PENDING_HARD_MAX_MESSAGES):
             # Not acknowledged, not kept: the broker keeps it in our session (see _resync).
             stats.deferred += 1
             self._deferred_since_resync += 1
