@@ -110,8 +110,8 @@ class StoreSettings(_Section):
     commit_interval_ms: Annotated[int, Field(ge=1, le=10_000)] = 200
     # Commit early when this many readings wait (0 = derive from mqtt.inflight_window).
     commit_max_readings: Annotated[int, Field(ge=0, le=100_000)] = 0
-    # Capacity. A buffered reading takes about 25 bytes of file (measured, see README "Data
-    # safety"), so 20 million readings are about 0.5 GB, well inside max_bytes; 2 GiB leaves
+    # Capacity. A buffered reading takes about 21 bytes of file (measured, see README "Data
+    # safety"), so 20 million readings are about 0.43 GB, well inside max_bytes; 2 GiB leaves
     # most of a 16 GB card to the system and its logs.
     max_points: Annotated[int, Field(ge=1, le=1_000_000_000)] = 20_000_000
     max_bytes: Annotated[int, Field(ge=1_048_576)] = 2 * 1024**3

@@ -105,6 +105,19 @@ async def test_lease_and_ack_find_rows_by_key_and_free_space(
     assert (await store.counts())["buffered"] == 11
 
 
+async def test_ack_many_deletes_several_batches_and_counts_quota_in_one_commit(
+    db_path: Path, make_store: Any
+) -> None:
+    store: Store = await make_store()
+    await store.append(readings(10) + readings(10, KITCHEN))
+    boiler, kitchen = await store.lease(BOILER, 4), await store.lease(KITCHEN, 6)
+    await store.ack_many([(boiler, "2025-10-09"), (kitchen, "2025-10-09")])
+    assert store.pending_points == 10
+    assert await store.points_sent(101, "2025-10-09") == (4, False)
+    assert await store.points_sent(102, "2025-10-09") == (6, False)
+    assert (await store.counts())["buffered"] == 10
+
+
 async def test_version_1_file_is_upgraded_in_place(db_path: Path, make_store: Any) -> None:
     connection = sqlite3.connect(db_path, isolation_level=None)
     for statement in _MIGRATIONS[1].split(";\n"):
