@@ -218,7 +218,7 @@ class MqttIngest:
                 client.loop_write()
                 await asyncio.sleep(0.01)
 
-    async def _ack_barrier(self, client: mqtt.Client) -> None:
+    async def _ack_barrier(self, client: mqtt.Client, *, reader_active: bool = False) -> None:
         """Wait until the broker has processed every PUBACK we sent.
 
         MQTT does not acknowledge a PUBACK, and a broker may drop the ones still unread in
@@ -235,15 +235,17 @@ class MqttIngest:
             return
         self._barrier_mid = None
         self._barrier_done.clear()
-        self._loop.add_reader(sock, self._read_ready, client)
+        if not reader_active:  # at shutdown the reader is already gone: read the UNSUBACK
+            self._loop.add_reader(sock, self._read_ready, client)
         result, mid = client.unsubscribe(ACK_BARRIER_TOPIC)
         if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
             self._barrier_mid = mid
             answered = await wait_any(self._barrier_done, timeout_s=ACK_BARRIER_TIMEOUT_S)
             if not answered:
                 log.warning("mqtt_ack_barrier_timed_out", timeout_s=ACK_BARRIER_TIMEOUT_S)
-        with contextlib.suppress(ValueError, OSError):
-            self._loop.remove_reader(sock)
+        if not reader_active:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(sock)
 
     def _on_unsubscribe(
         self,
@@ -704,7 +706,7 @@ class MqttIngest:
             self.stats.refused += result.refused
             self._acknowledge(group)
             if self._deferred_since_resync and not self.holding:
-                self._resync()  # after the PUBACKs: paho sends them before the DISCONNECT
+                await self._resync()
 
     def _requeue(self, group: _PendingGroup) -> None:
         """Put a group that failed to commit back in front of what arrived since."""
@@ -717,11 +719,13 @@ class MqttIngest:
         """Messages received but neither committed nor acknowledged yet."""
         return len(self._pending)
 
-    def _resync(self) -> None:
+    async def _resync(self) -> None:
         """Reconnect once, so the broker resends what we left unacknowledged while holding.
 
         MQTT 3.1.1 brokers resend unacknowledged messages only when the session resumes.
-        The session outlives the disconnect (fixed client id, no clean start).
+        The session outlives the disconnect (fixed client id, no clean start). The PUBACKs
+        just sent must be read by the broker first (the ack barrier), or it resends those
+        messages too.
         """
         log.info(
             "mqtt_resync",
@@ -731,6 +735,8 @@ class MqttIngest:
         self._deferred_since_resync = 0
         self._resync_generation = self._generation
         client = self._client
+        if client is not None and client.is_connected():
+            await self._ack_barrier(client, reader_active=True)
         if client is not None and client.is_connected():
             self._resyncing = True
             client.disconnect()
