@@ -550,11 +550,16 @@ class Store:
                 )
 
     async def close(self) -> None:
+        """Close; the owner also records the row count and lets SQLite refresh its stats.
+
+        Others (`blynk-gateway status` next to a running daemon) write nothing.
+        """
         async with self._lock:
-            with contextlib.suppress(sqlite3.Error):
-                await self._db.execute("PRAGMA optimize")
-            with contextlib.suppress(sqlite3.Error):
-                await self._write_clean_record()
+            if self._owner:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._db.execute("PRAGMA optimize")
+                with contextlib.suppress(sqlite3.Error):
+                    await self._write_clean_record()
             await self._db.close()
 
     async def _write_clean_record(self) -> None:
