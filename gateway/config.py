@@ -132,6 +132,9 @@ class StoreSettings(_Section):
 class FlushSettings(_Section):
     batch_size: Annotated[int, Field(ge=1, le=10_000)] = 1000
     interval_s: PositiveFloat = 5.0
+    # After new readings arrive, wait this long for more before uploading a partial batch:
+    # one request and one delete transaction per few seconds instead of one per commit.
+    linger_s: Annotated[float, Field(ge=0, le=300)] = 2.0
     order: Literal["oldest", "newest"] = "oldest"
     backoff_min_s: PositiveFloat = 1.0
     backoff_max_s: PositiveFloat = 300.0

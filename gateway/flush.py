@@ -31,6 +31,7 @@ from gateway.errors import (
     QuotaRefused,
     RateLimited,
     RetryableCloudError,
+    StoreError,
     UnknownTarget,
     WrongRegion,
 )
@@ -42,6 +43,8 @@ from gateway.store import Store, StreamState
 log = get_logger("flush")
 
 EXPIRY_SWEEP_INTERVAL_S = 60.0
+STORE_RETRY_MIN_S = 0.5
+STORE_RETRY_MAX_S = 30.0
 # The cloud's Retry-After is obeyed even beyond backoff_max_s, up to this sanity cap.
 MAX_RETRY_AFTER_S = 3600.0
 
@@ -89,6 +92,8 @@ class FlushLoop:
         self._exhausted_logged: set[tuple[int, str]] = set()
         self._parked_logged: set[StreamKey] = set()
         self._next_expiry_sweep = 0.0
+        self._store_failures = 0
+        self._unacked: list[tuple[Batch, str]] = []
         self.online = True
 
     def stop(self) -> None:
@@ -104,13 +109,53 @@ class FlushLoop:
 
     async def run(self) -> None:
         while not self._stop.is_set():
-            outcome = await self.run_pass()
+            try:
+                outcome = await self.run_pass()
+            except StoreError as exc:
+                await self._store_unavailable(exc)
+                continue
+            self._store_available()
             if outcome is PassOutcome.SENT:
                 continue
             if outcome is PassOutcome.BACKOFF:
                 await self._wait(self._backoff_until - time.monotonic(), wake_on_new_rows=False)
-            else:
-                await self._wait(self._settings.interval_s, wake_on_new_rows=True)
+                continue
+            await self._wait(self._settings.interval_s, wake_on_new_rows=True)
+            if (
+                self._store.new_rows.is_set()
+                and self._store.pending_points < self._settings.batch_size
+            ):
+                # Let a trickle of new readings gather into one request and one delete
+                # transaction (fewer requests, less SD wear) instead of one per commit.
+                await self._wait(self._settings.linger_s, wake_on_new_rows=False)
+
+    async def _store_unavailable(self, exc: StoreError) -> None:
+        """The buffer cannot be written (full disk, read-only): keep trying, log once."""
+        self._store_failures += 1
+        if self._store_failures == 1:
+            log.error(
+                "flush_store_unavailable",
+                error=str(exc),
+                unacked_batches=len(self._unacked),
+                action="retrying; batches the cloud accepted are acknowledged locally later",
+            )
+        delay = min(STORE_RETRY_MAX_S, STORE_RETRY_MIN_S * 2 ** min(self._store_failures - 1, 10))
+        await self._wait(delay, wake_on_new_rows=False)
+
+    def _store_available(self) -> None:
+        if self._store_failures:
+            log.info("flush_store_recovered", failed_attempts=self._store_failures)
+            self._store_failures = 0
+
+    async def _ack_delivered(self) -> None:
+        """Record batches the cloud accepted but the store could not yet acknowledge.
+
+        Until they are recorded no new pass starts, so their rows are not uploaded twice.
+        """
+        while self._unacked:
+            batch, day = self._unacked[0]
+            await self._store.ack(batch, day)
+            self._unacked.pop(0)
 
     async def _wait(self, timeout_s: float, *, wake_on_new_rows: bool) -> None:
         events = [self._stop]
@@ -132,12 +177,15 @@ class FlushLoop:
                         break
         except TimeoutError:
             log.warning("final_flush_timed_out", left_buffered=self._store.pending_points)
+        except StoreError as exc:
+            log.error("final_flush_store_unavailable", error=str(exc))
         finally:
             self._final_flush_active = False
 
     # ------------------------------------------------------------------ one pass
 
     async def run_pass(self) -> PassOutcome:
+        await self._ack_delivered()
         self._store.new_rows.clear()
         await self._expire_if_due()
         streams = await self._store.pending_streams()
@@ -213,9 +261,10 @@ class FlushLoop:
         except PermanentCloudError as exc:  # pragma: no cover - every subclass handled above
             await self._dead_letter(batch, exc.message)
             return PassOutcome.SENT
-        await self._store.ack(batch, day)
         self.stats.delivered += len(batch)
         self._came_back()
+        self._unacked.append((batch, day))
+        await self._ack_delivered()
         return PassOutcome.SENT
 
     async def _bisect(self, batch: Batch, day: str, exc: BatchRejected) -> PassOutcome:

@@ -51,6 +51,7 @@ def settings_dict(
         "store": {"path": str(db_path), "commit_interval_ms": 20},
         "flush": {
             "interval_s": 0.2,
+            "linger_s": 0.0,
             "backoff_min_s": 0.1,
             "backoff_max_s": 0.5,
             "auth_retry_s": 0.5,

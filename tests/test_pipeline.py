@@ -287,3 +287,47 @@ async def test_identical_plain_readings_drained_in_a_burst_stay_distinct(
     assert len(sandbox.accepted) == 500
     assert len({point.ts for point in sandbox.accepted}) == 500
     assert {point.value for point in sandbox.accepted} == {21.5}
+
+
+async def test_a_trickle_of_readings_is_uploaded_in_few_requests(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    """linger_s gathers a trickle into one request (and one delete transaction)."""
+    messages, _ = two_route_readings(20)
+    boiler = [m for m in messages if m[0] == "sensors/boiler/temperature"]
+    async with InProcessGateway(make_settings(flush={"linger_s": 1.5})):
+        for message in boiler:
+            await publish(publisher, [message])
+            await asyncio.sleep(0.05)
+        await wait_until(lambda: len(sandbox.accepted) == len(boiler), message="the trickle")
+    assert len(sandbox.requests) <= 2
+
+
+async def test_unwritable_buffer_during_an_upload_does_not_stop_the_gateway_or_resend(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    messages, expected = two_route_readings(40)
+    boiler = [m for m in messages if m[0] == "sensors/boiler/temperature"]
+    expected_boiler = {point for point in expected if point[0] == 101}
+    async with InProcessGateway(make_settings()) as gateway:
+        assert gateway.store is not None
+        await sandbox.set_fault("slow", count=1, delay_s=0.5)
+        await publish(publisher, boiler)
+        await wait_until(lambda: sandbox.delayed_imports > 0, message="an upload in flight")
+        await gateway.store.inject_fault("read-only")
+        await wait_until(
+            lambda: any(e["event"] == "flush_store_unavailable" for e in log_events(log_output)),
+            message="the failed acknowledgement noticed",
+        )
+        accepted_while_failing = len(sandbox.accepted)
+        await asyncio.sleep(0.5)
+        await gateway.store.inject_fault("none")
+        await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 0)
+        assert any(e["event"] == "flush_store_recovered" for e in log_events(log_output))
+    assert accepted_while_failing > 0
+    # The accepted batch was acknowledged locally once the store recovered, not sent again.
+    assert accepted_set(sandbox) == expected_boiler
+    assert len(sandbox.accepted) == len(boiler)
