@@ -161,6 +161,9 @@ class RouteSettings(_Section):
     topic: str = Field(min_length=1)
     device_id: Annotated[int, Field(ge=0)]
     datastream_id: Annotated[int, Field(ge=0)]
+    # The datastream's type in Blynk, if known: values that do not fit are dead-lettered at
+    # ingest with a reason instead of being silently ignored or cropped by the cloud.
+    type: Literal["double", "integer", "enum", "string", "boolean", "location"] | None = None
 
     @field_validator("topic")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ class Route:
     topic_filter: str
     device_id: int
     datastream_id: int
+    value_type: str | None = None
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -59,7 +60,7 @@ class RouteTable:
     """Finds the route for a topic; remembers the answer because topics repeat forever."""
 
     def __init__(self, routes: Sequence[RouteSettings], max_payload_bytes: int = 16_384) -> None:
-        self.routes = tuple(Route(r.topic, r.device_id, r.datastream_id) for r in routes)
+        self.routes = tuple(Route(r.topic, r.device_id, r.datastream_id, r.type) for r in routes)
         self.max_payload_bytes = max_payload_bytes
         self._by_topic: dict[str, Route | None] = {}
         self._last_stamp: dict[tuple[int, int], int] = {}
@@ -85,6 +86,8 @@ class RouteTable:
                 f"max_payload_bytes={self.max_payload_bytes}"
             )
         value_json, own_ts_ms = decode_value(payload)
+        if route.value_type is not None:
+            value_json = conform_to_type(route.value_type, value_json)
         if own_ts_ms is None:
             own_ts_ms = self._receive_stamp(route, received_ms)
         return Reading(route.device_id, route.datastream_id, own_ts_ms, value_json)
@@ -160,6 +163,40 @@ def validate_ts_ms(raw_ts: Any) -> int:
     if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
         raise PayloadError(f"'ts' {ts_ms} is not epoch milliseconds (seconds or µs?)")
     return ts_ms
+
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def conform_to_type(value_type: str, value_json: str) -> str:
+    """Check a value against the datastream type the route declares.
+
+    Blynk ignores values of the wrong type and crops out-of-range ones without telling
+    anyone; refusing them here gives the operator a reason in the dead-letter table.
+    An integral number on an integer datastream (`21.0`) is accepted as `21`.
+    """
+    value = json.loads(value_json)
+    if value_type in ("integer", "enum"):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise PayloadError(
+                f"value {_preview(value_json)} does not fit an {value_type} datastream"
+            )
+        if not INT32_MIN <= value <= INT32_MAX:
+            raise PayloadError(f"{value} is outside the 32-bit range of an {value_type} datastream")
+        return str(value)
+    if not _FITS_TYPE[value_type](value):
+        raise PayloadError(f"value {_preview(value_json)} does not fit a {value_type} datastream")
+    return value_json
+
+
+_FITS_TYPE: dict[str, Callable[[Any], bool]] = {
+    "double": lambda value: _is_number(value),
+    "string": lambda value: isinstance(value, str),
+    "boolean": lambda value: isinstance(value, bool),
+    "location": lambda value: isinstance(value, list),
+}
 
 
 def encode_value(value: Any) -> str:

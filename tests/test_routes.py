@@ -8,6 +8,7 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from gateway.config import RouteSettings
 from gateway.models import Reading
@@ -431,3 +432,53 @@ def test_receive_stamps_are_strictly_increasing_per_datastream() -> None:
     assert table.decode(route_a, own, 1_700_000_000_000).ts_ms == 1_700_000_000_000
     # Time moving on is used as is.
     assert table.decode(route_a, b"2", 1_700_000_000_500).ts_ms == 1_700_000_000_500
+
+
+@pytest.mark.parametrize(
+    ("value_type", "payload", "expected_json"),
+    [
+        ("double", b"21.5", "21.5"),
+        ("double", b"21", "21"),
+        ("integer", b"21.0", "21"),
+        ("integer", b"-2147483648", "-2147483648"),
+        ("enum", b"3", "3"),
+        ("string", b'"on"', '"on"'),
+        ("boolean", b"true", "true"),
+        ("location", b"[24.75, 59.43]", "[24.75,59.43]"),
+    ],
+)
+def test_declared_datastream_type_accepts_fitting_values(
+    value_type: str, payload: bytes, expected_json: str
+) -> None:
+    table = RouteTable([RouteSettings(topic="t", device_id=1, datastream_id=1, type=value_type)])
+    route = table.match("t")
+    assert route is not None
+    assert table.decode(route, payload, 1_700_000_000_000).value_json == expected_json
+
+
+@pytest.mark.parametrize(
+    ("value_type", "payload", "reason"),
+    [
+        ("double", b"true", "does not fit a double"),
+        ("double", b'"21.5"', "does not fit a double"),
+        ("integer", b"21.5", "does not fit an integer"),
+        ("integer", b"2147483648", "outside the 32-bit range"),
+        ("enum", b"false", "does not fit an enum"),
+        ("string", b"21", "does not fit a string"),
+        ("boolean", b"1", "does not fit a boolean"),
+        ("location", b"21", "does not fit a location"),
+    ],
+)
+def test_declared_datastream_type_refuses_values_the_cloud_would_drop(
+    value_type: str, payload: bytes, reason: str
+) -> None:
+    table = RouteTable([RouteSettings(topic="t", device_id=1, datastream_id=1, type=value_type)])
+    route = table.match("t")
+    assert route is not None
+    with pytest.raises(PayloadError, match=reason):
+        table.decode(route, payload, 1_700_000_000_000)
+
+
+def test_unknown_datastream_type_is_a_config_error() -> None:
+    with pytest.raises(ValidationError, match="type"):
+        RouteSettings(topic="t", device_id=1, datastream_id=1, type="float")
