@@ -22,7 +22,7 @@ import contextlib
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,18 +168,7 @@ class RawPages:
         return free if len(free) == total else None
 
     def pages(self) -> Iterator[tuple[int, bytes]]:
-        wal = Path(f"{self.path}-wal")
-        with self.path.open("rb") as db, _open_or_none(wal) as log:
-            for number in range(1, self.page_count + 1):
-                offset = self.wal_frames.get(number)
-                if offset is not None and log is not None:
-                    log.seek(offset)
-                    data = log.read(self.page_size)
-                else:
-                    db.seek((number - 1) * self.page_size)
-                    data = db.read(self.page_size)
-                if len(data) == self.page_size:
-                    yield number, data
+        yield from self._some_pages(range(1, self.page_count + 1))
 
     def page(self, number: int) -> bytes | None:
         for found, data in self._some_pages({number}):
@@ -187,7 +176,8 @@ class RawPages:
                 return data
         return None
 
-    def _some_pages(self, wanted: set[int]) -> Iterator[tuple[int, bytes]]:
+    def _some_pages(self, wanted: Iterable[int]) -> Iterator[tuple[int, bytes]]:
+        """Pages in ascending order, each from the WAL when it holds a newer copy."""
         wal = Path(f"{self.path}-wal")
         with self.path.open("rb") as db, _open_or_none(wal) as log:
             for number in sorted(wanted):

@@ -837,22 +837,13 @@ class Store:
                 self._byte_cap = byte_cap
                 if inserted:
                     self.new_rows.set()
-                if result.evicted:
+                if result.evicted or result.refused:
                     self._reporter.dropped(
                         policy,
-                        evicted,
+                        evicted if result.evicted else refused_by_device,
                         buffered=self.pending_points,
                         limit=limit,
-                        oldest_kept_ts=oldest_kept,
-                        reason=self._full_reason(),
-                    )
-                elif result.refused:
-                    self._reporter.dropped(
-                        policy,
-                        refused_by_device,
-                        buffered=self.pending_points,
-                        limit=limit,
-                        oldest_kept_ts=None,
+                        oldest_kept_ts=oldest_kept if result.evicted else None,
                         reason=self._full_reason(),
                     )
                 else:
