@@ -6,8 +6,9 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,19 +29,26 @@ TOPIC = "sensors/boiler/temperature"
 
 
 @pytest.fixture
-def gateway_process(
+def make_gateway_process(
     broker: MosquittoBroker, sandbox: SandboxCloud, tmp_path: Path
-) -> Iterator[GatewayProcess]:
-    config = settings_dict(
-        broker.port,
-        sandbox.base_url,
-        tmp_path / "buffer.db",
-        flush={"batch_size": 200},
-        cloud={"timeout_s": 10.0},
-    )
-    process = GatewayProcess(write_config(tmp_path / "gateway.toml", config), tmp_path / "gw.log")
-    yield process
-    process.close()
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """`make_gateway_process(flush={...}, cloud={...})`: a subprocess gateway, killed at teardown."""
+    processes: list[GatewayProcess] = []
+
+    def make(**sections: dict[str, Any]) -> GatewayProcess:
+        config = settings_dict(broker.port, sandbox.base_url, tmp_path / "buffer.db", **sections)
+        config_path = write_config(tmp_path / "gateway.toml", config)
+        processes.append(GatewayProcess(config_path, tmp_path / "gw.log"))
+        return processes[-1]
+
+    yield make
+    for process in processes:
+        process.close()
+
+
+@pytest.fixture
+def gateway_process(make_gateway_process: Callable[..., GatewayProcess]) -> GatewayProcess:
+    return make_gateway_process(flush={"batch_size": 200}, cloud={"timeout_s": 10.0})
 
 
 def expected_points(count: int, offset: int = 0) -> set[tuple[int, int, int, float]]:
@@ -136,16 +144,11 @@ async def test_sigterm_exits_zero_and_second_start_resumes(
 
 @pytest.mark.slow
 async def test_second_signal_exits_at_once_and_loses_nothing(
-    broker: MosquittoBroker, sandbox: SandboxCloud, publisher: AckedPublisher, tmp_path: Path
+    make_gateway_process: Callable[..., GatewayProcess],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
 ) -> None:
-    config = settings_dict(
-        broker.port,
-        sandbox.base_url,
-        tmp_path / "buffer.db",
-        flush={"shutdown_flush_s": 60.0},
-        cloud={"timeout_s": 60.0},
-    )
-    process = GatewayProcess(write_config(tmp_path / "gateway.toml", config), tmp_path / "gw.log")
+    process = make_gateway_process(flush={"shutdown_flush_s": 60.0}, cloud={"timeout_s": 60.0})
     try:
         process.start()
         await asyncio.to_thread(process.wait_for_event, "mqtt_connected")
