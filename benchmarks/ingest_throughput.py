@@ -64,11 +64,11 @@ from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.ingest import MqttIngest
 from gateway.models import Reading
-from gateway.mosquitto import MosquittoBroker
-from gateway.publisher import AckedPublisher
 from gateway.routes import RouteTable
-from gateway.sandbox import SandboxCloud
 from gateway.store import Store
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
 
 Protocol = Literal["3.1.1", "5"]
 PayloadKind = Literal["json", "plain"]

@@ -52,10 +52,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gateway.mosquitto import MosquittoBroker  # noqa: E402
-from gateway.publisher import AckedPublisher  # noqa: E402
-from gateway.sandbox import SandboxCloud, SandboxThread  # noqa: E402
 from gateway.store import _MIGRATIONS  # noqa: E402
+from gateway.testing.broker import MosquittoBroker  # noqa: E402
+from gateway.testing.publisher import AckedPublisher  # noqa: E402
+from gateway.testing.sandbox import SandboxCloud, SandboxThread  # noqa: E402
 
 SENSORS = 5
 DEVICES = {200 + i: {1: "double"} for i in range(SENSORS)}

@@ -38,9 +38,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gateway.mosquitto import MosquittoBroker  # noqa: E402
-from gateway.sandbox import SandboxCloud, SandboxThread  # noqa: E402
 from gateway.store import _MIGRATIONS, Store, _quick_check  # noqa: E402
+from gateway.testing.broker import MosquittoBroker  # noqa: E402
+from gateway.testing.sandbox import SandboxCloud, SandboxThread  # noqa: E402
 
 STREAMS = 20
 DEVICES = {300 + i: {1: "double"} for i in range(STREAMS)}

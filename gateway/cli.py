@@ -104,7 +104,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sandbox":
         return _sandbox(args)
     if args.command == "demo":
-        from gateway.demo import run_demo
+        from gateway.testing.demo import run_demo
 
         return run_demo(args.workdir, args.seconds)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
@@ -148,7 +148,7 @@ async def _dead_letters(path: Path, limit: int, reason: str | None) -> int:
 
 def _sandbox(args: argparse.Namespace) -> int:
     try:
-        from gateway.sandbox import SandboxCloud, parse_devices, serve
+        from gateway.testing.sandbox import SandboxCloud, parse_devices, serve
     except ImportError as exc:  # aiohttp is an optional extra
         raise GatewayError(
             f"the sandbox needs the 'sandbox' extra: pip install 'blynk-edge-gateway[sandbox]' "

@@ -12,9 +12,9 @@ import pytest
 
 from gateway import log as gateway_log
 from gateway.config import Settings
-from gateway.mosquitto import BrokerFactory, MosquittoBroker
-from gateway.publisher import AckedPublisher
-from gateway.sandbox import SandboxCloud
+from gateway.testing.broker import BrokerFactory, MosquittoBroker
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
 from harness import DEVICES, settings_dict
 
 

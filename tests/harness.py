@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.sandbox import SandboxCloud
+from gateway.testing.sandbox import SandboxCloud
 
 DEVICES: dict[int, dict[int, str]] = {
     101: {5: "double", 6: "double", 7: "string"},

@@ -12,8 +12,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.mosquitto import BrokerFactory, MosquittoBroker
-from gateway.publisher import AckedPublisher, PublishTimeout
+from gateway.testing.broker import BrokerFactory, MosquittoBroker
+from gateway.testing.publisher import AckedPublisher, PublishTimeout
 
 
 class Subscriber:

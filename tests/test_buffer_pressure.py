@@ -25,9 +25,9 @@ from conftest import log_events
 from gateway import ingest as ingest_module
 from gateway.config import Settings
 from gateway.models import Reading
-from gateway.publisher import AckedPublisher
-from gateway.sandbox import SandboxCloud
 from gateway.store import Store
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
 from harness import InProcessGateway, accepted_set, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"

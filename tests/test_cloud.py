@@ -32,7 +32,7 @@ from gateway.errors import (
 )
 from gateway.models import Batch, Point, StreamKey
 from gateway.routes import encode_value
-from gateway.sandbox import STATUS_RESET, AcceptedPoint, SandboxCloud
+from gateway.testing.sandbox import STATUS_RESET, AcceptedPoint, SandboxCloud
 
 DEVICES = {
     101: {5: "double", 6: "string", 7: "integer", 8: "boolean", 9: "location"},

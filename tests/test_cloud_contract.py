@@ -15,8 +15,8 @@ from pathlib import Path
 from conftest import log_events
 from gateway.config import Settings
 from gateway.models import Reading
-from gateway.sandbox import SandboxCloud
 from gateway.store import Store
+from gateway.testing.sandbox import SandboxCloud
 from harness import InProcessGateway, accepted_set, wait_until
 
 DAY_MS = 86_400_000

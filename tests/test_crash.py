@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from gateway.mosquitto import MosquittoBroker
-from gateway.publisher import AckedPublisher
-from gateway.sandbox import SandboxCloud
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
 from harness import (
     GatewayProcess,
     accepted_set,

@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 
-from gateway.mosquitto import MosquittoBroker
-from gateway.publisher import AckedPublisher
-from gateway.sandbox import SandboxCloud
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
 from harness import GatewayProcess, settings_dict, wait_until, write_config
 
 KILLS_PER_PHASE = 6

@@ -10,9 +10,9 @@ from typing import Any
 
 from conftest import log_events
 from gateway.config import Settings
-from gateway.mosquitto import MosquittoBroker
-from gateway.publisher import AckedPublisher
-from gateway.sandbox import SandboxCloud
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
 from harness import InProcessGateway, accepted_set, ts_payload, wait_until
 
 BASE_TS = int(time.time() * 1000) - 3_600_000

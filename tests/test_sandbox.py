@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.sandbox import (
+from gateway.testing.sandbox import (
     IMPORT_PATH,
     MAX_REQUEST_BYTES,
     STATUS_RESET,
@@ -424,7 +424,7 @@ def test_parse_devices() -> None:
 
 def test_cli_serves_and_exits_on_sigterm() -> None:
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "gateway.sandbox", "--devices", "101:5", "--port", "0"]
+    cmd = [sys.executable, "-m", "gateway.testing.sandbox", "--devices", "101:5", "--port", "0"]
     with subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None

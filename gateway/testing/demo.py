@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.mosquitto import MosquittoBroker, find_mosquitto
-from gateway.publisher import AckedPublisher
-from gateway.sandbox import SandboxCloud
+from gateway.testing.broker import MosquittoBroker, find_mosquitto
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
 
 SENSORS = (
     ("demo/boiler/temperature", 101, 5),

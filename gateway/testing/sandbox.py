@@ -11,7 +11,7 @@ Threading model: every piece of state lives on the event loop that ran :meth:`Sa
 Async tests call the methods directly; sync tests and tests whose gateway runs elsewhere use
 :class:`SandboxThread`, whose :meth:`SandboxThread.call` marshals onto that loop.
 
-Run standalone with ``python -m gateway.sandbox --devices "101:5=double,6=string"``.
+Run standalone with ``python -m gateway.testing.sandbox --devices "101:5=double,6=string"``.
 """
 
 from __future__ import annotations
@@ -862,7 +862,7 @@ async def serve(host: str, port: int, cloud: SandboxCloud) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.sandbox", description="Blynk-compatible fake cloud."
+        prog="python -m gateway.testing.sandbox", description="Blynk-compatible fake cloud."
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
