@@ -431,12 +431,13 @@ def _time_commits(store: Store, samples_ms: list[float]) -> None:
 
 async def _wait_committed(store: Store, n: int) -> None:
     """Wake on each commit (the store's `new_rows` event) until n readings are on disk."""
+    new_rows = store.new_rows.listen()
     async with asyncio.timeout(DRAIN_TIMEOUT_S):
         while store.pending_points < n:
-            store.new_rows.clear()
+            new_rows.clear()
             if store.pending_points >= n:
                 break
-            await store.new_rows.wait()
+            await new_rows.wait()
 
 
 async def drain_ingest(

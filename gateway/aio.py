@@ -27,3 +27,25 @@ async def wait_any(*events: asyncio.Event, timeout_s: float | None) -> bool:
             with contextlib.suppress(asyncio.CancelledError):
                 await waiter
     return bool(done)
+
+
+class Notifier:
+    """One producer, any number of listeners, each with a flag of its own.
+
+    The store announces changes (new rows, space freed) without anyone else being able to
+    set or clear its state: a listener clears only its own flag, so two consumers cannot
+    swallow each other's wake-ups.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[asyncio.Event] = []
+
+    def listen(self) -> asyncio.Event:
+        """A new flag, set by every later `notify()`; the caller clears it when it has looked."""
+        flag = asyncio.Event()
+        self._listeners.append(flag)
+        return flag
+
+    def notify(self) -> None:
+        for flag in self._listeners:
+            flag.set()

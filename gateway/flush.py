@@ -75,6 +75,7 @@ class FlushLoop:
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
+        self._new_rows = store.new_rows.listen()
         self._cloud = cloud
         self._settings = settings
         self._cloud_settings = cloud_settings
@@ -103,7 +104,7 @@ class FlushLoop:
         """Retry every parked stream now: after a config reload the ids may have been fixed."""
         await self._store.unpark()
         self._parked_logged.clear()
-        self._store.new_rows.set()
+        self._new_rows.set()
 
     # ------------------------------------------------------------------ loop
 
@@ -121,10 +122,7 @@ class FlushLoop:
                 await self._wait(self._backoff_until - time.monotonic(), wake_on_new_rows=False)
                 continue
             await self._wait(self._settings.interval_s, wake_on_new_rows=True)
-            if (
-                self._store.new_rows.is_set()
-                and self._store.pending_points < self._settings.batch_size
-            ):
+            if self._new_rows.is_set() and self._store.pending_points < self._settings.batch_size:
                 # Let a trickle of new readings gather into one request and one delete
                 # transaction (fewer requests, less SD wear) instead of one per commit.
                 await self._wait(self._settings.linger_s, wake_on_new_rows=False)
@@ -160,7 +158,7 @@ class FlushLoop:
     async def _wait(self, timeout_s: float, *, wake_on_new_rows: bool) -> None:
         events = [self._stop]
         if wake_on_new_rows:
-            events.append(self._store.new_rows)
+            events.append(self._new_rows)
         await wait_any(*events, timeout_s=timeout_s)
 
     async def final_flush(self, timeout_s: float) -> None:
@@ -186,7 +184,7 @@ class FlushLoop:
 
     async def run_pass(self) -> PassOutcome:
         await self._ack_delivered()
-        self._store.new_rows.clear()
+        self._new_rows.clear()
         await self._expire_if_due()
         streams = await self._store.pending_streams()
         if not streams:
@@ -220,11 +218,13 @@ class FlushLoop:
         if allowance <= 0:
             self._note_exhausted(stream.key.device_id, day, now_ms, sent_today)
             return PassOutcome.IDLE
-        batch = await self._store.lease(
-            stream.key,
-            min(self._settings.batch_size, allowance),
-            newest_first=self._settings.order == "newest",
-        )
+        batch = (
+            await self._store.lease(
+                stream.key,
+                min(self._settings.batch_size, allowance),
+                newest_first=self._settings.order == "newest",
+            )
+        ).batch
         if not batch.points:
             return PassOutcome.IDLE
         outcome = await self._deliver(batch, day)

@@ -147,6 +147,7 @@ class MqttIngest:
         self._settings = settings
         self._routes = routes
         self._store = store
+        self._space_freed = store.space_freed.listen()
         self._commit_interval_s = commit_interval_s
         self._commit_max = commit_max_readings
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
@@ -648,6 +649,7 @@ class MqttIngest:
             try:
                 result = await self._store.append(group.readings, group.rejected)
             except BufferFull as full:
+                self._space_freed.clear()  # wake only for room freed after this refusal
                 # backpressure: no PUBACK, so the broker stops sending once its in-flight
                 # window is used up and queues the rest for our session.
                 attempted = len(group)
@@ -670,6 +672,7 @@ class MqttIngest:
                 await self._wait_for_space(BUFFER_FULL_RECHECK_S)
                 continue
             except StoreError as exc:
+                self._space_freed.clear()
                 failures += 1
                 consecutive += 1
                 self._requeue(group)
@@ -757,8 +760,8 @@ class MqttIngest:
 
     async def _wait_for_space(self, timeout_s: float) -> None:
         """Until the flush loop deletes rows, or the timeout. `stop` does not wait for us."""
-        await wait_any(self._store.space_freed, timeout_s=timeout_s)
-        self._store.space_freed.clear()
+        await wait_any(self._space_freed, timeout_s=timeout_s)
+        self._space_freed.clear()
 
     async def _store_failed(self, exc: StoreError, *, first: bool, attempt: int) -> None:
         """Log once per failure streak; retry with backoff, or as soon as rows are freed."""
@@ -771,7 +774,6 @@ class MqttIngest:
                 "uploads continue and free space; retrying by itself",
                 held=len(self._pending),
             )
-            self._store.space_freed.clear()
         await self._wait_for_space(min(STORE_RETRY_MAX_S, STORE_RETRY_MIN_S * 2 ** (attempt - 1)))
 
     def _without_redeliveries(self, group: _PendingGroup) -> _PendingGroup:

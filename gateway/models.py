@@ -37,9 +37,8 @@ class StreamKey:
 
 @dataclass(frozen=True, slots=True)
 class Point:
-    """A buffered reading as the uploader sees it: `row_id` lets it ack exactly what it sent."""
+    """A buffered reading as the uploader sees it; the store finds it again by its value."""
 
-    row_id: int
     ts_ms: int
     value_json: str
 

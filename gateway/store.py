@@ -49,6 +49,7 @@ from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
+from gateway.aio import Notifier
 from gateway.errors import StoreError
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
@@ -143,6 +144,9 @@ CAPACITY_LOG_INTERVAL_S = 60.0
 BYTES_RESUME_FRACTION = 0.9
 # Evictions are done in chunks of at most this many rows (one query per chunk).
 EVICT_CHUNK = 5000
+# Readings moved to the dead letters per transaction when they expire: the store lock is
+# released between chunks, so ingest can commit during a sweep after a long power-off.
+EXPIRE_CHUNK = 5000
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 # While the disk is full, an append is tried only if the file's free pages can hold it.
 _BYTES_PER_READING_BOUND = 128
@@ -197,6 +201,14 @@ class RejectedPayload:
     payload: bytes
     device_id: int | None = None
     datastream_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A batch to upload, and how many readings of its stream expired while it was built."""
+
+    batch: Batch
+    expired: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,15 +386,15 @@ class Store:
         self._stream_ids: dict[StreamKey, int] = {}
         self._stream_keys: dict[int, StreamKey] = {}
         self.pending_points = 0
-        self.new_rows = asyncio.Event()
-        # Set whenever rows leave the table: ingest waits on it while the buffer is full.
-        self.space_freed = asyncio.Event()
+        # Announced after every commit that added rows: the flush loop listens.
+        self.new_rows = Notifier()
+        # Announced whenever rows leave the table: ingest listens while the buffer is full.
+        self.space_freed = Notifier()
         self.page_size = DEFAULT_PAGE_SIZE
         self.used_bytes = 0
         self._byte_cap: int | None = None
         self._clean_record = False
         self._data_version = 0
-        self._lease_seq = 0
         self._reporter = _CapacityReporter(CAPACITY_LOG_INTERVAL_S)
         self.recovery: SalvageReport | None = None
         self.started_clean = False
@@ -489,8 +501,6 @@ class Store:
         await self._probe()
         (self._data_version,) = await self._fetchone("PRAGMA data_version")
         self.used_bytes = await self._used_bytes()
-        if self.pending_points:
-            self.new_rows.set()
 
     async def _load_streams(self) -> None:
         self._stream_ids.clear()
@@ -777,7 +787,6 @@ class Store:
             async with self._lock:
                 room = await self._room_while_disk_full(len(readings) + len(rejected))
             if not room:
-                self.space_freed.clear()
                 raise StoreError("disk full: waiting for uploads or the operator to free space")
 
         async def work() -> tuple[AppendResult, Callable[[], None]]:
@@ -836,7 +845,7 @@ class Store:
                 self.used_bytes = used
                 self._byte_cap = byte_cap
                 if inserted:
-                    self.new_rows.set()
+                    self.new_rows.notify()
                 if result.evicted or result.refused:
                     self._reporter.dropped(
                         policy,
@@ -855,7 +864,6 @@ class Store:
 
     def _refuse_full(self) -> None:
         """backpressure: refuse the commit; ingest holds the acks (and logs that state)."""
-        self.space_freed.clear()
         raise BufferFull(
             f"buffer full ({self.pending_points} readings, limit {self.limit()}, "
             f"{self._full_reason()})",
@@ -1047,21 +1055,29 @@ class Store:
 
         return await self._read(work)
 
-    async def lease(self, stream: StreamKey, limit: int, newest_first: bool = False) -> Batch:
+    async def lease(
+        self,
+        stream: StreamKey,
+        limit: int,
+        *,
+        newest_first: bool = False,
+        expire_before_ms: int | None = None,
+    ) -> Lease:
         """The next `limit` readings of a stream, oldest (or newest) first.
 
+        With `expire_before_ms`, readings older than it are first moved to the dead letters
+        as `expired`, in the same transaction, so a batch never carries a point the cloud
+        would refuse for age, however recently that point arrived.
+
         The lease lives only in the caller: until `ack` or `dead_letter`, the rows stay in
-        the table and a crash makes them eligible again. `Point.row_id` is a number unique
-        within this process; the store finds rows again by (stream, ts, value).
+        the table and a crash makes them eligible again. Rows are found again by
+        (stream, ts, value).
         """
         if limit <= 0 or stream not in self._stream_ids:
-            return Batch(stream, ())
+            return Lease(Batch(stream, ()), 0)
         direction = "DESC" if newest_first else "ASC"
 
-        async def work() -> list[Any]:
-            stream_id = self._stream_ids.get(stream)
-            if stream_id is None:
-                return []
+        async def select(stream_id: int) -> list[Any]:
             return list(
                 await self._db.execute_fetchall(
                     "SELECT ts_ms, value FROM readings WHERE stream_id = ? "
@@ -1070,10 +1086,39 @@ class Store:
                 )
             )
 
-        rows = await self._read(work)
-        first = self._lease_seq + 1
-        self._lease_seq += len(rows)
-        return Batch(stream, tuple(Point(first + i, row[0], row[1]) for i, row in enumerate(rows)))
+        async def read() -> list[Any]:
+            stream_id = self._stream_ids.get(stream)
+            return [] if stream_id is None else await select(stream_id)
+
+        async def expire_then_read() -> tuple[tuple[int, list[Any]], Callable[[], None]]:
+            stream_id = self._stream_ids.get(stream)
+            if stream_id is None:
+                return (0, []), lambda: None
+            assert expire_before_ms is not None
+            moved = await self._expire_stream(stream_id, expire_before_ms, EXPIRE_CHUNK)
+            return (moved, await select(stream_id)), lambda: self._rows_left(moved)
+
+        expired = 0
+        if expire_before_ms is not None and await self._has_older(stream, expire_before_ms):
+            expired, rows = await self._in_transaction(expire_then_read)
+        else:
+            rows = await self._read(read)
+        return Lease(Batch(stream, tuple(Point(row[0], row[1]) for row in rows)), expired)
+
+    async def _has_older(self, stream: StreamKey, cutoff_ms: int) -> bool:
+        """One primary-key probe: does the stream hold a reading older than `cutoff_ms`?"""
+
+        async def work() -> bool:
+            stream_id = self._stream_ids.get(stream)
+            if stream_id is None:
+                return False
+            rows = await self._db.execute_fetchall(
+                "SELECT 1 FROM readings WHERE stream_id = ? AND ts_ms < ? LIMIT 1",
+                (stream_id, cutoff_ms),
+            )
+            return bool(rows)
+
+        return await self._read(work)
 
     async def ack(self, batch: Batch, day: str) -> None:
         """The cloud accepted the batch: delete it and count it against the day's quota."""
@@ -1114,7 +1159,7 @@ class Store:
     def _rows_left(self, count: int) -> None:
         self.pending_points -= count
         if count:
-            self.space_freed.set()
+            self.space_freed.notify()
 
     async def _delete_points(self, batch: Batch) -> int:
         stream_id = self._stream_ids.get(batch.stream)
@@ -1156,30 +1201,53 @@ class Store:
     async def expire(self, cutoff_ms: int, reason: str = "expired") -> int:
         """Dead-letter every reading older than `cutoff_ms`: the cloud would refuse it.
 
-        Walks the primary key per stream, so the cost is the rows moved, not the table.
+        Walks the primary key per stream, so the cost is the rows moved, not the table, and
+        moves at most EXPIRE_CHUNK rows per transaction: after a long power-off or a clock
+        jump that can be most of the buffer, and ingest must not wait for all of it.
         """
+        moved_total = 0
+        for stream_id in list(self._stream_keys):
+            while True:
+
+                async def work(sid: int = stream_id) -> tuple[int, Callable[[], None]]:
+                    moved = await self._expire_stream(sid, cutoff_ms, EXPIRE_CHUNK, reason)
+                    return moved, lambda: self._rows_left(moved)
+
+                moved = await self._in_transaction(work)
+                moved_total += moved
+                if moved < EXPIRE_CHUNK:
+                    break
+        return moved_total
+
+    async def _expire_stream(
+        self, stream_id: int, cutoff_ms: int, limit: int, reason: str = "expired"
+    ) -> int:
+        """Move up to `limit` of the stream's readings older than `cutoff_ms` (in a transaction)."""
+        rows = list(
+            await self._db.execute_fetchall(
+                "SELECT ts_ms, value FROM readings WHERE stream_id = ? AND ts_ms < ? "
+                "ORDER BY ts_ms, value LIMIT ?",
+                (stream_id, cutoff_ms, limit),
+            )
+        )
+        if not rows:
+            return 0
+        key = self._stream_keys[stream_id]
         now_ms = self._clock_ms()
-
-        async def work() -> tuple[int, Callable[[], None]]:
-            moved = 0
-            for stream_id in list(self._stream_keys):
-                await self._db.execute(
-                    "INSERT INTO dead_letters (dead_at_ms, reason, device_id, datastream_id, "
-                    "ts_ms, value) SELECT ?, ?, s.device_id, s.datastream_id, r.ts_ms, r.value "
-                    "FROM readings r JOIN streams s ON s.id = r.stream_id "
-                    "WHERE r.stream_id = ? AND r.ts_ms < ?",
-                    (now_ms, reason, stream_id, cutoff_ms),
-                )
-                before = self._db.total_changes
-                await self._db.execute(
-                    "DELETE FROM readings WHERE stream_id = ? AND ts_ms < ?", (stream_id, cutoff_ms)
-                )
-                moved += self._db.total_changes - before
-            if moved:
-                await self._prune_dead_letters()
-            return moved, lambda: self._rows_left(moved)
-
-        return await self._in_transaction(work)
+        await self._db.executemany(
+            "INSERT INTO dead_letters (dead_at_ms, reason, device_id, datastream_id, ts_ms, "
+            "value) VALUES (?, ?, ?, ?, ?, ?)",
+            [(now_ms, reason, key.device_id, key.datastream_id, ts, value) for ts, value in rows],
+        )
+        last_ts, last_value = rows[-1]
+        before = self._db.total_changes
+        await self._db.execute(
+            "DELETE FROM readings WHERE stream_id = ? AND (ts_ms, value) <= (?, ?)",
+            (stream_id, last_ts, last_value),
+        )
+        moved = self._db.total_changes - before
+        await self._prune_dead_letters()
+        return moved
 
     async def park(self, stream: StreamKey, reason: str, until_ms: int) -> None:
         """Hold a stream back (its data kept) until `until_ms`, remembering why."""
@@ -1342,7 +1410,7 @@ class Store:
         self._byte_cap = None
         self.recovery = report
         self._log_recovery(report)
-        self.space_freed.set()
+        self.space_freed.notify()
 
     def _log_recovery(self, report: SalvageReport) -> None:
         log.error(

@@ -51,8 +51,7 @@ def now_ms() -> int:
 def batch(device: int, stream: int, values: list[Any], ts: int | None = None) -> Batch:
     base = now_ms() - 60_000 if ts is None else ts
     points = tuple(
-        Point(row_id=i + 1, ts_ms=base + i * 1000, value_json=encode_value(v))
-        for i, v in enumerate(values)
+        Point(ts_ms=base + i * 1000, value_json=encode_value(v)) for i, v in enumerate(values)
     )
     return Batch(StreamKey(device, stream), points)
 
@@ -591,10 +590,10 @@ def test_build_body_shape() -> None:
     b = Batch(
         StreamKey(101, 5),
         (
-            Point(1, 1_702_656_423_136, "21.5"),
-            Point(2, 1_702_656_428_136, '"Zürich \\"q\\""'),
-            Point(3, 1_702_656_433_136, "true"),
-            Point(4, 1_702_656_438_136, "[24.1,56.9]"),
+            Point(1_702_656_423_136, "21.5"),
+            Point(1_702_656_428_136, '"Zürich \\"q\\""'),
+            Point(1_702_656_433_136, "true"),
+            Point(1_702_656_438_136, "[24.1,56.9]"),
         ),
     )
     body = build_body(b)
@@ -616,7 +615,7 @@ def test_build_body_shape() -> None:
 
 
 def test_build_body_matches_documented_example() -> None:
-    b = Batch(StreamKey(1, 1), (Point(1, 1702656423136, "5"), Point(2, 1702656428136, "2")))
+    b = Batch(StreamKey(1, 1), (Point(1702656423136, "5"), Point(1702656428136, "2")))
     documented = (
         '{"deviceId": 1, "dataStreamId": 1, "values": [{"value": 5, "ts": 1702656423136}, '
         '{"value": 2, "ts": 1702656428136}]}'

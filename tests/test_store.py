@@ -94,14 +94,14 @@ async def test_lease_and_ack_find_rows_by_key_and_free_space(
     assert (result.inserted, result.duplicates, result.evicted) == (15, 0, 0)
     again = await store.append(readings(3))  # a broker redelivery
     assert (again.inserted, again.duplicates) == (0, 3)
-    batch = await store.lease(BOILER, 4)
+    batch = (await store.lease(BOILER, 4)).batch
     assert [p.ts_ms for p in batch.points] == [BASE_TS + i for i in range(4)]
-    assert len({p.row_id for p in batch.points}) == 4
-    store.space_freed.clear()
+    assert len({(p.ts_ms, p.value_json) for p in batch.points}) == 4
+    space_freed = store.space_freed.listen()
     await store.ack(batch, "2025-10-09")
     assert store.pending_points == 11
-    assert store.space_freed.is_set()
-    assert (await store.lease(BOILER, 1)).points[0].ts_ms == BASE_TS + 4
+    assert space_freed.is_set()
+    assert (await store.lease(BOILER, 1)).batch.points[0].ts_ms == BASE_TS + 4
     assert (await store.counts())["buffered"] == 11
 
 
@@ -110,7 +110,7 @@ async def test_ack_many_deletes_several_batches_and_counts_quota_in_one_commit(
 ) -> None:
     store: Store = await make_store()
     await store.append(readings(10) + readings(10, KITCHEN))
-    boiler, kitchen = await store.lease(BOILER, 4), await store.lease(KITCHEN, 6)
+    boiler, kitchen = (await store.lease(BOILER, 4)).batch, (await store.lease(KITCHEN, 6)).batch
     await store.ack_many([(boiler, "2025-10-09"), (kitchen, "2025-10-09")])
     assert store.pending_points == 10
     assert await store.points_sent(101, "2025-10-09") == (4, False)
@@ -213,7 +213,7 @@ async def test_eviction_summary_once_per_interval_then_streak_closes(
     assert full[-1]["by_device"] == {"101": 50}
     assert full[-1]["oldest_kept_ts"] == BASE_TS + 100
     # Uploads make room; after a quiet interval the next append closes the streak.
-    await store.ack(await store.lease(BOILER, 5), "d")
+    await store.ack((await store.lease(BOILER, 5)).batch, "d")
     now[0] += 61
     await store.append(readings(1, start=200))
     ended = [e for e in log_events(log_output) if e["event"] == "buffer_full_ended"]
@@ -236,13 +236,14 @@ async def test_backpressure_refuses_the_commit_until_uploads_free_space(
 ) -> None:
     store: Store = await make_store(capacity=Capacity(max_points=50, policy="backpressure"))
     await append_all(store, readings(50), group=25)
+    space_freed = store.space_freed.listen()
     with pytest.raises(BufferFull):
         await store.append(readings(10, start=50))
     with pytest.raises(BufferFull):
         await store.append(readings(10, start=50))
-    assert store.pending_points == 50 and not store.space_freed.is_set()
-    await store.ack(await store.lease(BOILER, 20), "d")
-    assert store.space_freed.is_set()
+    assert store.pending_points == 50 and not space_freed.is_set()
+    await store.ack((await store.lease(BOILER, 20)).batch, "d")
+    assert space_freed.is_set()
     result = await store.append(readings(10, start=50))
     assert result.inserted == 10 and result.refused == 0 and result.evicted == 0
     # Ingest holds the acks, so ingest logs that state (test_buffer_pressure.py).
@@ -270,7 +271,7 @@ async def test_max_bytes_caps_the_file_and_lifts_when_drained(
     assert kept == list(range(kept[0], BASE_TS + 12_000))
     # Drained by uploads: the cap is lifted again.
     while store.pending_points:
-        await store.ack(await store.lease(BOILER, 1000), "d")
+        await store.ack((await store.lease(BOILER, 1000)).batch, "d")
     await store.append(readings(1, start=20_000))
     assert store.limit() == Capacity().max_points
 
@@ -284,7 +285,7 @@ async def test_capacity_work_uses_the_primary_key_never_a_table_scan(
     statements: list[str] = []
     await store._db.set_trace_callback(statements.append)
     await store.append(readings(30, start=500) + readings(30, KITCHEN, start=500))
-    await store.ack(await store.lease(KITCHEN, 10), "d")
+    await store.ack((await store.lease(KITCHEN, 10)).batch, "d")
     await store._db.set_trace_callback(None)
     plans = []
     connection = sqlite3.connect(db_path)
@@ -324,9 +325,10 @@ async def test_injected_full_disk_holds_appends_but_deletes_work_and_free_room(
     with pytest.raises(StoreError, match="disk full"):  # refused without touching the file
         await store.append(readings(10, start=50_000))
     # Uploads keep going: deletes need no new pages, and free some inside the file.
+    space_freed = store.space_freed.listen()
     for _ in range(4):
-        await store.ack(await store.lease(BOILER, 500), "d")
-    assert store.space_freed.is_set()
+        await store.ack((await store.lease(BOILER, 500)).batch, "d")
+    assert space_freed.is_set()
     result = await store.append(readings(10, start=50_000))
     assert result.inserted == 10
     assert store.pending_points == stored - 2000 + 10
@@ -344,7 +346,7 @@ async def test_injected_read_only_fails_writes_and_clears(make_store: Any) -> No
     with pytest.raises(StoreError, match="read-only"):
         await store.append(readings(10, start=10))
     assert store.pending_points == 10
-    assert len((await store.lease(BOILER, 100)).points) == 10  # reads still work
+    assert len(((await store.lease(BOILER, 100)).batch).points) == 10  # reads still work
     await store.inject_fault("none")
     assert (await store.append(readings(10, start=10))).inserted == 10
 
@@ -461,7 +463,7 @@ async def test_damage_found_by_a_read_is_recovered_and_the_read_retried(
     pages = readings_pages(db_path)
     damage(db_path, pages[2:4])  # early pages: the oldest readings of the first stream
     store: Store = await make_store()
-    batch = await store.lease(BOILER, 3000)  # would read the damaged pages
+    batch = (await store.lease(BOILER, 3000)).batch  # would read the damaged pages
     assert store.recovery is not None
     assert batch.points  # served from the salvaged file
     assert set(await store.buffered_points()) <= original
@@ -489,7 +491,7 @@ async def test_trashed_first_page_falls_back_to_a_raw_page_scan(
     # Deliver the oldest half of the boiler's: their pages go to the freelist, and must not
     # come back from the dead.
     for _ in range(2):
-        await store.ack(await store.lease(BOILER, 1000), "d")
+        await store.ack((await store.lease(BOILER, 1000)).batch, "d")
     await store.close()
     assert sql(db_path, "PRAGMA freelist_count")[0][0] > 0
     damage(db_path, [1])
