@@ -82,6 +82,11 @@ class CloudSettings(_Section):
     age_margin_hours: Annotated[float, Field(ge=0, le=240)] = 6.0
     day_timezone: str = "UTC"
 
+    def oldest_sendable_ms(self, now_ms: int) -> int:
+        """Readings older than this are refused by the cloud, less a margin for clock drift."""
+        max_age_ms = self.max_age_days * 86_400_000 - self.age_margin_hours * 3_600_000
+        return now_ms - int(max_age_ms)
+
     @field_validator("server")
     @classmethod
     def _server_is_http_url(cls, server: str) -> str:

@@ -3,7 +3,11 @@
 ```
 GatewayError
 ├── ConfigError                  startup stops; message names the key and the value
-├── StoreError                   the buffer cannot take more right now (disk full, read-only)
+├── PayloadError                 one MQTT message cannot become a reading (`code` is stable)
+├── StoreError                   the buffer cannot take more right now (read-only, I/O error)
+│   ├── BufferFull               `backpressure` policy at its limit: hold the MQTT acks
+│   ├── DiskFull                 the filesystem is full: hold the acks until uploads free room
+│   └── StoreCorrupt             the file is damaged; the owner salvages it and carries on
 └── CloudError
     ├── RetryableCloudError      keep the data, back off, try again (retry_after_s honoured)
     │   ├── CloudUnreachable     connect/read errors, timeouts
@@ -30,8 +34,39 @@ class ConfigError(GatewayError):
     """The configuration is unusable; the message is meant for the operator as-is."""
 
 
+class PayloadError(GatewayError, ValueError):
+    """A message that cannot become a valid point.
+
+    `code` is a short stable name (`not_a_number`, `ts_not_ms`, ...) used for log throttling,
+    counters and the dead-letter reason; `detail` carries the offending value, which varies
+    per message and so must never be used as a key.
+    """
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
 class StoreError(GatewayError):
     """The buffer cannot accept writes (disk full, read-only filesystem, I/O error)."""
+
+
+class BufferFull(StoreError):
+    """The `backpressure` policy refuses a commit: hold the MQTT acks until space is freed."""
+
+    def __init__(self, message: str, *, buffered: int, limit: int) -> None:
+        super().__init__(message)
+        self.buffered = buffered
+        self.limit = limit
+
+
+class DiskFull(StoreError):
+    """SQLITE_FULL or ENOSPC: appends wait for uploads (or the operator) to free space."""
+
+
+class StoreCorrupt(StoreError):
+    """The database file is damaged (SQLITE_CORRUPT / SQLITE_NOTADB)."""
 
 
 class CloudError(GatewayError):

@@ -50,13 +50,13 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 
 from gateway.aio import Notifier
-from gateway.errors import StoreError
+from gateway.errors import BufferFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
 
 log = get_logger("store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades the schema from version N-1 to N, in one transaction. Statements end
 # with ';' and a newline (that is how they are split).
@@ -127,6 +127,11 @@ _MIGRATIONS: dict[int, str] = {
             last_at_ms INTEGER NOT NULL
         );
     """,
+    # Version 3: a dead letter's reason is a stable code; the value that varies per message
+    # (the bad number, the cloud's wording) goes to `detail`, so grouping by reason works.
+    3: """
+        ALTER TABLE dead_letters ADD COLUMN detail TEXT;
+    """,
 }
 
 Synchronous = Literal["NORMAL", "FULL", "EXTRA"]
@@ -153,19 +158,6 @@ _BYTES_PER_READING_BOUND = 128
 _MAX_PAGE_COUNT = 4294967294
 
 T = TypeVar("T")
-
-
-class BufferFull(StoreError):
-    """The `backpressure` policy refuses a commit: hold the MQTT acks until `space_freed`."""
-
-    def __init__(self, message: str, *, buffered: int, limit: int) -> None:
-        super().__init__(message)
-        self.buffered = buffered
-        self.limit = limit
-
-
-class StoreCorrupt(StoreError):
-    """The database file is damaged (SQLITE_CORRUPT / SQLITE_NOTADB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +193,7 @@ class RejectedPayload:
     payload: bytes
     device_id: int | None = None
     datastream_id: int | None = None
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +221,7 @@ class DeadLetter:
     ts_ms: int | None
     value_json: str | None
     topic: str | None
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1018,9 +1012,17 @@ class Store:
         now_ms = self._clock_ms()
         await self._db.executemany(
             "INSERT INTO dead_letters (dead_at_ms, reason, device_id, datastream_id, topic, "
-            "payload) VALUES (?, ?, ?, ?, ?, ?)",
+            "payload, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
-                (now_ms, item.reason, item.device_id, item.datastream_id, item.topic, item.payload)
+                (
+                    now_ms,
+                    item.reason,
+                    item.device_id,
+                    item.datastream_id,
+                    item.topic,
+                    item.payload,
+                    item.detail,
+                )
                 for item in rejected
             ],
         )
@@ -1172,14 +1174,17 @@ class Store:
         )
         return self._db.total_changes - before
 
-    async def dead_letter(self, batch: Batch, reason: str) -> None:
-        """Move points the cloud will never take out of the queue, keeping them for inspection."""
+    async def dead_letter(self, batch: Batch, reason: str, detail: str | None = None) -> None:
+        """Move points the cloud will never take out of the queue, keeping them for inspection.
+
+        `reason` is a stable code (`expired`, `rejected`); `detail` says what was wrong.
+        """
         now_ms = self._clock_ms()
 
         async def work() -> tuple[int, Callable[[], None]]:
             await self._db.executemany(
                 "INSERT INTO dead_letters (dead_at_ms, reason, device_id, datastream_id, ts_ms, "
-                "value) VALUES (?, ?, ?, ?, ?, ?)",
+                "value, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         now_ms,
@@ -1188,6 +1193,7 @@ class Store:
                         batch.stream.datastream_id,
                         point.ts_ms,
                         point.value_json,
+                        detail,
                     )
                     for point in batch.points
                 ],
@@ -1317,8 +1323,8 @@ class Store:
 
         async def work() -> list[DeadLetter]:
             rows = await self._db.execute_fetchall(
-                "SELECT id, dead_at_ms, reason, device_id, datastream_id, ts_ms, value, topic "
-                f"FROM dead_letters {where} ORDER BY id LIMIT ?",
+                "SELECT id, dead_at_ms, reason, device_id, datastream_id, ts_ms, value, topic, "
+                f"detail FROM dead_letters {where} ORDER BY id LIMIT ?",
                 params,
             )
             return [DeadLetter(*row) for row in rows]
