@@ -38,7 +38,6 @@ import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,13 +48,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from gateway.store import _MIGRATIONS
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.process import GatewayProcess, daemon_config, write_config
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud, SandboxThread
 
-from gateway.store import _MIGRATIONS  # noqa: E402
-from gateway.testing.broker import MosquittoBroker  # noqa: E402
-from gateway.testing.publisher import AckedPublisher  # noqa: E402
-from gateway.testing.sandbox import SandboxCloud, SandboxThread  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 SENSORS = 5
 DEVICES = {200 + i: {1: "double"} for i in range(SENSORS)}
@@ -84,26 +83,6 @@ def write_bytes(pid: int) -> int:
             if line.startswith("write_bytes:"):
                 return int(line.split()[1])
     raise RuntimeError("no write_bytes in /proc/<pid>/io")
-
-
-def toml(config: dict[str, Any]) -> str:
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        return json.dumps(str(v))
-
-    lines = []
-    for section, values in config.items():
-        if section == "routes":
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {value(v)}" for k, v in values.items()]
-    for route in config["routes"]:
-        lines.append("[[routes]]")
-        lines += [f"{k} = {value(v)}" for k, v in route.items()]
-    return "\n".join(lines) + "\n"
 
 
 class Rate:
@@ -136,56 +115,35 @@ class Rate:
 
 
 @contextmanager
-def gateway(config_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """The daemon with its log on a pipe (a log file would count in write_bytes)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    connected = threading.Event()
-
-    def drain() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if b'"mqtt_connected"' in line:
-                connected.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        if not connected.wait(20):
-            raise RuntimeError("gateway did not connect to the broker")
-        yield process
-    finally:
-        process.terminate()
+def gateway(config_path: Path) -> Iterator[GatewayProcess]:
+    """The daemon, connected to the broker. Its log goes to a pipe that this process reads:
+    a log file written by the daemon would count in its write_bytes."""
+    with GatewayProcess(config_path) as process:
+        process.start()
+        process.wait_for_event("mqtt_connected", 20.0)
         try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            yield process
+        finally:
+            process.stop(30.0)
 
 
 def measure(
     variant: Variant, workdir: Path, broker: MosquittoBroker, sandbox: SandboxThread, args: Any
 ) -> float:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{variant.name}-", dir=workdir))
-    config = {
-        "mqtt": {"host": broker.host, "port": broker.port, "client_id": f"wear-{run_dir.name}"},
-        "cloud": {
-            "server": sandbox.base_url,
-            "client_id": "sandbox-client",
-            "client_secret": "sandbox-secret",
-        },
-        "store": {"path": str(run_dir / "buffer.db"), **variant.store},
-        "flush": {"interval_s": 1.0},
-        "log": {"level": "info", "format": "json"},
-        "routes": [
+    config = daemon_config(
+        broker.port,
+        sandbox.base_url,
+        run_dir / "buffer.db",
+        [
             {"topic": f"bench/sensor{i}", "device_id": 200 + i, "datastream_id": 1}
             for i in range(SENSORS)
         ],
-    }
-    config_path = run_dir / "gateway.toml"
-    config_path.write_text(toml(config))
+        mqtt={"host": broker.host, "client_id": f"wear-{run_dir.name}"},
+        store=variant.store,
+        flush={"interval_s": 1.0},
+    )
+    config_path = write_config(run_dir / "gateway.toml", config)
     sandbox.call(lambda cloud: cloud.set_fault("none" if variant.cloud_up else "down"))
     publisher = AckedPublisher(broker.host, broker.port, client_id=f"pub-{run_dir.name}")
     publisher.connect()

@@ -22,25 +22,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from gateway.store import _MIGRATIONS, Store, _quick_check
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.process import GatewayProcess, daemon_config, write_config
+from gateway.testing.sandbox import SandboxCloud, SandboxThread
 
-from gateway.store import _MIGRATIONS, Store, _quick_check  # noqa: E402
-from gateway.testing.broker import MosquittoBroker  # noqa: E402
-from gateway.testing.sandbox import SandboxCloud, SandboxThread  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 STREAMS = 20
 DEVICES = {300 + i: {1: "double"} for i in range(STREAMS)}
@@ -124,77 +121,41 @@ def daemon_run(
     path: Path, broker: MosquittoBroker, sandbox: SandboxThread, workdir: Path
 ) -> dict[str, float]:
     """Exec the daemon on `path`; times to gateway_started and first upload, and memory."""
-    config_path = workdir / "gateway.toml"
-    config = {
-        "mqtt": {
-            "host": broker.host,
-            "port": broker.port,
-            "client_id": f"backlog-{time.time_ns()}",
-        },
-        "cloud": {
-            "server": sandbox.base_url,
-            "client_id": "sandbox-client",
-            "client_secret": "sandbox-secret",
-            "daily_points_limit": 10_000_000,
-        },
-        "store": {"path": str(path)},
-        "log": {"level": "info", "format": "json"},
-    }
-    lines = []
-    for section, values in config.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    for device in DEVICES:
-        lines += [
-            "[[routes]]",
-            f'topic = "bench/{device}"',
-            f"device_id = {device}",
-            "datastream_id = 1",
-        ]
-    config_path.write_text("\n".join(lines) + "\n")
-    accepted_before = sandbox.call(lambda cloud: cloud.accepted_count())
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--config", str(config_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
+    config = daemon_config(
+        broker.port,
+        sandbox.base_url,
+        path,
+        [
+            {"topic": f"bench/{device}", "device_id": device, "datastream_id": 1}
+            for device in DEVICES
+        ],
+        mqtt={"host": broker.host, "client_id": f"backlog-{time.time_ns()}"},
+        cloud={"daily_points_limit": 10_000_000},
     )
-    ready = threading.Event()
-    ready_at: list[float] = []
-
-    def drain() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if b'"gateway_started"' in line and not ready.is_set():
-                ready_at.append(time.perf_counter())
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
+    config_path = write_config(workdir / "gateway.toml", config)
+    accepted_before = sandbox.call(lambda cloud: cloud.accepted_count())
     figures: dict[str, float] = {}
-    try:
-        if not ready.wait(60):
-            raise RuntimeError("the daemon did not start")
-        figures["ready_ms"] = (ready_at[0] - started) * 1000
-        if path.stat().st_size > 100_000:
-            deadline = time.monotonic() + 60
-            while sandbox.call(lambda cloud: cloud.accepted_count()) == accepted_before:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("no upload within 60 s")
-                time.sleep(0.005)
-            figures["first_upload_ms"] = (time.perf_counter() - started) * 1000
-        time.sleep(5.0)
-        figures["rss_mib"] = proc_status_kib(process.pid, "VmRSS") / 1024
-        figures["peak_rss_mib"] = proc_status_kib(process.pid, "VmHWM") / 1024
-        figures["uploaded_in_5s"] = (
-            sandbox.call(lambda cloud: cloud.accepted_count()) - accepted_before
-        )
-    finally:
-        process.terminate()
+    with GatewayProcess(config_path) as process:
+        started = time.perf_counter()
+        process.start()
         try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            process.wait_for_event("gateway_started", 60.0)
+            figures["ready_ms"] = (time.perf_counter() - started) * 1000
+            if path.stat().st_size > 100_000:
+                deadline = time.monotonic() + 60
+                while sandbox.call(lambda cloud: cloud.accepted_count()) == accepted_before:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("no upload within 60 s")
+                    time.sleep(0.005)
+                figures["first_upload_ms"] = (time.perf_counter() - started) * 1000
+            time.sleep(5.0)
+            figures["rss_mib"] = proc_status_kib(process.pid, "VmRSS") / 1024
+            figures["peak_rss_mib"] = proc_status_kib(process.pid, "VmHWM") / 1024
+            figures["uploaded_in_5s"] = (
+                sandbox.call(lambda cloud: cloud.accepted_count()) - accepted_before
+            )
+        finally:
+            process.stop(30.0)
     return figures
 
 

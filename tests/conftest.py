@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: private brokers, publishers, the sandbox cloud, the gateway."""
+"""Shared pytest fixtures: private brokers, publishers, the sandbox cloud, the gateway
+(settings for it in-process, or the daemon as a subprocess)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from gateway import log as gateway_log
 from gateway.config import Settings
 from gateway.testing.broker import BrokerFactory, MosquittoBroker
+from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from harness import DEVICES, settings_dict
@@ -81,6 +83,32 @@ def make_settings(
         return Settings(**config)
 
     return make
+
+
+# --------------------------------------------------------------------------- the daemon
+@pytest.fixture
+def make_gateway_process(
+    broker: MosquittoBroker, sandbox: SandboxCloud, tmp_path: Path
+) -> Iterator[Callable[..., GatewayProcess]]:
+    """`make_gateway_process(flush={...}, cloud={...})`: the daemon as a subprocess.
+
+    Writes tmp_path/"gateway.toml" (test timings, ``broker``, ``sandbox``, tmp_path/"buffer.db")
+    and returns an unstarted :class:`GatewayProcess` whose log also goes to tmp_path/"gw.log".
+    Every process made is killed at teardown.
+    """
+    processes: list[GatewayProcess] = []
+
+    def make(routes: list[dict[str, Any]] | None = None, **sections: Any) -> GatewayProcess:
+        config = settings_dict(
+            broker.port, sandbox.base_url, tmp_path / "buffer.db", routes, **sections
+        )
+        config_path = write_config(tmp_path / "gateway.toml", config)
+        processes.append(GatewayProcess(config_path, tmp_path / "gw.log"))
+        return processes[-1]
+
+    yield make
+    for process in processes:
+        process.close()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,10 @@ from typing import Any
 import pytest
 
 from gateway.testing.broker import MosquittoBroker
+from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import GatewayProcess, settings_dict, wait_until, write_config
+from harness import settings_dict, wait_until
 
 KILLS_PER_PHASE = 6
 BATCH_SIZE = 100
@@ -114,17 +115,17 @@ def delivered(sandbox: SandboxCloud, device_id: int) -> Counter[int]:
 
 @pytest.fixture
 def crash_rig(
-    broker: MosquittoBroker, sandbox: SandboxCloud, tmp_path: Path
-) -> Iterator[tuple[GatewayProcess, Path]]:
-    config_path = tmp_path / "gateway.toml"
-    process = GatewayProcess(config_path, tmp_path / "gw.log")
-    yield process, config_path
-    process.close()
+    make_gateway_process: Callable[..., GatewayProcess],
+) -> GatewayProcess:
+    return make_gateway_process(
+        flush={"batch_size": BATCH_SIZE, "shutdown_flush_s": 0.5}, cloud={"timeout_s": 5.0}
+    )
 
 
-def configure(
-    config_path: Path, broker: MosquittoBroker, sandbox: SandboxCloud, db: Path, **store: Any
+def reconfigure(
+    process: GatewayProcess, broker: MosquittoBroker, sandbox: SandboxCloud, db: Path, **store: Any
 ) -> None:
+    """Rewrite the config the process starts with (the next start reads it)."""
     config = settings_dict(
         broker.port,
         sandbox.base_url,
@@ -133,15 +134,11 @@ def configure(
         cloud={"timeout_s": 5.0},
         store={"commit_interval_ms": 20, **store},
     )
-    write_config(config_path, config)
-
-
-def events_so_far(process: GatewayProcess) -> int:
-    return len(process.events()) if process.log_path.exists() else 0
+    write_config(process.config_path, config)
 
 
 async def run_and_kill(process: GatewayProcess, delay_s: float, before_kill: Any = None) -> None:
-    seen = events_so_far(process)
+    seen = process.event_count()
     process.start()
     await asyncio.to_thread(process.wait_for_event, "mqtt_connected", 20.0, seen)
     await asyncio.sleep(delay_s)
@@ -152,17 +149,16 @@ async def run_and_kill(process: GatewayProcess, delay_s: float, before_kill: Any
 
 @pytest.mark.slow
 async def test_sigkill_at_random_moments_loses_nothing_acknowledged(
-    crash_rig: tuple[GatewayProcess, Path],
+    crash_rig: GatewayProcess,
     broker: MosquittoBroker,
     sandbox: SandboxCloud,
     publisher: AckedPublisher,
     tmp_path: Path,
 ) -> None:
-    process, config_path = crash_rig
+    process = crash_rig
     seed = int(os.environ.get("CRASH_HARNESS_SEED", str(time.time_ns() % 1_000_000)))
     rng = random.Random(seed)
     db = tmp_path / "buffer.db"
-    configure(config_path, broker, sandbox, db)
     base_ts = int(time.time() * 1000) - 3_600_000
     streamer = Streamer(publisher, TOPIC, base_ts)
     phases: list[Phase] = []
@@ -220,9 +216,7 @@ async def test_sigkill_at_random_moments_loses_nothing_acknowledged(
     assert await asyncio.to_thread(process.terminate) == 0
 
     # ---------------------------------------------------------------- phase 4: eviction
-    configure(
-        config_path, broker, sandbox, db, max_points=EVICTION_LIMIT, full_policy="drop-oldest"
-    )
+    reconfigure(process, broker, sandbox, db, max_points=EVICTION_LIMIT, full_policy="drop-oldest")
     await sandbox.set_fault("down")
     evicting = Streamer(publisher, EVICTION_TOPIC, base_ts)
     phase = Phase("eviction", first_index=0)
@@ -238,7 +232,7 @@ async def test_sigkill_at_random_moments_loses_nothing_acknowledged(
     await asyncio.to_thread(publisher.wait_all_acked, 30)
     acked_102 = acked_indexes(publisher, EVICTION_TOPIC)
     # Take in what the broker still queues while the cloud is down, then deliver.
-    seen = events_so_far(process)
+    seen = process.event_count()
     process.start()
     await asyncio.to_thread(process.wait_for_event, "mqtt_connected", 20.0, seen)
     await asyncio.sleep(2.0)
