@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from conftest import log_events
-from gateway import salvage
 from gateway.errors import StoreError
 from gateway.models import Reading, StreamKey
-from gateway.store import (
+from gateway.store import rawpages as salvage
+from gateway.store.buffer import (
     _MIGRATIONS,
     SCHEMA_VERSION,
     BufferFull,

@@ -1,6 +1,6 @@
 """Reading a damaged SQLite file without SQLite: header repair and a raw page scan.
 
-The store's recovery (`gateway.store`) first asks SQLite to read what it can, skipping
+The store's recovery (`gateway.store.recovery`) first asks SQLite to read what it can, skipping
 damaged page ranges. It comes here only when SQLite cannot even read the schema:
 
 1. `repair_header` writes a copy of the file with a fresh 100-byte header (page size taken

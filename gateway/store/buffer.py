@@ -53,6 +53,7 @@ from gateway.aio import Notifier
 from gateway.errors import BufferFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
+from gateway.store import rawpages
 
 log = get_logger("store")
 
@@ -1504,12 +1505,10 @@ def _recover_file(path: Path, error: str, page_size: int) -> SalvageReport:
     with try/except around every read, which is simplest synchronously.
     """
     aside = _move_aside(path)
-    from gateway import salvage
-
     source = aside
     header_repaired = False
     if check_header(aside) is not None or not _schema_readable(aside):
-        repaired = salvage.repair_header(aside, default_page_size=page_size)
+        repaired = rawpages.repair_header(aside, default_page_size=page_size)
         if repaired is not None and _schema_readable(repaired):
             source, header_repaired = repaired, True
     fresh = sqlite3.connect(path, isolation_level=None)
@@ -1526,7 +1525,7 @@ def _recover_file(path: Path, error: str, page_size: int) -> SalvageReport:
     finally:
         fresh.close()
         if source != aside:
-            salvage.remove_copy(source)
+            rawpages.remove_copy(source)
     return SalvageReport(
         moved_to=aside,
         readings=counts.readings,
@@ -1765,17 +1764,15 @@ def _salvage_raw(
 ) -> SalvageCounts:
     """Decode the pages ourselves: the last resort when SQLite cannot read the schema, or
     (`union`) a second pass adding keys the logical pass could not reach."""
-    from gateway import salvage
-
     counts = SalvageCounts()
-    pages = salvage.RawPages.open(aside, page_size)
+    pages = rawpages.RawPages.open(aside, page_size)
     if pages is None:
         return counts
     fresh.execute("BEGIN IMMEDIATE")
     if union:
         streams = {int(row[0]) for row in fresh.execute("SELECT id FROM streams")}
     else:
-        found = salvage.raw_streams(pages)
+        found = rawpages.raw_streams(pages)
         for stream_id, (device_id, datastream_id) in found.items():
             with contextlib.suppress(sqlite3.IntegrityError):
                 fresh.execute(
@@ -1786,7 +1783,7 @@ def _salvage_raw(
         streams = set(found)
     batch: list[tuple[int, int, str]] = []
     orphans: list[tuple[int, int, str]] = []
-    for row in salvage.raw_readings(pages):
+    for row in rawpages.raw_readings(pages):
         if not _valid_reading(*row):
             continue
         (batch if row[0] in streams else orphans).append(row)
