@@ -7,13 +7,16 @@ own exceptions never escape this module.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import json
 import re
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import httpx
 
@@ -21,10 +24,13 @@ from gateway import __version__
 from gateway.errors import (
     AuthFailed,
     BatchRejected,
+    CloudError,
     CloudServerError,
     CloudUnreachable,
+    ConnectFailed,
     QuotaRefused,
     RateLimited,
+    TooOld,
     UnknownTarget,
     WrongRegion,
 )
@@ -40,6 +46,14 @@ _QUOTA_MESSAGE = re.compile(
     r"|\b(daily|per[- ]day)\s+(points?\s+)?limit\b.{0,20}\b(exceeded|reached)",
     re.I,
 )
+# Nor is its wording for a too-old timestamp ("... is older than 30 days." in the sandbox).
+_TOO_OLD_MESSAGE = re.compile(r"older than|too old|too far in the past", re.I)
+_REDIRECTS = (301, 302, 307, 308)
+# A probe is one TCP connect (plus TLS handshake): it answers in milliseconds when the
+# cloud is there, so it needs no more time than this even on a slow uplink.
+PROBE_TIMEOUT_S = 10.0
+
+Endpoint = Literal["token", "import"]
 
 
 @dataclass
@@ -90,6 +104,69 @@ def error_message(response: httpx.Response) -> str:
     return json.dumps(document)[:200]
 
 
+def _cloud_now_ms(date_header: str | None) -> int | None:
+    """The cloud's clock from its `Date` header (second resolution), None when absent/bad."""
+    if not date_header:
+        return None
+    try:
+        return int(email.utils.parsedate_to_datetime(date_header).timestamp() * 1000)
+    except (TypeError, ValueError):
+        return None
+
+
+def _region_message(response: httpx.Response) -> str:
+    location = response.headers.get("Location", "")
+    host = httpx.URL(location).host if location else "?"
+    return (
+        f"the organization is served by another region ({host or location}); "
+        f"set cloud.server to https://{host} (server answered {response.status_code})"
+    )
+
+
+def classify_failure(response: httpx.Response, endpoint: Endpoint) -> CloudError:
+    """The one place that turns a non-2xx answer into a `CloudError`, for both endpoints.
+
+    Retry-After is read for every retryable status of either endpoint; only the meaning of a
+    4xx differs: the token endpoint refuses credentials, the import endpoint refuses data.
+    """
+    status = response.status_code
+    message = error_message(response)
+    if endpoint == "token":
+        message = f"token request refused: {message}"
+    retry_after_s = parse_retry_after(response.headers.get("Retry-After"))
+    if status in _REDIRECTS:
+        return WrongRegion(_region_message(response), location=response.headers.get("Location"))
+    if status == 429:
+        return RateLimited(message, status=status, retry_after_s=retry_after_s)
+    if status >= 500:
+        return CloudServerError(f"{status}: {message}", status=status, retry_after_s=retry_after_s)
+    if endpoint == "token":
+        return AuthFailed(message, status=status)
+    if status in (401, 403):
+        return AuthFailed(f"{status} after renewing the token: {message}", status=status)
+    if status == 404:
+        kind = "datastream" if "data stream" in message.lower() else "device"
+        return UnknownTarget(message, kind=kind)
+    if _QUOTA_MESSAGE.search(message) and not message.lower().startswith("invalid value"):
+        return QuotaRefused(message, status=status)
+    if _TOO_OLD_MESSAGE.search(message):
+        date = response.headers.get("Date")
+        return TooOld(message, status=status, cloud_date=date, cloud_now_ms=_cloud_now_ms(date))
+    return BatchRejected(message, status=status)
+
+
+class CloudClient(Protocol):
+    """What the flush loop needs from an upload path (Blynk's Organization API today)."""
+
+    server: str
+
+    async def upload(self, batch: Batch) -> None:
+        """Deliver one batch or raise a classified `CloudError`."""
+
+    async def probe(self) -> None:
+        """Open (and close) a connection to the server, or raise `ConnectFailed`."""
+
+
 class BlynkCloud:
     """One instance per process; it owns the token and a keep-alive connection pool."""
 
@@ -107,6 +184,8 @@ class BlynkCloud:
         self._auth = httpx.BasicAuth(client_id, client_secret)
         self._monotonic = monotonic
         self._token: _Token | None = None
+        self._timeout_s = timeout_s
+        self._ssl_context: ssl.SSLContext | None = None
         self.token_renewals = 0
         self._http = httpx.AsyncClient(
             base_url=self.server,
@@ -127,16 +206,49 @@ class BlynkCloud:
             if auth is None:
                 return await self._http.send(request)
             return await self._http.send(request, auth=auth)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # DNS, refused, unreachable, TLS handshake: the request never left.
+            raise ConnectFailed(
+                f"cannot connect to {self.server}: {type(exc).__name__}: {exc}"
+            ) from exc
         except httpx.TimeoutException as exc:
             raise CloudUnreachable(
                 f"timeout talking to {self.server}: {type(exc).__name__}"
             ) from exc
         except httpx.TransportError as exc:
             raise CloudUnreachable(
-                f"cannot reach {self.server}: {type(exc).__name__}: {exc}"
+                f"connection to {self.server} broke: {type(exc).__name__}: {exc}"
             ) from exc
         except httpx.HTTPError as exc:  # e.g. a body that does not match its Content-Encoding
             raise CloudServerError(f"unreadable answer from {self.server}: {exc}") from exc
+
+    async def probe(self) -> None:
+        """TCP connect, plus the TLS handshake for https: no HTTP request, no token.
+
+        Cheap enough to run every few seconds while the cloud cannot be reached, so the
+        gateway resumes within seconds of the uplink coming back instead of sleeping out a
+        long backoff.
+        """
+        url = httpx.URL(self.server)
+        https = url.scheme == "https"
+        port = url.port or (443 if https else 80)
+        context = None
+        if https:
+            if self._ssl_context is None:
+                self._ssl_context = httpx.create_ssl_context()
+            context = self._ssl_context
+        try:
+            async with asyncio.timeout(min(self._timeout_s, PROBE_TIMEOUT_S)):
+                _, writer = await asyncio.open_connection(
+                    url.host, port, ssl=context, server_hostname=url.host if https else None
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            raise ConnectFailed(
+                f"cannot connect to {self.server}: {type(exc).__name__}: {exc}"
+            ) from exc
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):  # connected: all a probe asks
+            await writer.wait_closed()
 
     async def access_token(self) -> str:
         """A cached token, renewed ahead of `expires_in` so no upload meets an expired one."""
@@ -147,7 +259,7 @@ class BlynkCloud:
         )
         response = await self._send(request, auth=self._auth)
         if response.status_code != 200:
-            self._raise_for_token(response)
+            raise classify_failure(response, "token")
         try:
             document = response.json()
             access_token = str(document["access_token"])
@@ -160,31 +272,6 @@ class BlynkCloud:
         self._token = _Token(access_token, self._monotonic() + max(1.0, expires_in - margin))
         self.token_renewals += 1
         return access_token
-
-    def _raise_for_token(self, response: httpx.Response) -> None:
-        status = response.status_code
-        message = f"token request refused: {error_message(response)}"
-        if status == 429:
-            raise RateLimited(
-                message,
-                status=status,
-                retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
-            )
-        if status >= 500:
-            raise CloudServerError(message, status=status)
-        if status in (301, 302, 307, 308):
-            raise WrongRegion(
-                self._region_message(response), location=response.headers.get("Location")
-            )
-        raise AuthFailed(message, status=status)
-
-    def _region_message(self, response: httpx.Response) -> str:
-        location = response.headers.get("Location", "")
-        host = httpx.URL(location).host if location else "?"
-        return (
-            f"the organization is served by another region ({host or location}); "
-            f"set cloud.server to https://{host} (server answered {response.status_code})"
-        )
 
     async def upload(self, batch: Batch) -> None:
         """Send one batch; returns on 204, raises a classified `CloudError` otherwise."""
@@ -203,36 +290,8 @@ class BlynkCloud:
             status = response.status_code
             if 200 <= status < 300:
                 return
-            if status in (401, 403) and attempt == 1:
+            if status in (401, 403):
                 self.forget_token()
-                continue
-            self._raise_for_upload(response, batch)
-
-    def _raise_for_upload(self, response: httpx.Response, batch: Batch) -> None:
-        status = response.status_code
-        message = error_message(response)
-        if status in (401, 403):
-            self.forget_token()
-            raise AuthFailed(f"{status} after renewing the token: {message}", status=status)
-        if status in (301, 302, 307, 308):
-            raise WrongRegion(
-                self._region_message(response), location=response.headers.get("Location")
-            )
-        if status == 429:
-            raise RateLimited(
-                message,
-                status=status,
-                retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
-            )
-        if status >= 500:
-            raise CloudServerError(
-                f"{status}: {message}",
-                status=status,
-                retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
-            )
-        if status == 404:
-            kind = "datastream" if "data stream" in message.lower() else "device"
-            raise UnknownTarget(message, kind=kind)
-        if _QUOTA_MESSAGE.search(message) and not message.lower().startswith("invalid value"):
-            raise QuotaRefused(message, status=status)
-        raise BatchRejected(message, status=status)
+                if attempt == 1:
+                    continue
+            raise classify_failure(response, "import")

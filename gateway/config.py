@@ -141,8 +141,15 @@ class FlushSettings(_Section):
     # one request and one delete transaction per few seconds instead of one per commit.
     linger_s: Annotated[float, Field(ge=0, le=300)] = 2.0
     order: Literal["oldest", "newest"] = "oldest"
+    # After the cloud answered badly (5xx, 429, a timeout once the request was sent): capped
+    # exponential backoff with full jitter. One gateway's requests are small and few, so a
+    # 30 s cap costs the cloud nothing and resumes the upload within 30 s of a fix.
     backoff_min_s: PositiveFloat = 1.0
-    backoff_max_s: PositiveFloat = 300.0
+    backoff_max_s: PositiveFloat = 30.0
+    # When the cloud cannot be reached at all (DNS, refused, unreachable, TLS): a TCP connect
+    # (and TLS handshake) every this many seconds, jittered; the first that succeeds ends
+    # the wait, so uploads resume within seconds of the uplink coming back.
+    probe_interval_s: Annotated[float, Field(gt=0, le=300)] = 5.0
     auth_retry_s: PositiveFloat = 300.0
     parked_retry_s: PositiveFloat = 600.0
     shutdown_flush_s: Annotated[float, Field(ge=0, le=600)] = 10.0

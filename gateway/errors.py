@@ -10,7 +10,9 @@ GatewayError
 │   └── StoreCorrupt             the file is damaged; the owner salvages it and carries on
 └── CloudError
     ├── RetryableCloudError      keep the data, back off, try again (retry_after_s honoured)
-    │   ├── CloudUnreachable     connect/read errors, timeouts
+    │   ├── CloudUnreachable     the exchange broke after the request was sent (read timeout)
+    │   │   └── ConnectFailed    no connection at all (DNS, refused, unreachable, TLS):
+    │   │                        probe cheaply and resume as soon as a connect succeeds
     │   ├── CloudServerError     5xx
     │   ├── RateLimited          429
     │   └── AuthFailed           token refused, or 401/403 after one renewal
@@ -19,6 +21,8 @@ GatewayError
         ├── UnknownTarget        404: device or datastream does not exist
         ├── QuotaRefused         the cloud says the device's daily limit is used up
         └── BatchRejected        other 4xx: some points are bad -> bisect, dead-letter those
+            └── TooOld           refused for age although our clock says they are fine:
+                                 dead-letter what the cloud's clock implies, never bisect
 ```
 Third-party exceptions (httpx, sqlite3) are wrapped at the module edge with `raise ... from`.
 """
@@ -89,7 +93,11 @@ class RetryableCloudError(CloudError):
 
 
 class CloudUnreachable(RetryableCloudError):
-    """Network error or timeout: the cloud may never have seen the request."""
+    """Network error or timeout: the cloud may or may not have seen the request."""
+
+
+class ConnectFailed(CloudUnreachable):
+    """Not even a connection: the request never left, so a cheap TCP probe tells when to retry."""
 
 
 class CloudServerError(RetryableCloudError):
@@ -130,3 +138,14 @@ class QuotaRefused(PermanentCloudError):
 
 class BatchRejected(PermanentCloudError):
     """4xx about the request's content: some points are unacceptable."""
+
+
+class TooOld(BatchRejected):
+    """The cloud refused points for their age; `cloud_now_ms` is its `Date` header, if any."""
+
+    def __init__(
+        self, message: str, *, status: int, cloud_date: str | None, cloud_now_ms: int | None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.cloud_date = cloud_date
+        self.cloud_now_ms = cloud_now_ms

@@ -2,10 +2,17 @@
 
 Each pass visits every stream that has buffered readings once, in rotation, and sends at
 most one batch per stream, so a device with a 50,000-point backlog cannot starve one with
-ten new points. Before sending, a batch is trimmed to the device's remaining daily quota
-and readings too old for the cloud are dead-lettered, so nothing is sent that the cloud
-will refuse. The outcome of every upload is one of: delivered (acked in the store),
-buffered (retried after a backoff), or dead-lettered with the cloud's reason.
+ten new points. Before sending, a batch is trimmed to the device's remaining daily quota,
+and the age rule is applied at the moment of sending (to every batch and every half of a
+bisected one): points older than the cloud accepts are dead-lettered as `expired`, so no
+request carries a point the cloud will refuse for age. The outcome of every upload is one
+of: delivered (acked in the store, charged to the quota day in which the cloud accepted
+it), buffered (retried later), or dead-lettered with the cloud's reason.
+
+Two kinds of trouble are told apart. When the cloud cannot be reached at all, the loop
+probes it with a bare TCP (and TLS) connect every `probe_interval_s` and uploads as soon as
+one succeeds, however long the outage. When the cloud answers badly (5xx, 429, a timeout
+after sending), it backs off exponentially and obeys Retry-After.
 
 The loop waits on (stop, tick, new rows, backoff expiry), like litestream's replica loop;
 failures are logged once per state change, and a streak of them is closed by one
@@ -15,6 +22,7 @@ failures are logged once per state change, and a streak of them is closed by one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import random
 import time
@@ -22,16 +30,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.aio import wait_any
-from gateway.cloud import BlynkCloud
+from gateway.cloud import CloudClient
 from gateway.config import CloudSettings, FlushSettings
 from gateway.errors import (
     AuthFailed,
     BatchRejected,
+    CloudServerError,
+    ConnectFailed,
     PermanentCloudError,
     QuotaRefused,
     RateLimited,
     RetryableCloudError,
     StoreError,
+    TooOld,
     UnknownTarget,
     WrongRegion,
 )
@@ -47,6 +58,12 @@ STORE_RETRY_MIN_S = 0.5
 STORE_RETRY_MAX_S = 30.0
 # The cloud's Retry-After is obeyed even beyond backoff_max_s, up to this sanity cap.
 MAX_RETRY_AFTER_S = 3600.0
+STILL_OFFLINE_LOG_INTERVAL_S = 60.0
+# Accepted batches are deleted from the buffer together, one transaction per pass (fewer
+# fsyncs, less SD wear), but never held longer than this: a crash re-sends what was held.
+ACK_HOLD_MAX_S = 1.0
+# Probes are spread over [1 - j, 1 + j] x probe_interval_s so a fleet does not beat in step.
+PROBE_JITTER = 0.2
 
 
 class PassOutcome(enum.Enum):
@@ -57,18 +74,22 @@ class PassOutcome(enum.Enum):
 
 @dataclass
 class FlushStats:
+    passes: int = 0
     requests: int = 0
     delivered: int = 0
     dead_lettered: int = 0
     expired: int = 0
     failures: int = 0
+    probes: int = 0
+    # Backoff waits that a successful probe ended early (the cloud came back).
+    probe_resumes: int = 0
 
 
 class FlushLoop:
     def __init__(
         self,
         store: Store,
-        cloud: BlynkCloud,
+        cloud: CloudClient,
         settings: FlushSettings,
         cloud_settings: CloudSettings,
         *,
@@ -88,13 +109,20 @@ class FlushLoop:
         self._failure_streak = 0
         self._last_failure_log = 0.0
         self._backoff_until = 0.0
+        # The last failure was "cannot connect": probing may end the backoff early.
+        self._unreachable = False
         self._recovering = store.pending_points > 0
         self._final_flush_active = False
         self._exhausted_logged: set[tuple[int, str]] = set()
         self._parked_logged: set[StreamKey] = set()
+        self._skew_logged = False
         self._next_expiry_sweep = 0.0
         self._store_failures = 0
+        self._pass_expired = 0
+        # Batches the cloud accepted, with the quota day they count against, that the store
+        # has not deleted yet (held for one transaction per pass, or the store failed).
         self._unacked: list[tuple[Batch, str]] = []
+        self._unacked_since = 0.0
         self.online = True
 
     def stop(self) -> None:
@@ -119,7 +147,7 @@ class FlushLoop:
             if outcome is PassOutcome.SENT:
                 continue
             if outcome is PassOutcome.BACKOFF:
-                await self._wait(self._backoff_until - time.monotonic(), wake_on_new_rows=False)
+                await self._wait_out_backoff()
                 continue
             await self._wait(self._settings.interval_s, wake_on_new_rows=True)
             if self._new_rows.is_set() and self._store.pending_points < self._settings.batch_size:
@@ -146,26 +174,68 @@ class FlushLoop:
             self._store_failures = 0
 
     async def _ack_delivered(self) -> None:
-        """Record batches the cloud accepted but the store could not yet acknowledge.
+        """Delete what the cloud accepted, all held batches in one transaction.
 
         Until they are recorded no new pass starts, so their rows are not uploaded twice.
         """
-        while self._unacked:
-            batch, day = self._unacked[0]
-            await self._store.ack(batch, day)
-            self._unacked.pop(0)
+        if self._unacked:
+            await self._store.ack_many(self._unacked)
+            self._unacked.clear()
 
-    async def _wait(self, timeout_s: float, *, wake_on_new_rows: bool) -> None:
+    async def _wait(self, timeout_s: float, *, wake_on_new_rows: bool) -> bool:
+        """Until stop (True), new rows if asked, or the timeout."""
         events = [self._stop]
         if wake_on_new_rows:
             events.append(self._new_rows)
         await wait_any(*events, timeout_s=timeout_s)
+        return self._stop.is_set()
+
+    async def _wait_out_backoff(self) -> None:
+        """Sleep until the backoff expires; if the cloud was unreachable, probe meanwhile."""
+        while not self._stop.is_set():
+            remaining_s = self._backoff_until - time.monotonic()
+            if remaining_s <= 0:
+                return
+            if not self._unreachable:
+                await self._wait(remaining_s, wake_on_new_rows=False)
+                return
+            if await self._wait(min(remaining_s, self._probe_interval_s()), wake_on_new_rows=False):
+                return
+            if time.monotonic() < self._backoff_until and await self._probe():
+                self.stats.probe_resumes += 1
+                self._backoff_until = 0.0
+                return
+
+    def _probe_interval_s(self) -> float:
+        return self._settings.probe_interval_s * random.uniform(1 - PROBE_JITTER, 1 + PROBE_JITTER)
+
+    async def _probe(self) -> bool:
+        """One cheap connect; True (logged once per outage) when the cloud is reachable."""
+        self.stats.probes += 1
+        try:
+            await self._cloud.probe()
+        except ConnectFailed:
+            return False
+        log.info(
+            "cloud_reachable",
+            probes=self.stats.probes,
+            down_s=round(time.monotonic() - (self._offline_since or time.monotonic()), 1),
+            action="uploading now",
+        )
+        return True
 
     async def final_flush(self, timeout_s: float) -> None:
         """Bounded last effort at shutdown; whatever is left stays buffered for next start."""
+        try:
+            await self._ack_delivered()
+        except StoreError as exc:
+            log.error("final_flush_store_unavailable", error=str(exc))
+            return
         if timeout_s <= 0 or self._store.pending_points == 0:
             return
-        if time.monotonic() < self._backoff_until:
+        if time.monotonic() < self._backoff_until and not (
+            self._unreachable and await self._probe()
+        ):
             return
         self._final_flush_active = True
         try:
@@ -179,10 +249,13 @@ class FlushLoop:
             log.error("final_flush_store_unavailable", error=str(exc))
         finally:
             self._final_flush_active = False
+            with contextlib.suppress(StoreError):
+                await self._ack_delivered()
 
     # ------------------------------------------------------------------ one pass
 
     async def run_pass(self) -> PassOutcome:
+        self.stats.passes += 1
         await self._ack_delivered()
         self._new_rows.clear()
         await self._expire_if_due()
@@ -190,6 +263,14 @@ class FlushLoop:
         if not streams:
             self._note_drained()
             return PassOutcome.IDLE
+        self._pass_expired = 0
+        try:
+            return await self._visit(streams)
+        finally:
+            self._log_expired(self._pass_expired, "send")
+            await self._ack_delivered()
+
+    async def _visit(self, streams: list[StreamState]) -> PassOutcome:
         count = len(streams)
         start = self._rotation % count
         self._rotation += 1
@@ -203,6 +284,8 @@ class FlushLoop:
             if outcome is PassOutcome.BACKOFF:
                 return outcome
             sent_any = sent_any or outcome is PassOutcome.SENT
+            if self._unacked and time.monotonic() - self._unacked_since >= ACK_HOLD_MAX_S:
+                await self._ack_delivered()
         return PassOutcome.SENT if sent_any else PassOutcome.IDLE
 
     async def _sendable(self, stream: StreamState) -> bool:
@@ -210,24 +293,41 @@ class FlushLoop:
             return True
         return stream.parked_until_ms is None or stream.parked_until_ms <= self._clock_ms()
 
+    def _cutoff_ms(self, now_ms: int | None = None) -> int:
+        """Points older than this are not sent: the cloud would refuse them for age."""
+        return self._cloud_settings.oldest_sendable_ms(
+            self._clock_ms() if now_ms is None else now_ms
+        )
+
+    async def _sent_today(self, device_id: int, day: str) -> tuple[int, bool]:
+        """The ledger's count plus what was accepted in this pass but not yet deleted."""
+        sent, exhausted = await self._store.points_sent(device_id, day)
+        held = sum(
+            len(batch)
+            for batch, held_day in self._unacked
+            if held_day == day and batch.stream.device_id == device_id
+        )
+        return sent + held, exhausted
+
     async def _send_stream(self, stream: StreamState) -> PassOutcome:
         now_ms = self._clock_ms()
         day = self._quota.day_of(now_ms)
-        sent_today, exhausted = await self._store.points_sent(stream.key.device_id, day)
+        sent_today, exhausted = await self._sent_today(stream.key.device_id, day)
         allowance = self._quota.allowance(sent_today, exhausted)
         if allowance <= 0:
             self._note_exhausted(stream.key.device_id, day, now_ms, sent_today)
             return PassOutcome.IDLE
-        batch = (
-            await self._store.lease(
-                stream.key,
-                min(self._settings.batch_size, allowance),
-                newest_first=self._settings.order == "newest",
-            )
-        ).batch
+        lease = await self._store.lease(
+            stream.key,
+            min(self._settings.batch_size, allowance),
+            newest_first=self._settings.order == "newest",
+            expire_before_ms=self._cutoff_ms(now_ms),
+        )
+        self._count_expired(lease.expired)
+        batch = lease.batch
         if not batch.points:
-            return PassOutcome.IDLE
-        outcome = await self._deliver(batch, day)
+            return PassOutcome.SENT if lease.expired else PassOutcome.IDLE
+        outcome = await self._deliver(batch)
         if outcome is PassOutcome.SENT and stream.parked_reason is not None:
             await self._store.unpark(stream.key)
             self._parked_logged.discard(stream.key)
@@ -238,8 +338,11 @@ class FlushLoop:
             )
         return outcome
 
-    async def _deliver(self, batch: Batch, day: str) -> PassOutcome:
+    async def _deliver(self, batch: Batch) -> PassOutcome:
         """Upload one batch, bisecting it when the cloud refuses some of its points."""
+        batch = await self._without_expired(batch)
+        if not batch.points:
+            return PassOutcome.SENT
         self.stats.requests += 1
         try:
             await self._cloud.upload(batch)
@@ -253,32 +356,102 @@ class FlushLoop:
             await self._park(batch.stream, f"{exc.kind}_not_found: {exc.message}")
             return PassOutcome.IDLE
         except QuotaRefused as exc:
+            now_ms = self._clock_ms()
+            day = self._quota.day_of(now_ms)
             await self._store.mark_exhausted(batch.stream.device_id, day)
-            self._note_exhausted(batch.stream.device_id, day, self._clock_ms(), None, exc.message)
+            self._note_exhausted(batch.stream.device_id, day, now_ms, None, exc.message)
             return PassOutcome.IDLE
+        except TooOld as exc:
+            return await self._refused_for_age(batch, exc)
         except BatchRejected as exc:
-            return await self._bisect(batch, day, exc)
+            return await self._bisect(batch, exc)
         except PermanentCloudError as exc:  # pragma: no cover - every subclass handled above
-            await self._dead_letter(batch, exc.message)
+            await self._dead_letter(batch, "rejected", exc.message)
             return PassOutcome.SENT
-        self.stats.delivered += len(batch)
+        # Charged to the day in which the cloud accepted it, which may be past midnight.
+        self._accepted(batch, self._quota.day_of(self._clock_ms()))
         self._came_back()
-        self._unacked.append((batch, day))
-        await self._ack_delivered()
         return PassOutcome.SENT
 
-    async def _bisect(self, batch: Batch, day: str, exc: BatchRejected) -> PassOutcome:
+    def _accepted(self, batch: Batch, day: str) -> None:
+        if not self._unacked:
+            self._unacked_since = time.monotonic()
+        self._unacked.append((batch, day))
+        self.stats.delivered += len(batch)
+
+    async def _without_expired(self, batch: Batch) -> Batch:
+        """Apply the age rule now, at send time: a half of a bisected batch, or a batch sent
+        after a slow pass, may hold points that aged past the cutoff since the lease."""
+        cutoff_ms = self._cutoff_ms()
+        if batch.points[0].ts_ms >= cutoff_ms and batch.points[-1].ts_ms >= cutoff_ms:
+            return batch  # leased in time order: the ends bound the rest
+        expired = tuple(p for p in batch.points if p.ts_ms < cutoff_ms)
+        if not expired:
+            return batch
+        await self._store.dead_letter(
+            Batch(batch.stream, expired), "expired", f"older than the cutoff {cutoff_ms}"
+        )
+        self._count_expired(len(expired))
+        return Batch(batch.stream, tuple(p for p in batch.points if p.ts_ms >= cutoff_ms))
+
+    def _count_expired(self, count: int) -> None:
+        self._pass_expired += count
+        self.stats.expired += count
+
+    async def _refused_for_age(self, batch: Batch, exc: TooOld) -> PassOutcome:
+        """The cloud refused points our clock finds young enough: its clock differs.
+
+        Bisecting would cost one request per point. Instead, dead-letter what the rule
+        implies on the cloud's clock (its `Date` header) and send the rest; if the cloud's
+        clock implies nothing, park the stream (data kept, retried slowly).
+        """
+        now_ms = self._clock_ms()
+        cutoff_ms = self._cutoff_ms(exc.cloud_now_ms) if exc.cloud_now_ms is not None else None
+        self._log_clock_skew(exc, now_ms)
+        if cutoff_ms is not None and cutoff_ms > self._cutoff_ms(now_ms):
+            too_old = tuple(p for p in batch.points if p.ts_ms < cutoff_ms)
+            if too_old:
+                await self._store.dead_letter(
+                    Batch(batch.stream, too_old),
+                    "expired",
+                    f"refused for age by the cloud (its Date: {exc.cloud_date}): {exc.message}",
+                )
+                self._count_expired(len(too_old))
+                rest = tuple(p for p in batch.points if p.ts_ms >= cutoff_ms)
+                if not rest:
+                    return PassOutcome.SENT
+                return await self._deliver(Batch(batch.stream, rest))
+        await self._park(batch.stream, f"refused_for_age: {exc.message}")
+        return PassOutcome.IDLE
+
+    def _log_clock_skew(self, exc: TooOld, now_ms: int) -> None:
+        if self._skew_logged:
+            return
+        self._skew_logged = True
+        skew_s = None if exc.cloud_now_ms is None else round((exc.cloud_now_ms - now_ms) / 1000)
+        log.warning(
+            "clock_skew_suspected",
+            gateway_time=_iso(now_ms),
+            cloud_date=exc.cloud_date,
+            cloud_ahead_s=skew_s,
+            cloud_message=exc.message,
+            max_age_days=self._cloud_settings.max_age_days,
+            action="points the cloud's clock finds too old are dead-lettered as expired; "
+            "check the gateway's NTP sync, or cloud.max_age_days if the clocks agree",
+        )
+
+    async def _bisect(self, batch: Batch, exc: BatchRejected) -> PassOutcome:
         if len(batch) == 1:
-            await self._dead_letter(batch, f"rejected: {exc.message}")
+            await self._dead_letter(batch, "rejected", exc.message)
             return PassOutcome.SENT
         for half in batch.split():
-            outcome = await self._deliver(half, day)
+            outcome = await self._deliver(half)
             if outcome is not PassOutcome.SENT:
                 return outcome
         return PassOutcome.SENT
 
-    async def _dead_letter(self, batch: Batch, reason: str) -> None:
-        await self._store.dead_letter(batch, reason)
+    async def _dead_letter(self, batch: Batch, reason: str, detail: str) -> None:
+        await self._store.dead_letter(batch, reason, detail)
         self.stats.dead_lettered += len(batch)
         log.warning(
             "points_dead_lettered",
@@ -286,6 +459,7 @@ class FlushLoop:
             datastream_id=batch.stream.datastream_id,
             count=len(batch),
             reason=reason,
+            detail=detail,
         )
 
     async def _park(self, stream: StreamKey, reason: str) -> None:
@@ -303,23 +477,24 @@ class FlushLoop:
             )
 
     async def _expire_if_due(self) -> None:
+        """The periodic sweep, for streams no pass leases (parked, or over today's quota)."""
         now = time.monotonic()
         if now < self._next_expiry_sweep:
             return
         self._next_expiry_sweep = now + EXPIRY_SWEEP_INTERVAL_S
-        max_age_ms = (
-            self._cloud_settings.max_age_days * 86_400_000
-            - self._cloud_settings.age_margin_hours * 3_600_000
-        )
-        cutoff_ms = self._clock_ms() - int(max_age_ms)
-        moved = await self._store.expire(cutoff_ms)
-        if moved:
-            self.stats.expired += moved
+        moved = await self._store.expire(self._cutoff_ms())
+        self.stats.expired += moved
+        self._log_expired(moved, "sweep")
+
+    def _log_expired(self, count: int, found_by: str) -> None:
+        if count:
             log.warning(
                 "readings_expired",
-                count=moved,
-                cutoff_ms=cutoff_ms,
+                count=count,
+                found_by=found_by,
+                cutoff=_iso(self._cutoff_ms()),
                 max_age_days=self._cloud_settings.max_age_days,
+                age_margin_hours=self._cloud_settings.age_margin_hours,
             )
 
     # ------------------------------------------------------------------ state changes
@@ -334,21 +509,23 @@ class FlushLoop:
     ) -> None:
         if (device_id, day) in self._exhausted_logged:
             return
+        # Only today's entries matter: forget earlier days so the set stays small.
+        self._exhausted_logged = {key for key in self._exhausted_logged if key[1] == day}
         self._exhausted_logged.add((device_id, day))
-        resumes_at = self._quota.next_reset_ms(now_ms)
         log.warning(
             "quota_exhausted",
             device_id=device_id,
             day=day,
             sent_today=sent_today,
             limit=self._quota.limit,
-            resumes_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(resumes_at / 1000)),
+            resumes_at=_iso(self._quota.next_reset_ms(now_ms)),
             refused_by_cloud=cloud_message,
         )
 
     def _went_wrong(self, exc: RetryableCloudError | WrongRegion, slow: bool = False) -> None:
         self.stats.failures += 1
         self._failure_streak += 1
+        self._unreachable = isinstance(exc, ConnectFailed)
         if isinstance(exc, AuthFailed | WrongRegion) or slow:
             delay = self._settings.auth_retry_s
         else:
@@ -361,35 +538,35 @@ class FlushLoop:
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
         self._backoff_until = time.monotonic() + delay
-        event = "auth_failed" if isinstance(exc, AuthFailed) else "went_offline"
-        if isinstance(exc, WrongRegion):
-            event = "wrong_region"
-        elif isinstance(exc, RateLimited):
-            event = "rate_limited"
         now = time.monotonic()
         if self.online:
             self.online = False
             self._offline_since = now
             self._last_failure_log = now
             log.error(
-                event,
+                _failure_event(exc),
+                kind=_failure_kind(exc),
                 error=exc.message,
                 status=exc.status,
                 backlog=self._store.pending_points,
                 retry_in_s=round(delay, 2),
+                probing_every_s=self._settings.probe_interval_s if self._unreachable else None,
             )
-        elif now - self._last_failure_log >= 60.0:
+        elif now - self._last_failure_log >= STILL_OFFLINE_LOG_INTERVAL_S:
             self._last_failure_log = now
             log.warning(
                 "still_offline",
+                kind=_failure_kind(exc),
                 error=exc.message,
                 status=exc.status,
                 failures=self._failure_streak,
+                probes=self.stats.probes,
+                down_s=round(now - (self._offline_since or now), 1),
                 backlog=self._store.pending_points,
-                retry_in_s=round(delay, 2),
             )
 
     def _came_back(self) -> None:
+        self._unreachable = False
         if self.online:
             self._failure_streak = 0
             return
@@ -408,3 +585,32 @@ class FlushLoop:
         if self._recovering:
             self._recovering = False
             log.info("backlog_drained", delivered_total=self.stats.delivered)
+
+
+def _failure_event(exc: RetryableCloudError | WrongRegion) -> str:
+    if isinstance(exc, AuthFailed):
+        return "auth_failed"
+    if isinstance(exc, WrongRegion):
+        return "wrong_region"
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    return "went_offline"
+
+
+def _failure_kind(exc: RetryableCloudError | WrongRegion) -> str:
+    """`unreachable` (nothing answered: probe) versus the ways the cloud answered badly."""
+    if isinstance(exc, ConnectFailed):
+        return "unreachable"
+    if isinstance(exc, CloudServerError):
+        return "server_error"
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if isinstance(exc, AuthFailed):
+        return "auth"
+    if isinstance(exc, WrongRegion):
+        return "wrong_region"
+    return "no_answer"  # the request was sent; the answer timed out or broke off
+
+
+def _iso(epoch_ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_ms / 1000))

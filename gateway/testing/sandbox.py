@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import datetime as dt
+import email.utils
 import inspect
 import json
 import math
@@ -420,10 +421,14 @@ class SandboxCloud:
         if transport is not None:
             self._busy.add(transport)
         try:
-            return await handler(request)
+            response = await handler(request)
         finally:
             if transport is not None:
                 self._busy.discard(transport)
+        # The sandbox's own clock (time travel included), as a real server's Date would be:
+        # the gateway reads it to tell clock skew from bad data.
+        response.headers["Date"] = email.utils.formatdate(self.now_ms() / 1000, usegmt=True)
+        return response
 
     # ------------------------------------------------------------------ HTTP: OAuth2
     async def _handle_token(self, request: web.Request) -> web.Response:
