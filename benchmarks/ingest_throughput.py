@@ -62,9 +62,8 @@ from paho.mqtt.properties import Properties
 from gateway import log as gateway_log
 from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.ingest import MqttIngest
+from gateway.ingest import MqttIngest, RouteTable
 from gateway.models import Reading
-from gateway.routes import RouteTable
 from gateway.store import Store
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.publisher import AckedPublisher

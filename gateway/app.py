@@ -22,9 +22,8 @@ from gateway.cloud import BlynkCloud
 from gateway.config import Settings
 from gateway.errors import StoreError
 from gateway.flush import FlushLoop
-from gateway.ingest import MqttIngest
+from gateway.ingest import MqttIngest, RouteTable
 from gateway.log import get_logger
-from gateway.routes import RouteTable
 from gateway.store import Capacity, Store
 
 log = get_logger("app")

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from conftest import log_events
-from gateway import ingest as ingest_module
 from gateway.config import Settings
+from gateway.ingest import ingest as ingest_module
 from gateway.models import Reading
 from gateway.store import Store
 from gateway.testing.publisher import AckedPublisher

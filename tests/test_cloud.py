@@ -30,8 +30,8 @@ from gateway.errors import (
     UnknownTarget,
     WrongRegion,
 )
+from gateway.ingest import encode_value
 from gateway.models import Batch, Point, StreamKey
-from gateway.routes import encode_value
 from gateway.testing.sandbox import STATUS_RESET, AcceptedPoint, SandboxCloud
 
 DEVICES = {

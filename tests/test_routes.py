@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway.config import RouteSettings
-from gateway.models import Reading
-from gateway.routes import (
+from gateway.ingest.routes import (
     MAX_SAFE_INTEGER,
     PayloadError,
     Route,
@@ -21,6 +20,7 @@ from gateway.routes import (
     encode_value,
     topic_matches,
 )
+from gateway.models import Reading
 
 RECEIVED_MS = 1_702_656_400_000
 TS_MS = 1_702_656_423_136

@@ -34,9 +34,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.aio import wait_any
 from gateway.config import MqttSettings
 from gateway.errors import BufferFull, StoreError
+from gateway.ingest.routes import PayloadError, RouteTable
 from gateway.log import Throttle, get_logger
 from gateway.models import Reading
-from gateway.routes import PayloadError, RouteTable
 from gateway.store import RejectedPayload, Store
 
 log = get_logger("ingest")
