@@ -526,13 +526,17 @@ class FlushLoop:
         self.stats.failures += 1
         self._failure_streak += 1
         self._unreachable = isinstance(exc, ConnectFailed)
+        cap = min(
+            self._settings.backoff_max_s,
+            self._settings.backoff_min_s * 2 ** min(self._failure_streak - 1, 30),
+        )
         if isinstance(exc, AuthFailed | WrongRegion) or slow:
             delay = self._settings.auth_retry_s
+        elif self._unreachable:
+            # Jittered probes end this wait as soon as the cloud can be reached; the full
+            # backoff is only the fallback should probes fail where requests would not.
+            delay = cap
         else:
-            cap = min(
-                self._settings.backoff_max_s,
-                self._settings.backoff_min_s * 2 ** min(self._failure_streak - 1, 30),
-            )
             delay = random.uniform(0, cap)
         retry_after = getattr(exc, "retry_after_s", None)
         if retry_after is not None:
