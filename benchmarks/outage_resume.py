@@ -1,0 +1,155 @@
+"""Time from "cloud back" to "first batch accepted" after an outage (issue #7).
+
+The daemon (`python -m gateway run`, a subprocess, default flush settings) uploads to the
+sandbox cloud; the cloud is taken "down" (its port refuses connections, as when the uplink
+or DNS is gone), readings are published over MQTT meanwhile, and after the outage the
+cloud comes back. Measured: seconds from the moment it listens again to the first batch it
+accepts, per outage length.
+
+The baseline is the same daemon at an earlier commit (`--baseline-ref`, default: the last
+commit before probing existed), run from a git worktree in this same run, with the same
+broker, sandbox and outages. Figures are medians over `--repeats`.
+
+    .venv/bin/python benchmarks/outage_resume.py                    # 10 s, 2 min, 6 min
+    .venv/bin/python benchmarks/outage_resume.py --outages 10 30 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.process import GatewayProcess, daemon_config, write_config
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud, SandboxThread
+
+REPO = Path(__file__).resolve().parent.parent
+DEVICES = {101: {5: "double"}}
+ROUTES = [{"topic": "bench/temperature", "device_id": 101, "datastream_id": 5}]
+BACKLOG = 3000
+BASELINE_REF = "f2a03e2"  # main before issue #7: backoff capped at 300 s, full jitter
+
+
+def wait_for(predicate: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def one_outage(
+    workdir: Path,
+    broker: MosquittoBroker,
+    sandbox: SandboxThread,
+    outage_s: float,
+    env: dict[str, str],
+) -> float:
+    """Seconds from the cloud listening again to the first batch it accepts."""
+    db = workdir / "buffer.db"
+    for leftover in workdir.glob("buffer.db*"):
+        leftover.unlink()
+    config = daemon_config(broker.port, sandbox.base_url, db, ROUTES, log={"level": "info"})
+    path = write_config(workdir / "gateway.toml", config)
+    cloud = sandbox.cloud
+    with GatewayProcess(path, workdir / "gateway.log", env=env) as daemon:
+        daemon.start()
+        daemon.wait_for_event("mqtt_connected", timeout_s=30)
+        publisher = AckedPublisher(broker.host, broker.port, client_id="bench-publisher")
+        publisher.connect()
+        try:
+            before = sandbox.call(lambda c: len(c.accepted))
+            now_ms = sandbox.call(lambda c: c.now_ms())
+            publisher.publish_many([("bench/temperature", f'{{"value":1,"ts":{now_ms}}}')])
+            wait_for(lambda: sandbox.call(lambda c: len(c.accepted)) > before, 30, "warm-up")
+            sandbox.call(lambda c: c.set_fault("down"))
+            started = time.monotonic()
+            now_ms = sandbox.call(lambda c: c.now_ms())
+            publisher.publish_many(
+                ("bench/temperature", f'{{"value":{i},"ts":{now_ms + i}}}') for i in range(BACKLOG)
+            )
+            time.sleep(max(0.0, outage_s - (time.monotonic() - started)))
+            accepted = sandbox.call(lambda c: len(c.accepted))
+            sandbox.call(lambda c: c.set_fault("none"))
+            back = time.monotonic()
+            wait_for(lambda: sandbox.call(lambda c: len(c.accepted)) > accepted, 900, "first batch")
+            return time.monotonic() - back
+        finally:
+            publisher.close()
+            daemon.stop()
+    del cloud
+
+
+def baseline_tree(ref: str, into: Path) -> Path:
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(into), ref], check=True
+    )
+    return into
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--outages", type=float, nargs="+", default=[10, 120, 360])
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--baseline-ref", default=BASELINE_REF)
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="outage-bench-") as tmp:
+        tmp_path = Path(tmp)
+        variants: list[tuple[str, dict[str, str]]] = [("now", {})]
+        if not args.no_baseline:
+            old = baseline_tree(args.baseline_ref, tmp_path / "baseline")
+            variants.insert(0, (f"baseline {args.baseline_ref}", {"PYTHONPATH": str(old)}))
+        broker = MosquittoBroker(tmp_path / "broker")
+        broker.start()
+        sandbox = SandboxThread(SandboxCloud(DEVICES))
+        sandbox.start()
+        results: dict[tuple[str, float], list[float]] = {}
+        try:
+            for repeat in range(args.repeats):
+                for outage_s in args.outages:
+                    for name, env in variants:
+                        workdir = tmp_path / f"run-{repeat}-{outage_s:g}-{len(results)}"
+                        workdir.mkdir()
+                        seconds = one_outage(workdir, broker, sandbox, outage_s, env)
+                        results.setdefault((name, outage_s), []).append(seconds)
+                        line = (
+                            f"{name:>22}  outage {outage_s:6.0f} s  resumed after {seconds:6.1f} s"
+                        )
+                        print(line, flush=True)
+        finally:
+            sandbox.stop()
+            broker.stop()
+            if not args.no_baseline:
+                subprocess.run(
+                    [
+                        "git",
+                        "-C",
+                        str(REPO),
+                        "worktree",
+                        "remove",
+                        "--force",
+                        str(tmp_path / "baseline"),
+                    ],
+                    check=False,
+                )
+        print()
+        print(f"| outage | {' | '.join(name for name, _ in variants)} | now / baseline |")
+        print(f"|---|{'---|' * len(variants)}---|")
+        for outage_s in args.outages:
+            medians = [statistics.median(results[(name, outage_s)]) for name, _ in variants]
+            ratio = (
+                medians[-1] / medians[0] if len(medians) > 1 and medians[0] > 0 else float("nan")
+            )
+            cells = " | ".join(f"{m:.1f} s" for m in medians)
+            print(f"| {outage_s:g} s | {cells} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
