@@ -94,8 +94,11 @@ class FlushLoop:
         cloud_settings: CloudSettings,
         *,
         clock_ms: Callable[[], int] | None = None,
+        network_changed: asyncio.Event | None = None,
     ) -> None:
         self._store = store
+        # Set by the network watcher (our own listener flag): probe now, not at the tick.
+        self._network_changed = network_changed or asyncio.Event()
         self._new_rows = store.new_rows.listen()
         self._cloud = cloud
         self._settings = settings
@@ -199,7 +202,13 @@ class FlushLoop:
             if not self._unreachable:
                 await self._wait(remaining_s, wake_on_new_rows=False)
                 return
-            if await self._wait(min(remaining_s, self._probe_interval_s()), wake_on_new_rows=False):
+            self._network_changed.clear()
+            await wait_any(
+                self._stop,
+                self._network_changed,
+                timeout_s=min(remaining_s, self._probe_interval_s()),
+            )
+            if self._stop.is_set():
                 return
             if time.monotonic() < self._backoff_until and await self._probe():
                 self.stats.probe_resumes += 1
