@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.store import _MIGRATIONS
+from gateway.store import migrate
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, daemon_config, write_config
 from gateway.testing.publisher import AckedPublisher
@@ -179,10 +179,7 @@ def layout_bytes_per_reading(
     connection.execute(f"PRAGMA page_size={page_size}")
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=FULL")
-    for target in range(1, version + 1):
-        for statement in _MIGRATIONS[target].split(";\n"):
-            if statement.strip():
-                connection.execute(statement)
+    migrate(connection, target=version)
     connection.executemany(
         "INSERT INTO streams (id, device_id, datastream_id) VALUES (?, ?, 1)",
         [(i + 1, 200 + i) for i in range(SENSORS)],

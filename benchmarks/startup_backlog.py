@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.store import _MIGRATIONS, Store, _quick_check
+from gateway.store import Store, migrate, quick_check
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, daemon_config, write_config
 from gateway.testing.sandbox import SandboxCloud, SandboxThread
@@ -64,10 +64,7 @@ def build(path: Path, count: int, base_ts: int, version: int = 2) -> None:
     if version == 1:
         connection.execute("PRAGMA page_size=4096")
         connection.execute("PRAGMA journal_mode=WAL")
-        for statement in _MIGRATIONS[1].split(";\n"):
-            if statement.strip():
-                connection.execute(statement)
-        connection.execute("PRAGMA user_version=1")
+        migrate(connection, target=1)
     connection.execute("BEGIN")
     connection.executemany(
         "INSERT OR IGNORE INTO streams (id, device_id, datastream_id) VALUES (?, ?, 1)",
@@ -208,7 +205,7 @@ def run(args: Any, workdir: Path) -> int:
             note(f"open + first lease, after a crash, {label}", leased)
             drop_caches(args.drop_caches)
             checked = time.perf_counter()
-            assert _quick_check(path) == []
+            assert quick_check(path) == []
             note(f"full quick_check (background), {label}", (time.perf_counter() - checked) * 1000)
     print(f"\nin-process, ms (median of {args.repeats}); ratio = backlog / empty:")
     names = sorted({name.rsplit(", ", 1)[0] for name in results})

@@ -16,18 +16,9 @@ from typing import Any
 import pytest
 
 from conftest import log_events
-from gateway.errors import StoreError
+from gateway.errors import BufferFull, StoreCorrupt, StoreError
 from gateway.models import Reading, StreamKey
-from gateway.store import rawpages as salvage
-from gateway.store.buffer import (
-    _MIGRATIONS,
-    SCHEMA_VERSION,
-    BufferFull,
-    Capacity,
-    RejectedPayload,
-    Store,
-    StoreCorrupt,
-)
+from gateway.store import SCHEMA_VERSION, Capacity, RejectedPayload, Store, migrate, rawpages
 
 BASE_TS = 1_760_000_000_000
 BOILER = StreamKey(101, 5)
@@ -120,10 +111,7 @@ async def test_ack_many_deletes_several_batches_and_counts_quota_in_one_commit(
 
 async def test_version_1_file_is_upgraded_in_place(db_path: Path, make_store: Any) -> None:
     connection = sqlite3.connect(db_path, isolation_level=None)
-    for statement in _MIGRATIONS[1].split(";\n"):
-        if statement.strip():
-            connection.execute(statement)
-    connection.execute("PRAGMA user_version=1")
+    migrate(connection, target=1)
     connection.execute("INSERT INTO streams (id, device_id, datastream_id) VALUES (1, 101, 5)")
     connection.executemany(
         "INSERT INTO readings (stream_id, ts_ms, value) VALUES (1, ?, ?)",
@@ -200,9 +188,8 @@ async def test_drop_oldest_evicts_the_oldest_timestamps_across_streams(
 async def test_eviction_summary_once_per_interval_then_streak_closes(
     make_store: Any, log_output: io.StringIO
 ) -> None:
-    store: Store = await make_store(capacity=Capacity(max_points=10))
     now = [1000.0]
-    store._reporter._clock = lambda: now[0]
+    store: Store = await make_store(capacity=Capacity(max_points=10), monotonic=lambda: now[0])
     await store.append(readings(10))
     for i in range(5):  # each commit evicts 10
         await store.append(readings(10, start=10 * (i + 1)))
@@ -283,10 +270,10 @@ async def test_capacity_work_uses_the_primary_key_never_a_table_scan(
     store: Store = await make_store(capacity=Capacity(max_points=200))
     await append_all(store, readings(200) + readings(200, KITCHEN))
     statements: list[str] = []
-    await store._db.set_trace_callback(statements.append)
+    await store.set_trace_callback(statements.append)
     await store.append(readings(30, start=500) + readings(30, KITCHEN, start=500))
     await store.ack((await store.lease(KITCHEN, 10)).batch, "d")
-    await store._db.set_trace_callback(None)
+    await store.set_trace_callback(None)
     plans = []
     connection = sqlite3.connect(db_path)
     for statement in statements:
@@ -369,9 +356,9 @@ async def build_file(path: Path, per_stream: int = 3000) -> set[tuple[int, int, 
 
 def rows_on_pages(path: Path, pages: set[int]) -> set[tuple[int, int, str]]:
     """(stream, ts, value) keys stored on the given pages of an intact file."""
-    raw = salvage.RawPages.open(path, page_size_of(path))
+    raw = rawpages.RawPages.open(path, page_size_of(path))
     assert raw is not None
-    return set(salvage.raw_readings(raw, only=pages))
+    return set(rawpages.raw_readings(raw, only=pages))
 
 
 def inner_pages(path: Path, stream_id: int, count: int) -> list[int]:
@@ -380,7 +367,7 @@ def inner_pages(path: Path, stream_id: int, count: int) -> list[int]:
     Start-up probes the edges of each stream (min and max timestamp); damage in here is
     only found by the full check or by a read that crosses it.
     """
-    raw = salvage.RawPages.open(path, page_size_of(path))
+    raw = rawpages.RawPages.open(path, page_size_of(path))
     assert raw is not None
     (low, high) = sql(
         path, "SELECT min(ts_ms), max(ts_ms) FROM readings WHERE stream_id = ?", (stream_id,)
@@ -390,7 +377,7 @@ def inner_pages(path: Path, stream_id: int, count: int) -> list[int]:
         data = raw.page(page)
         if data is None or data[0] != 0x0A:  # leaves only: interior pages are on every path
             continue
-        rows = list(salvage.raw_readings(raw, only={page}))
+        rows = list(rawpages.raw_readings(raw, only={page}))
         if rows and all(sid == stream_id and low < ts < high for sid, ts, _ in rows):
             chosen.append(page)
     return chosen[len(chosen) // 2 : len(chosen) // 2 + count]

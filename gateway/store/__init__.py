@@ -1,27 +1,35 @@
-"""The durable buffer (SQLite): the only package that speaks SQL."""
+"""The durable buffer (SQLite): the only package that speaks SQL.
 
-from gateway.store.buffer import (
-    SCHEMA_VERSION,
-    AppendResult,
-    Capacity,
-    DeadLetter,
-    Lease,
-    RejectedPayload,
-    SalvageReport,
-    Store,
-    StreamState,
-    check_header,
-)
+`Store` (buffer.py) is what ingest and flush use; the rest is its parts: `schema`
+(tables, `migrate`), `capacity` (limits and drop policies), `disk` (full-disk reserve),
+`deadletters`, `ledger` (daily quota), `inspection` (read-only views), `recovery` and
+`rawpages` (salvaging a damaged file).
+"""
+
+from gateway.store.buffer import EXPIRE_CHUNK, AppendResult, Lease, Store, StreamState
+from gateway.store.capacity import Capacity, FullPolicy
+from gateway.store.deadletters import DeadLetter, RejectedPayload
+from gateway.store.disk import StoreFault
+from gateway.store.rawpages import check_header
+from gateway.store.recovery import SalvageReport, quick_check
+from gateway.store.schema import DEFAULT_PAGE_SIZE, SCHEMA_VERSION, create_schema, migrate
 
 __all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "EXPIRE_CHUNK",
     "SCHEMA_VERSION",
     "AppendResult",
     "Capacity",
     "DeadLetter",
+    "FullPolicy",
     "Lease",
     "RejectedPayload",
     "SalvageReport",
     "Store",
+    "StoreFault",
     "StreamState",
     "check_header",
+    "create_schema",
+    "migrate",
+    "quick_check",
 ]

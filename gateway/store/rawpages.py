@@ -5,7 +5,7 @@ damaged page ranges. It comes here only when SQLite cannot even read the schema:
 
 1. `repair_header` writes a copy of the file with a fresh 100-byte header (page size taken
    from the WAL, the page layout, or our default), so SQLite can open it again when only
-   the header was hit.
+   the header was hit (`check_header` is the cheap test that sends it there).
 2. `RawPages` walks every page of the file (with the WAL's committed frames laid over
    it, as SQLite would) and decodes the cells of b-tree pages by their shape: table-leaf
    rows of `streams`, index rows of `readings`. Pages on the freelist are skipped when
@@ -31,6 +31,32 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 _WAL_MAGICS = (0x377F0682, 0x377F0683)
 _PAGE_TYPES = {0x02, 0x05, 0x0A, 0x0D}
 _SIZES = tuple(1 << bits for bits in range(9, 17))
+
+
+# ---------------------------------------------------------------------- header check
+
+
+def check_header(path: Path) -> str | None:
+    """A problem with the file's 100-byte header, or None. O(1): one read, one stat."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(100)
+    except OSError as exc:
+        return f"cannot read the database file: {exc}"
+    if len(header) < 100 or header[:16] != SQLITE_MAGIC:
+        return "not an SQLite database (bad header magic)"
+    page_size = _page_size_field(header)
+    if page_size is None:
+        return f"bad page size in header: {header[16:18].hex()}"
+    if size % page_size:
+        return f"file size {size} is not a multiple of the page size {page_size}"
+    return None
 
 
 # ---------------------------------------------------------------------- header repair
@@ -276,6 +302,10 @@ def _header_page_size(path: Path) -> int | None:
         header = handle.read(100)
     if header[:16] != SQLITE_MAGIC:
         return None
+    return _page_size_field(header)
+
+
+def _page_size_field(header: bytes) -> int | None:
     (raw,) = struct.unpack(">H", header[16:18])
     size = 65536 if raw == 1 else raw
     return size if size in _SIZES else None

@@ -1,0 +1,141 @@
+"""The dead letters: what will never be delivered, kept with a reason for the operator.
+
+A reading lands here when the cloud refuses it for good or it is too old to send; an MQTT
+message that cannot become a reading lands here at ingest. `reason` is a stable code
+(`expired`, `rejected`, `not_a_number`, ...), `detail` what was wrong with this one. The
+table keeps the newest `max_dead_letters`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import aiosqlite
+
+from gateway.log import get_logger
+from gateway.models import StreamKey
+from gateway.store.sql import changes, fetch_one
+
+log = get_logger("store")
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedPayload:
+    """An MQTT message that could not become a reading, kept for the operator to inspect."""
+
+    reason: str
+    topic: str
+    payload: bytes
+    device_id: int | None = None
+    datastream_id: int | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    dead_at_ms: int
+    reason: str
+    device_id: int | None
+    datastream_id: int | None
+    ts_ms: int | None
+    value_json: str | None
+    topic: str | None
+    detail: str | None = None
+
+
+async def add_rejected(
+    db: aiosqlite.Connection, now_ms: int, rejected: Sequence[RejectedPayload]
+) -> None:
+    await db.executemany(
+        "INSERT INTO dead_letters (dead_at_ms, reason, device_id, datastream_id, topic, "
+        "payload, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                now_ms,
+                item.reason,
+                item.device_id,
+                item.datastream_id,
+                item.topic,
+                item.payload,
+                item.detail,
+            )
+            for item in rejected
+        ],
+    )
+
+
+async def add_points(
+    db: aiosqlite.Connection,
+    now_ms: int,
+    stream: StreamKey,
+    points: Iterable[tuple[int, str]],
+    reason: str,
+    detail: str | None = None,
+) -> None:
+    """Dead-letter (ts_ms, value JSON) readings of one stream (the caller deletes them)."""
+    await db.executemany(
+        "INSERT INTO dead_letters (dead_at_ms, reason, device_id, datastream_id, ts_ms, "
+        "value, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            (now_ms, reason, stream.device_id, stream.datastream_id, ts_ms, value, detail)
+            for ts_ms, value in points
+        ],
+    )
+
+
+async def expire(
+    db: aiosqlite.Connection,
+    stream_id: int,
+    stream: StreamKey,
+    cutoff_ms: int,
+    limit: int,
+    clock_ms: Callable[[], int],
+    reason: str = "expired",
+) -> int:
+    """Move up to `limit` of a stream's readings older than `cutoff_ms`, oldest first.
+
+    Walks the primary key, so the cost is the rows moved, not the table.
+    """
+    rows = [
+        (int(ts_ms), str(value))
+        for ts_ms, value in await db.execute_fetchall(
+            "SELECT ts_ms, value FROM readings WHERE stream_id = ? AND ts_ms < ? "
+            "ORDER BY ts_ms, value LIMIT ?",
+            (stream_id, cutoff_ms, limit),
+        )
+    ]
+    if not rows:
+        return 0
+    await add_points(db, clock_ms(), stream, rows, reason)
+    last_ts, last_value = rows[-1]
+    return await changes(
+        db,
+        "DELETE FROM readings WHERE stream_id = ? AND (ts_ms, value) <= (?, ?)",
+        (stream_id, last_ts, last_value),
+    )
+
+
+async def prune(db: aiosqlite.Connection, max_dead_letters: int) -> int:
+    """Keep the newest `max_dead_letters` (ids only grow, so this is two index seeks)."""
+    (newest,) = await fetch_one(db, "SELECT max(id) FROM dead_letters")
+    if newest is None:
+        return 0
+    pruned = await changes(
+        db, "DELETE FROM dead_letters WHERE id <= ?", (int(newest) - max_dead_letters,)
+    )
+    if pruned:
+        log.warning("dead_letters_pruned", count=pruned, max_dead_letters=max_dead_letters)
+    return pruned
+
+
+async def read(db: aiosqlite.Connection, limit: int, reason: str | None) -> list[DeadLetter]:
+    """The oldest `limit` dead letters (of one reason, if given)."""
+    where, params = ("WHERE reason = ?", (reason, limit)) if reason else ("", (limit,))
+    rows = await db.execute_fetchall(
+        "SELECT id, dead_at_ms, reason, device_id, datastream_id, ts_ms, value, topic, "
+        f"detail FROM dead_letters {where} ORDER BY id LIMIT ?",
+        params,
+    )
+    return [DeadLetter(*row) for row in rows]

@@ -1,0 +1,154 @@
+"""The buffer's tables, and the upgrades that bring an older file up to date.
+
+A file records its schema version in `PRAGMA user_version`; `migrate` applies each missing
+step in a transaction of its own. `create_schema` makes a new file (the recovery builds its
+fresh file with it, and the benchmarks build files of any version with `migrate`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from gateway.errors import StoreError
+from gateway.log import get_logger
+
+log = get_logger("store")
+
+SCHEMA_VERSION = 3
+
+# New files only (SQLite fixes the page size when the file is created). A commit writes
+# every page it touches to the WAL, and small commits touch a few pages each: 1 KiB pages
+# halve the bytes written per reading against 4 KiB (benchmarks/sd_wear.py). Values longer
+# than about 200 bytes then spill into overflow pages, which costs space, not correctness.
+DEFAULT_PAGE_SIZE = 1024
+
+# Each entry upgrades the schema from version N-1 to N, in one transaction. Statements end
+# with ';' and a newline (that is how they are split).
+_MIGRATIONS: dict[int, str] = {
+    1: """
+        CREATE TABLE streams (
+            id INTEGER PRIMARY KEY,
+            device_id INTEGER NOT NULL,
+            datastream_id INTEGER NOT NULL,
+            parked_reason TEXT,
+            parked_until_ms INTEGER,
+            UNIQUE (device_id, datastream_id)
+        );
+        -- value is the JSON text sent to the cloud, integer stream ids keep rows small
+        CREATE TABLE readings (
+            id INTEGER PRIMARY KEY,
+            stream_id INTEGER NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            value TEXT NOT NULL
+        );
+        -- covering index: batch selection by stream and time, and duplicate suppression
+        CREATE UNIQUE INDEX readings_by_stream_ts ON readings (stream_id, ts_ms, value);
+        CREATE TABLE dead_letters (
+            id INTEGER PRIMARY KEY,
+            dead_at_ms INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            device_id INTEGER,
+            datastream_id INTEGER,
+            ts_ms INTEGER,
+            value TEXT,
+            topic TEXT,
+            payload BLOB
+        );
+        CREATE INDEX dead_letters_by_reason ON dead_letters (reason);
+        -- points accepted by the cloud per device per day (the day in the configured zone)
+        CREATE TABLE quota_days (
+            device_id INTEGER NOT NULL,
+            day TEXT NOT NULL,
+            points INTEGER NOT NULL DEFAULT 0,
+            exhausted INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (device_id, day)
+        ) WITHOUT ROWID;
+    """,
+    # Version 2: each reading is stored once instead of twice (table + covering index), which
+    # halves the file and the pages a commit dirties (SD wear). Adds the clean-shutdown
+    # record that makes start-up O(1) and the per-device eviction counters.
+    2: """
+        CREATE TABLE readings_v2 (
+            stream_id INTEGER NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (stream_id, ts_ms, value)
+        ) WITHOUT ROWID;
+        INSERT INTO readings_v2 (stream_id, ts_ms, value)
+            SELECT stream_id, ts_ms, value FROM readings ORDER BY stream_id, ts_ms, value;
+        DROP TABLE readings;
+        ALTER TABLE readings_v2 RENAME TO readings;
+        -- key/value facts about the file; 'pending_points' exists only after a clean close
+        CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        -- readings the capacity policy dropped, per device, since the file was created
+        CREATE TABLE capacity_drops (
+            device_id INTEGER PRIMARY KEY,
+            evicted INTEGER NOT NULL DEFAULT 0,
+            refused INTEGER NOT NULL DEFAULT 0,
+            last_at_ms INTEGER NOT NULL
+        );
+    """,
+    # Version 3: a dead letter's reason is a stable code; the value that varies per message
+    # (the bad number, the cloud's wording) goes to `detail`, so grouping by reason works.
+    3: """
+        ALTER TABLE dead_letters ADD COLUMN detail TEXT;
+    """,
+}
+
+
+def migrate(connection: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Upgrade the file to schema version `target`, one transaction per step.
+
+    `connection` must be in autocommit mode (`isolation_level=None`). Returns the version
+    the file had. A file newer than this gateway is refused, never touched.
+    """
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        path = connection.execute("PRAGMA database_list").fetchone()[2]
+        raise StoreError(
+            f"{path} has schema version {version}, newer than this gateway "
+            f"understands ({SCHEMA_VERSION}); upgrade the gateway"
+        )
+    for step in range(version + 1, target + 1):
+        started = time.perf_counter()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _MIGRATIONS[step].split(";\n"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version={step}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        if version > 0:
+            log.info(
+                "store_migrated",
+                schema_version=step,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+            )
+    return int(version)
+
+
+def create_schema(connection: sqlite3.Connection, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+    """Make the file a buffer of the current version (or upgrade it, if it already is one).
+
+    The page size takes effect only on a new file; WAL mode is recorded in the file.
+    """
+    connection.execute(f"PRAGMA page_size={int(page_size)}")
+    connection.execute("PRAGMA journal_mode=WAL")
+    migrate(connection)
+
+
+def prepare_file(path: Path, page_size: int) -> None:
+    """`create_schema` on a connection of its own (the store runs this in a worker thread)."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        create_schema(connection, page_size)
+    finally:
+        connection.close()
