@@ -17,10 +17,13 @@ broker, sandbox and outages. Figures are medians over `--repeats`.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.testing.broker import MosquittoBroker
@@ -48,7 +51,7 @@ def one_outage(
     broker: MosquittoBroker,
     sandbox: SandboxThread,
     outage_s: float,
-    env: dict[str, str],
+    variant: Variant,
 ) -> float:
     """Seconds from the cloud listening again to the first batch it accepts."""
     db = workdir / "buffer.db"
@@ -56,8 +59,9 @@ def one_outage(
         leftover.unlink()
     config = daemon_config(broker.port, sandbox.base_url, db, ROUTES, log={"level": "info"})
     path = write_config(workdir / "gateway.toml", config)
-    cloud = sandbox.cloud
-    with GatewayProcess(path, workdir / "gateway.log", env=env) as daemon:
+    with GatewayProcess(
+        path, workdir / "gateway.log", env=variant.env, python=variant.python
+    ) as daemon:
         daemon.start()
         daemon.wait_for_event("mqtt_connected", timeout_s=30)
         publisher = AckedPublisher(broker.host, broker.port, client_id="bench-publisher")
@@ -78,11 +82,29 @@ def one_outage(
             sandbox.call(lambda c: c.set_fault("none"))
             back = time.monotonic()
             wait_for(lambda: sandbox.call(lambda c: len(c.accepted)) > accepted, 900, "first batch")
-            return time.monotonic() - back
+            resumed_s = time.monotonic() - back
+            offline = daemon.wait_for_event("went_offline", timeout_s=1)
+            print(f"    ({variant.name}: went_offline error={offline.get('error')!r})", flush=True)
+            return resumed_s
         finally:
             publisher.close()
             daemon.stop()
-    del cloud
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    python: list[str] | None = None
+
+
+def baseline_variant(ref: str, into: Path) -> Variant:
+    """The daemon of an earlier commit: its tree first on the path, this venv's packages
+    after it, and `-S -P` so the venv's editable install (this checkout) is not loaded."""
+    baseline_tree(ref, into)
+    packages = [p for p in sys.path if p.endswith("site-packages")]
+    path = os.pathsep.join([str(into), *packages])
+    return Variant(f"baseline {ref}", {"PYTHONPATH": path}, [sys.executable, "-S", "-P"])
 
 
 def baseline_tree(ref: str, into: Path) -> Path:
@@ -102,10 +124,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="outage-bench-") as tmp:
         tmp_path = Path(tmp)
-        variants: list[tuple[str, dict[str, str]]] = [("now", {})]
+        variants = [Variant("now")]
         if not args.no_baseline:
-            old = baseline_tree(args.baseline_ref, tmp_path / "baseline")
-            variants.insert(0, (f"baseline {args.baseline_ref}", {"PYTHONPATH": str(old)}))
+            variants.insert(0, baseline_variant(args.baseline_ref, tmp_path / "baseline"))
         broker = MosquittoBroker(tmp_path / "broker")
         broker.start()
         sandbox = SandboxThread(SandboxCloud(DEVICES))
@@ -114,11 +135,12 @@ def main() -> None:
         try:
             for repeat in range(args.repeats):
                 for outage_s in args.outages:
-                    for name, env in variants:
+                    for variant in variants:
                         workdir = tmp_path / f"run-{repeat}-{outage_s:g}-{len(results)}"
                         workdir.mkdir()
-                        seconds = one_outage(workdir, broker, sandbox, outage_s, env)
-                        results.setdefault((name, outage_s), []).append(seconds)
+                        seconds = one_outage(workdir, broker, sandbox, outage_s, variant)
+                        results.setdefault((variant.name, outage_s), []).append(seconds)
+                        name = variant.name
                         line = (
                             f"{name:>22}  outage {outage_s:6.0f} s  resumed after {seconds:6.1f} s"
                         )
@@ -140,10 +162,10 @@ def main() -> None:
                     check=False,
                 )
         print()
-        print(f"| outage | {' | '.join(name for name, _ in variants)} | now / baseline |")
+        print(f"| outage | {' | '.join(v.name for v in variants)} | now / baseline |")
         print(f"|---|{'---|' * len(variants)}---|")
         for outage_s in args.outages:
-            medians = [statistics.median(results[(name, outage_s)]) for name, _ in variants]
+            medians = [statistics.median(results[(v.name, outage_s)]) for v in variants]
             ratio = (
                 medians[-1] / medians[0] if len(medians) > 1 and medians[0] > 0 else float("nan")
             )

@@ -134,6 +134,7 @@ class GatewayProcess:
 
     ``log_path``: also append every line the daemon prints there (written by this
     process, not the daemon). ``env``: extra environment variables for the daemon.
+    ``python``: the interpreter command (default: this one).
     """
 
     def __init__(
@@ -142,10 +143,14 @@ class GatewayProcess:
         log_path: Path | None = None,
         *,
         env: Mapping[str, str] | None = None,
+        python: Sequence[str] | None = None,
     ) -> None:
         self.config_path = config_path
         self.log_path = log_path
         self.env = dict(env or {})
+        # The interpreter command; a benchmark runs another checkout's daemon with
+        # [sys.executable, "-S", "-P"] and PYTHONPATH, bypassing this venv's editable install.
+        self.python = list(python or [sys.executable])
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._lines: list[str] = []
@@ -162,7 +167,7 @@ class GatewayProcess:
         self._join_reader()
         self.starts += 1
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            [*self.python, "-m", "gateway", "run", "--config", str(self.config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
