@@ -68,6 +68,18 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
+async def wait_for_passes(gateway: Gateway, count: int = 3, timeout_s: float = 20.0) -> None:
+    """Let the flush loop make `count` more passes: whatever it would still send, it has sent.
+
+    The honest replacement for "sleep, then assert nothing more happened": the assertion
+    that follows holds after several chances to break it, however fast the machine.
+    """
+    flush = gateway.flush
+    assert flush is not None, "the gateway is not running"
+    target = flush.stats.passes + count
+    await wait_until(lambda: flush.stats.passes >= target, timeout_s, f"{count} more flush passes")
+
+
 class InProcessGateway:
     """`async with InProcessGateway(settings) as gw:` runs the daemon until the block ends."""
 

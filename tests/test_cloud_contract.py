@@ -7,7 +7,6 @@ reached by time travel instead of waiting.
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from gateway.config import Settings
 from gateway.models import Reading
 from gateway.store import Store
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, accepted_set, wait_until
+from harness import InProcessGateway, accepted_set, wait_for_passes, wait_until
 
 DAY_MS = 86_400_000
 
@@ -54,7 +53,7 @@ async def test_daily_quota_is_never_exceeded_and_the_rest_goes_after_midnight(
     async with InProcessGateway(make_settings(), clock_ms=sandbox.now_ms) as gateway:
         assert gateway.store is not None
         await wait_until(lambda: len(sandbox.accepted) >= 10_000, 30, "10,000 accepted")
-        await asyncio.sleep(0.6)  # several more passes: nothing more may go out today
+        await wait_for_passes(gateway)  # nothing more may go out today
         assert len(sandbox.accepted) == 10_000
         assert sandbox.quota_used(101) == 10_000
         assert quota_refusals(sandbox) == 0
@@ -80,7 +79,7 @@ async def test_each_device_has_its_own_quota(
     await prefill(tmp_path / "buffer.db", readings)
     async with InProcessGateway(make_settings(), clock_ms=sandbox.now_ms) as gateway:
         await wait_until(lambda: len(sandbox.accepted) >= 20_000, 40, "20,000 accepted")
-        await asyncio.sleep(0.5)
+        await wait_for_passes(gateway)
         assert sandbox.accepted_count(101) == 10_000
         assert sandbox.accepted_count(102) == 10_000
         assert gateway.store is not None and gateway.store.pending_points == 1_000
@@ -96,9 +95,9 @@ async def test_configured_limit_and_newest_first_order(
     settings = make_settings(
         cloud={"daily_points_limit": 120}, flush={"order": "newest", "batch_size": 50}
     )
-    async with InProcessGateway(settings, clock_ms=sandbox.now_ms):
+    async with InProcessGateway(settings, clock_ms=sandbox.now_ms) as gateway:
         await wait_until(lambda: len(sandbox.accepted) >= 120, 20, "120 accepted")
-        await asyncio.sleep(0.5)
+        await wait_for_passes(gateway)
     assert len(sandbox.accepted) == 120
     # Newest first: exactly the 120 most recent readings went out.
     assert {p.ts for p in sandbox.accepted} == {r.ts_ms for r in readings[-120:]}
@@ -119,7 +118,7 @@ async def test_cloud_side_exhaustion_parks_the_device_until_reset(
         assert gateway.store is not None
         await wait_until(lambda: sandbox.accepted_count(102) == 50, 20, "other device flows")
         await wait_until(lambda: quota_refusals(sandbox) == 1, 20, "one refusal")
-        await asyncio.sleep(0.6)
+        await wait_for_passes(gateway)
         assert quota_refusals(sandbox) == 1, "the refused device must not be retried today"
         assert gateway.store.pending_points == 2_000
         events = [e for e in log_events(log_output) if e["event"] == "quota_exhausted"]
@@ -207,10 +206,13 @@ async def test_bad_credentials_keep_buffering_and_recover(
         await wait_until(
             lambda: any(e["event"] == "auth_failed" for e in log_events(log_output)), 10
         )
-        await asyncio.sleep(1.2)
+        flush = gateway.flush
+        assert flush is not None
+        await wait_until(lambda: flush.stats.failures >= 3, 10, "three slow retries")
         assert sandbox.accepted == []
-        # Slow retries, not a loop: at most one token request per auth_retry_s (+ the first).
-        assert sandbox.token_requests <= 4
+        # Slow retries, not a loop: each pass asked for a token once, failed, then waited.
+        assert sandbox.token_requests == flush.stats.failures
+        assert flush.stats.passes <= flush.stats.failures + 1
         sandbox.client_secret = "sandbox-secret"
         await wait_until(lambda: len(sandbox.accepted) == 100, 10, "delivered after the fix")
         await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 0)
@@ -247,7 +249,7 @@ async def test_unpark_after_reload_retries_a_parked_stream_at_once(
         assert gateway.store is not None and gateway.flush is not None
         await wait_until(lambda: any(r.status == 404 for r in sandbox.requests), 10)
         sandbox.add_device(103, {1: "double", 9: "double"})
-        await asyncio.sleep(0.5)
+        await wait_for_passes(gateway)
         assert sandbox.accepted == []  # parked for an hour
         await gateway.flush.unpark_all()  # what a config reload does
         await wait_until(lambda: len(sandbox.accepted) == 20, 10, "sent right after reload")
