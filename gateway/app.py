@@ -129,7 +129,9 @@ class Gateway:
         """The full integrity check, once, in the background (start-up only probes the file).
 
         A damaged file found here is swapped for a salvaged one by the store itself; a
-        failure to check is logged and never takes the gateway down.
+        failure to check is logged and never takes the gateway down. Shutdown cancels this
+        task: the check stops at once, but a recovery under way runs to its end first (the
+        store shields it), so the store is never left half-swapped.
         """
         await asyncio.sleep(VERIFY_DELAY_S)
         try:

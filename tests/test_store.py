@@ -3,6 +3,7 @@ record, full disk and read-only faults (damaged files: test_store_recovery.py)."
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import sqlite3
@@ -82,6 +83,38 @@ async def test_version_1_file_is_upgraded_in_place(db_path: Path, make_store: Ma
     assert sql(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     (schema,) = sql(db_path, "SELECT sql FROM sqlite_schema WHERE name = 'readings'")[0]
     assert "WITHOUT ROWID" in schema
+
+
+async def test_a_commit_cancelled_while_it_runs_still_updates_the_count(
+    db_path: Path, make_store: MakeStore
+) -> None:
+    """app.py cancels the flush task at shutdown, possibly while its ack is committing.
+
+    The COMMIT happens regardless; if the in-memory count then missed it, the clean-shutdown
+    record would save the wrong count and the next start would trust it.
+    """
+    store: Store = await make_store()
+    await store.append(readings(10))
+    batch = (await store.lease(BOILER, 4)).batch
+    loop = asyncio.get_running_loop()
+    acking: list[asyncio.Task[None]] = []
+
+    def cancel_at_commit(statement: str) -> None:  # runs in the connection's thread
+        if statement == "COMMIT" and acking:
+            loop.call_soon_threadsafe(acking[0].cancel)
+
+    await store.set_trace_callback(cancel_at_commit)
+    acking.append(asyncio.create_task(store.ack(batch, "2025-10-09")))
+    with pytest.raises(asyncio.CancelledError):
+        await acking[0]
+    await store.set_trace_callback(None)
+    [(stored,)] = sql(db_path, "SELECT count(*) FROM readings")
+    assert stored == 6  # the commit went through
+    assert store.pending_points == stored
+    assert await store.points_sent(101, "2025-10-09") == (4, False)
+    await store.close()
+    again: Store = await make_store()
+    assert again.started_clean and again.pending_points == stored
 
 
 # --------------------------------------------------------------------------- start-up record

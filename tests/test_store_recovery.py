@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import store_kit
@@ -23,7 +25,7 @@ from store_kit import (
 from conftest import log_events
 from gateway.errors import StoreCorrupt
 from gateway.models import StreamKey
-from gateway.store import Store, rawpages
+from gateway.store import SalvageReport, Store, rawpages, recovery
 
 # The store fixtures (shared with the other test_store*.py).
 db_path, make_store = store_kit.db_path_fixture, store_kit.make_store_fixture
@@ -129,6 +131,33 @@ async def test_damaged_middle_pages_are_moved_aside_and_the_rest_salvaged(
     # ... and the gateway carries on with the fresh file.
     assert (await store.append(readings(5, start=10_000))).inserted == 5
     assert await store.verify() is True
+
+
+async def test_cancelling_verify_during_a_recovery_leaves_a_working_store(
+    db_path: Path, make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown cancels the background integrity check; a recovery it started must finish,
+    or the store is left with its old connection closed and no new one."""
+    original = await build_file(db_path)
+    damage(db_path, inner_pages(db_path, stream_id=2, count=3))
+    store: Store = await make_store()
+    loop = asyncio.get_running_loop()
+    verifying: list[asyncio.Task[bool]] = []
+    salvage = recovery.recover_file
+
+    def cancel_then_salvage(*args: Any) -> SalvageReport:  # runs in a worker thread
+        loop.call_soon_threadsafe(verifying[0].cancel)
+        return salvage(*args)
+
+    monkeypatch.setattr(recovery, "recover_file", cancel_then_salvage)
+    verifying.append(asyncio.create_task(store.verify()))
+    with pytest.raises(asyncio.CancelledError):
+        await verifying[0]
+    assert store.recovery is not None
+    salvaged = set(await store.buffered_points())
+    assert salvaged and salvaged <= original
+    assert store.pending_points == len(salvaged)
+    assert (await store.append(readings(5, start=10_000))).inserted == 5
 
 
 async def test_damage_found_by_a_read_is_recovered_and_the_read_retried(

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -279,7 +279,9 @@ class Store:
 
         `work` returns (result, on_commit): in-memory state is only touched by `on_commit`
         after COMMIT succeeded, so a failed commit (disk full) leaves no trace in memory.
-        A damaged file is recovered and the transaction retried once.
+        Once COMMIT is issued, cancelling the caller waits for it and `on_commit` first
+        (the shutdown cancels the flush loop mid-ack). A damaged file is recovered and the
+        transaction retried once.
         """
         for attempt in (1, 2):
             async with self._lock:
@@ -290,11 +292,12 @@ class Store:
                             # The file is about to change: the recorded count goes stale.
                             await self._db.execute("DELETE FROM meta WHERE key = 'pending_points'")
                         result, on_commit = await work()
-                        await self._db.execute("COMMIT")
+                        await _uncancelled(self._commit(on_commit))
                     except BaseException:
-                        if self._db.in_transaction:
-                            with contextlib.suppress(sqlite3.Error):
-                                await self._db.execute("ROLLBACK")
+                        # Even if the connection is not in a transaction yet: a cancelled
+                        # BEGIN may still be queued on its thread, and must not stay open.
+                        with contextlib.suppress(sqlite3.Error):
+                            await self._db.execute("ROLLBACK")
                         raise
                 except sqlite3.Error as exc:
                     if attempt == 1 and self._owner and is_corruption(exc):
@@ -306,13 +309,17 @@ class Store:
                             self._db, str(exc), buffered=self.pending_points
                         )
                     raise error from exc
-                self._clean_record = False
-                if on_commit is not None:
-                    on_commit()
                 if self.disk_full:
                     await checkpoint_restart(self._db)
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _commit(self, on_commit: Callable[[], None] | None) -> None:
+        """COMMIT, then mirror it in memory: one step (`_uncancelled`), never half of it."""
+        await self._db.execute("COMMIT")
+        self._clean_record = False
+        if on_commit is not None:
+            on_commit()
 
     async def _write(self, work: Callable[[], Awaitable[object]]) -> None:
         """A transaction that changes nothing held in memory."""
@@ -671,7 +678,14 @@ class Store:
         return False
 
     async def _recover_locked(self, error: str) -> None:
-        """Swap a damaged file for a salvaged one under the caller's lock (owner only)."""
+        """Swap a damaged file for a salvaged one under the caller's lock (owner only).
+
+        Runs to its end even if the caller is cancelled meanwhile (shutdown cancels the
+        background `verify`): stopped half-way, the store would have no open connection.
+        """
+        await _uncancelled(self._swap_for_salvaged(error))
+
+    async def _swap_for_salvaged(self, error: str) -> None:
         with contextlib.suppress(sqlite3.Error, ValueError):
             await self._db.close()
         report = await asyncio.to_thread(recovery.recover_file, self.path, error, self.page_size)
@@ -680,3 +694,23 @@ class Store:
         self.recovery = report
         report.emit(buffered=self.pending_points)
         self.space_freed.notify()
+
+
+async def _uncancelled(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even if the caller is cancelled meanwhile, then re-raise that.
+
+    Like `asyncio.shield`, but the caller also waits for the work before it goes: the store
+    lock stays held, so nothing sees the state half-way.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # the caller is going away; a failure is its to drop
+        raise asyncio.CancelledError
+    return task.result()
