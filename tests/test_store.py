@@ -284,6 +284,30 @@ async def test_dead_letters_are_pruned_to_the_limit(make_store: MakeStore) -> No
     assert (await store.counts())["dead_letters"] == 20
 
 
+async def test_dead_letter_pruning_is_logged_once_per_interval_with_the_sum(
+    make_store: MakeStore, log_output: io.StringIO
+) -> None:
+    """Once the table is full every commit with a bad payload prunes: not a line each."""
+    now = [1000.0]
+    store: Store = await make_store(
+        capacity=Capacity(max_dead_letters=20), monotonic=lambda: now[0]
+    )
+
+    def bad(commit: int) -> list[RejectedPayload]:
+        return [RejectedPayload("not_a_number", "t", f"{commit}-{j}".encode()) for j in range(10)]
+
+    for commit in range(50):  # the first two fill the table, each later one prunes 10
+        await store.append([], bad(commit))
+    now[0] += 61
+    await store.append([], bad(50))  # an interval later: one line for all pruned since
+    await store.append([], bad(51))
+    await store.close()  # what is left unreported is reported at close
+    lines = [e for e in log_events(log_output) if e["event"] == "dead_letters_pruned"]
+    assert [e["count"] for e in lines] == [10, 480, 10]
+    assert {e["max_dead_letters"] for e in lines} == {20}
+    assert sql(store.path, "SELECT count(*) FROM dead_letters") == [(20,)]
+
+
 # --------------------------------------------------------------------------- faults
 
 

@@ -6,13 +6,14 @@
 `rawpages` (salvaging a damaged file).
 """
 
-from gateway.store.buffer import EXPIRE_CHUNK, AppendResult, Lease, Store, StreamState
+from gateway.store.buffer import EXPIRE_CHUNK, AppendResult, Lease, Store
 from gateway.store.capacity import Capacity, FullPolicy
 from gateway.store.deadletters import DeadLetter, RejectedPayload
 from gateway.store.disk import StoreFault
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, quick_check
 from gateway.store.schema import DEFAULT_PAGE_SIZE, SCHEMA_VERSION, create_schema, migrate
+from gateway.store.streams import StreamState
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",

@@ -42,7 +42,7 @@ from gateway.aio import Notifier
 from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
-from gateway.store import deadletters, inspection, ledger, recovery, schema
+from gateway.store import deadletters, inspection, ledger, recovery, schema, streams
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import DeadLetter, RejectedPayload
 from gateway.store.disk import DiskGuard, StoreFault, checkpoint_restart
@@ -50,6 +50,7 @@ from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, is_corruption, store_error
 from gateway.store.schema import DEFAULT_PAGE_SIZE
 from gateway.store.sql import changes_many, fetch_one, used_bytes
+from gateway.store.streams import StreamState
 
 log = get_logger("store")
 
@@ -80,13 +81,6 @@ class Lease:
 
     batch: Batch
     expired: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamState:
-    key: StreamKey
-    parked_reason: str | None
-    parked_until_ms: int | None
 
 
 class Store:
@@ -121,6 +115,8 @@ class Store:
         self.page_size = page_size
         self.used_bytes = 0
         self._policy = CapacityPolicy(capacity, clock_ms, monotonic)
+        self._pruned_log = deadletters.PruneReporter(capacity.max_dead_letters, clock=monotonic)
+        self._pruned = 0  # dead letters pruned by the transaction under way
         self._disk = DiskGuard(path, capacity.disk_reserve_bytes)
         self._clean_record = False
         self._data_version = 0
@@ -199,7 +195,8 @@ class Store:
         await db.execute("PRAGMA busy_timeout=5000")
         await db.execute("PRAGMA foreign_keys=OFF")
         (self.page_size,) = await fetch_one(db, "PRAGMA page_size")
-        await self._load_streams()
+        self._stream_ids = await streams.load(db)
+        self._stream_keys = {stream_id: key for key, stream_id in self._stream_ids.items()}
         rows = await db.execute_fetchall("SELECT value FROM meta WHERE key = 'pending_points'")
         clean = [int(row[0]) for row in rows]
         # The last owner closed cleanly and nobody wrote since: no need to count.
@@ -213,22 +210,13 @@ class Store:
         (self._data_version,) = await fetch_one(db, "PRAGMA data_version")
         self.used_bytes = await used_bytes(db, self.page_size)
 
-    async def _load_streams(self) -> None:
-        self._stream_ids.clear()
-        self._stream_keys.clear()
-        for stream_id, device_id, datastream_id in await self._db.execute_fetchall(
-            "SELECT id, device_id, datastream_id FROM streams"
-        ):
-            key = StreamKey(device_id, datastream_id)
-            self._stream_ids[key] = stream_id
-            self._stream_keys[stream_id] = key
-
     async def close(self) -> None:
         """Close; the owner also records the row count and lets SQLite refresh its stats.
 
         Others (`blynk-gateway status` next to a running daemon) write nothing.
         """
         async with self._lock:
+            self._pruned_log.flush()
             if self._owner:
                 with contextlib.suppress(sqlite3.Error):
                     await self._db.execute("PRAGMA optimize")
@@ -287,6 +275,7 @@ class Store:
             async with self._lock:
                 try:
                     await self._db.execute("BEGIN IMMEDIATE")
+                    self._pruned = 0
                     try:
                         if self._clean_record:
                             # The file is about to change: the recorded count goes stale.
@@ -320,6 +309,7 @@ class Store:
         self._clean_record = False
         if on_commit is not None:
             on_commit()
+        self._pruned_log.pruned(self._pruned)
 
     async def _write(self, work: Callable[[], Awaitable[object]]) -> None:
         """A transaction that changes nothing held in memory."""
@@ -381,21 +371,21 @@ class Store:
                 key = StreamKey(reading.device_id, reading.datastream_id)
                 stream_id = self._stream_ids.get(key) or new_streams.get(key)
                 if stream_id is None:
-                    stream_id = new_streams[key] = await self._create_stream(key)
+                    stream_id = new_streams[key] = await streams.create(self._db, key)
                 rows.append((stream_id, reading.ts_ms, reading.value_json))
             inserted, duplicates, refused = await self._policy.insert(
                 self._db, rows, self.pending_points
             )
             if rejected:
                 await deadletters.add_rejected(self._db, self._clock_ms(), rejected)
-                await deadletters.prune(self._db, self._capacity.max_dead_letters)
-            streams = {**self._stream_keys, **{sid: key for key, sid in new_streams.items()}}
+                await self._prune_dead_letters()
+            known = {**self._stream_keys, **{sid: key for key, sid in new_streams.items()}}
             drops = await self._policy.make_room(
                 self._db,
                 buffered=self.pending_points + inserted,
                 page_size=self.page_size,
-                stream_ids=sorted(streams),
-                device_of=lambda stream_id: streams[stream_id].device_id,
+                stream_ids=sorted(known),
+                device_of=lambda stream_id: known[stream_id].device_id,
                 refused_rows=refused,
             )
             result = AppendResult(
@@ -421,32 +411,11 @@ class Store:
 
         return await self._in_transaction(work)
 
-    async def _create_stream(self, key: StreamKey) -> int:
-        cursor = await self._db.execute(
-            "INSERT INTO streams (device_id, datastream_id) VALUES (?, ?) "
-            "ON CONFLICT (device_id, datastream_id) DO UPDATE SET device_id = excluded.device_id "
-            "RETURNING id",
-            (key.device_id, key.datastream_id),
-        )
-        row = await cursor.fetchone()
-        await cursor.close()
-        if row is None:
-            raise StoreError(f"could not register stream {key}")
-        return int(row[0])
-
     # ------------------------------------------------------------------ flush side
 
     async def pending_streams(self) -> list[StreamState]:
         """Streams that have buffered readings, in a stable order (for round-robin)."""
-
-        async def work() -> list[StreamState]:
-            rows = await self._db.execute_fetchall(
-                "SELECT device_id, datastream_id, parked_reason, parked_until_ms FROM streams s "
-                "WHERE EXISTS (SELECT 1 FROM readings r WHERE r.stream_id = s.id) ORDER BY s.id"
-            )
-            return [StreamState(StreamKey(row[0], row[1]), row[2], row[3]) for row in rows]
-
-        return await self._read(work)
+        return await self._read(lambda: streams.with_readings(self._db))
 
     async def lease(
         self,
@@ -563,7 +532,7 @@ class Store:
             points = [(point.ts_ms, point.value_json) for point in batch.points]
             await deadletters.add_points(self._db, now_ms, batch.stream, points, reason, detail)
             deleted = await self._delete_points(batch)
-            await deadletters.prune(self._db, self._capacity.max_dead_letters)
+            await self._prune_dead_letters()
             return deleted, lambda: self._rows_left(deleted)
 
         await self._in_transaction(work)
@@ -596,32 +565,20 @@ class Store:
             self._db, stream_id, key, cutoff_ms, EXPIRE_CHUNK, self._clock_ms, reason
         )
         if moved:
-            await deadletters.prune(self._db, self._capacity.max_dead_letters)
+            await self._prune_dead_letters()
         return moved
+
+    async def _prune_dead_letters(self) -> None:
+        """Inside a transaction: keep the newest `max_dead_letters` (logged after COMMIT)."""
+        self._pruned += await deadletters.prune(self._db, self._capacity.max_dead_letters)
 
     async def park(self, stream: StreamKey, reason: str, until_ms: int) -> None:
         """Hold a stream back (its data kept) until `until_ms`, remembering why."""
-        await self._write(
-            lambda: self._db.execute(
-                "UPDATE streams SET parked_reason = ?, parked_until_ms = ? "
-                "WHERE device_id = ? AND datastream_id = ?",
-                (reason, until_ms, stream.device_id, stream.datastream_id),
-            )
-        )
+        await self._write(lambda: streams.park(self._db, stream, reason, until_ms))
 
     async def unpark(self, stream: StreamKey | None = None) -> None:
         """Release one parked stream, or all of them (after a config reload)."""
-        where = "parked_reason IS NOT NULL"
-        params: tuple[int, ...] = ()
-        if stream is not None:
-            where = "device_id = ? AND datastream_id = ?"
-            params = (stream.device_id, stream.datastream_id)
-        await self._write(
-            lambda: self._db.execute(
-                f"UPDATE streams SET parked_reason = NULL, parked_until_ms = NULL WHERE {where}",
-                params,
-            )
-        )
+        await self._write(lambda: streams.unpark(self._db, stream))
 
     # ------------------------------------------------------------------ quota ledger
 

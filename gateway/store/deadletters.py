@@ -3,11 +3,13 @@
 A reading lands here when the cloud refuses it for good or it is too old to send; an MQTT
 message that cannot become a reading lands here at ingest. `reason` is a stable code
 (`expired`, `rejected`, `not_a_number`, ...), `detail` what was wrong with this one. The
-table keeps the newest `max_dead_letters`.
+table keeps the newest `max_dead_letters`; what pruning removes is reported by
+`PruneReporter`, at most one line per interval.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +20,9 @@ from gateway.models import StreamKey
 from gateway.store.sql import changes, fetch_one
 
 log = get_logger("store")
+
+# One `dead_letters_pruned` line per interval while the table is at its limit.
+PRUNE_LOG_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +127,9 @@ async def prune(db: aiosqlite.Connection, max_dead_letters: int) -> int:
     (newest,) = await fetch_one(db, "SELECT max(id) FROM dead_letters")
     if newest is None:
         return 0
-    pruned = await changes(
+    return await changes(
         db, "DELETE FROM dead_letters WHERE id <= ?", (int(newest) - max_dead_letters,)
     )
-    if pruned:
-        log.warning("dead_letters_pruned", count=pruned, max_dead_letters=max_dead_letters)
-    return pruned
 
 
 async def read(db: aiosqlite.Connection, limit: int, reason: str | None) -> list[DeadLetter]:
@@ -139,3 +141,43 @@ async def read(db: aiosqlite.Connection, limit: int, reason: str | None) -> list
         params,
     )
     return [DeadLetter(*row) for row in rows]
+
+
+class PruneReporter:
+    """`dead_letters_pruned` at once, then at most once per interval with the count since.
+
+    Once the table is full every commit that adds a dead letter prunes one, so a line per
+    prune would flood the log exactly when something is wrong. Lines come from commits
+    (there is no timer); `flush` reports what is left at close.
+    """
+
+    def __init__(
+        self,
+        max_dead_letters: int,
+        interval_s: float = PRUNE_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._max_dead_letters = max_dead_letters
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last_line: float | None = None
+        self._unreported = 0
+
+    def pruned(self, count: int) -> None:
+        self._unreported += count
+        if not self._unreported:
+            return
+        if self._last_line is None or self._clock() - self._last_line >= self._interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._unreported:
+            return
+        log.warning(
+            "dead_letters_pruned",
+            count=self._unreported,
+            max_dead_letters=self._max_dead_letters,
+            interval_s=self._interval_s,
+        )
+        self._last_line = self._clock()
+        self._unreported = 0
