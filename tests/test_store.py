@@ -66,6 +66,27 @@ async def test_ack_many_deletes_several_batches_and_counts_quota_in_one_commit(
     assert (await store.counts())["buffered"] == 10
 
 
+async def test_the_quota_ledger_keeps_only_the_last_days(
+    db_path: Path, make_store: MakeStore
+) -> None:
+    """Flush only asks about today: a row per device per day must not pile up for years."""
+    store: Store = await make_store()
+    for day in range(1, 21):
+        await store.append(readings(2, start=10 * day) + readings(1, KITCHEN, start=day))
+        for stream in (BOILER, KITCHEN):
+            await store.ack((await store.lease(stream, 10)).batch, f"2025-10-{day:02d}")
+    await store.mark_exhausted(102, "2025-10-20")
+    kept = sql(db_path, "SELECT DISTINCT day FROM quota_days ORDER BY day")
+    assert [day for (day,) in kept] == [f"2025-10-{day:02d}" for day in range(14, 21)]
+    assert sql(db_path, "SELECT count(*) FROM quota_days") == [(14,)]
+    assert await store.points_sent(101, "2025-10-20") == (2, False)
+    assert await store.points_sent(102, "2025-10-20") == (1, True)
+    # A clock far ahead for one upload costs a kept day, not today's count.
+    await store.append(readings(1, start=999))
+    await store.ack((await store.lease(BOILER, 1)).batch, "2030-01-01")
+    assert await store.points_sent(101, "2025-10-20") == (2, False)
+
+
 async def test_version_1_file_is_upgraded_in_place(db_path: Path, make_store: MakeStore) -> None:
     connection = sqlite3.connect(db_path, isolation_level=None)
     migrate(connection, target=1)

@@ -117,6 +117,7 @@ class Store:
         self._policy = CapacityPolicy(capacity, clock_ms, monotonic)
         self._pruned_log = deadletters.PruneReporter(capacity.max_dead_letters, clock=monotonic)
         self._pruned = 0  # dead letters pruned by the transaction under way
+        self._ledger_day: str | None = None  # quota days were last pruned on this one
         self._disk = DiskGuard(path, capacity.disk_reserve_bytes)
         self._clean_record = False
         self._data_version = 0
@@ -501,7 +502,15 @@ class Store:
                 await ledger.count_delivered(
                     self._db, batch.stream.device_id, day, len(batch.points)
                 )
-            return deleted, lambda: self._rows_left(deleted)
+            newest_day = max(day for _, day in delivered)
+            if newest_day != self._ledger_day:  # the first ack of a day (or since open)
+                await ledger.prune_days(self._db)
+
+            def on_commit() -> None:
+                self._rows_left(deleted)
+                self._ledger_day = newest_day
+
+            return deleted, on_commit
 
         if delivered:
             await self._in_transaction(work)
