@@ -458,6 +458,7 @@ async def drain_ingest(
         store,
         commit_interval_s=settings.store.commit_interval_ms / 1000,
         commit_max_readings=settings.commit_max_readings(),
+        oldest_sendable_ms=settings.cloud.oldest_sendable_ms,
     )
     watch.start()
     task = asyncio.create_task(ingest.run(), name="bench-ingest")

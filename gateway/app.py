@@ -88,6 +88,7 @@ class Gateway:
             store,
             commit_interval_s=settings.store.commit_interval_ms / 1000,
             commit_max_readings=settings.commit_max_readings(),
+            oldest_sendable_ms=settings.cloud.oldest_sendable_ms,
             clock_ms=self._clock_ms,
         )
         self.flush = flush = FlushLoop(

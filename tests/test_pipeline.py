@@ -234,12 +234,27 @@ async def test_bad_payloads_are_rejected_counted_and_do_not_stop_valid_ones(
         letters = await gateway.store.dead_letters(limit=100)
     assert {(p.ts, p.value) for p in sandbox.accepted} == {(BASE_TS + i, i) for i in range(40)}
     assert len(letters) == len(bad)
-    assert all(
-        letter.reason.startswith("bad_payload:") and letter.topic == topic for letter in letters
+    assert sorted(letter.reason for letter in letters) == sorted(
+        [
+            "not_json",
+            "not_json",
+            "value_not_finite",
+            "ts_not_ms",
+            "payload_too_large",
+            "not_utf8",
+            "no_value_key",
+            "unsupported_type",
+            "value_not_finite",
+            "value_out_of_range",
+            "unsupported_type",
+        ]
     )
+    assert all(letter.topic == topic and letter.detail is not None for letter in letters)
+    assert gateway.ingest.stats.rejected_by_reason["unsupported_type"] == 2
     rejected = [e for e in log_events(log_output) if e["event"] == "payload_rejected"]
     assert rejected and all(event["topic"] == topic for event in rejected)
-    assert any("max_payload_bytes" in event["reason"] for event in rejected)
+    [too_large] = [event for event in rejected if event["reason"] == "payload_too_large"]
+    assert "max_payload_bytes" in too_large["detail"]
 
 
 async def test_graceful_stop_keeps_undelivered_readings_for_next_start(

@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway.config import RouteSettings
+from gateway.errors import PayloadError
 from gateway.ingest.routes import (
     MAX_SAFE_INTEGER,
-    PayloadError,
     Route,
     RouteTable,
-    decode_payload,
+    decode_value,
     encode_value,
+    has_own_timestamp,
     topic_matches,
 )
 from gateway.models import Reading
@@ -27,17 +28,18 @@ TS_MS = 1_702_656_423_136
 
 
 def decode(payload: bytes | str) -> tuple[object, int]:
-    """decode_payload, with the value JSON parsed back so tests compare Python values."""
+    """(value, ts), the value JSON parsed back so tests compare Python values; a payload
+    without its own ts gets RECEIVED_MS."""
     raw = payload.encode("utf-8") if isinstance(payload, str) else payload
-    value_json, ts_ms = decode_payload(raw, RECEIVED_MS)
-    return json.loads(value_json), ts_ms
+    value_json, ts_ms = decode_value(raw)
+    return json.loads(value_json), RECEIVED_MS if ts_ms is None else ts_ms
 
 
-def rejected(payload: bytes | str) -> str:
+def rejected(payload: bytes | str) -> PayloadError:
     raw = payload.encode("utf-8") if isinstance(payload, str) else payload
     with pytest.raises(PayloadError) as info:
-        decode_payload(raw, RECEIVED_MS)
-    return str(info.value)
+        decode_value(raw)
+    return info.value
 
 
 # --------------------------------------------------------------------------- plain numbers
@@ -66,8 +68,8 @@ def test_plain_numbers(payload: str, value: float) -> None:
 
 
 def test_plain_int_stays_an_int_in_json() -> None:
-    assert decode_payload(b"42", RECEIVED_MS) == ("42", RECEIVED_MS)
-    assert decode_payload(b"-7", RECEIVED_MS) == ("-7", RECEIVED_MS)
+    assert decode_value(b"42") == ("42", None)
+    assert decode_value(b"-7") == ("-7", None)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +77,7 @@ def test_plain_int_stays_an_int_in_json() -> None:
     ["NaN", "nan", "-nan", "Infinity", "-Infinity", "inf", "-inf", "1e400", "-1e400"],
 )
 def test_non_finite_numbers_refused(payload: str) -> None:
-    rejected(payload)
+    assert rejected(payload).code in {"value_not_finite", "not_json"}
 
 
 @pytest.mark.parametrize(
@@ -83,7 +85,7 @@ def test_non_finite_numbers_refused(payload: str) -> None:
     ['{"value": NaN}', '{"value": Infinity}', '{"value": -Infinity}', '{"value": 1e400}'],
 )
 def test_non_finite_json_values_refused(payload: str) -> None:
-    assert "finite" in rejected(payload)
+    assert rejected(payload).code == "value_not_finite"
 
 
 @pytest.mark.parametrize(
@@ -96,7 +98,8 @@ def test_non_finite_json_values_refused(payload: str) -> None:
     ],
 )
 def test_integers_beyond_2_53_refused(payload: str) -> None:
-    assert "out of range" in rejected(payload)
+    error = rejected(payload)
+    assert error.code == "value_out_of_range" and "2**53" in error.detail
 
 
 def test_absurdly_long_integers_refused_as_payload_errors() -> None:
@@ -107,9 +110,9 @@ def test_absurdly_long_integers_refused_as_payload_errors() -> None:
     MQTT read loop.
     """
     digits = "9" * 5000
-    rejected(digits)
-    rejected(f'{{"value": {digits}}}')
-    rejected(f'{{"value": 1, "ts": {digits}}}')
+    assert rejected(digits).code == "value_not_finite"  # as a float it is inf
+    assert rejected(f'{{"value": {digits}}}').code == "value_out_of_range"
+    assert rejected(f'{{"value": 1, "ts": {digits}}}').code == "value_out_of_range"
 
 
 # --------------------------------------------------------------------------- JSON objects
@@ -136,16 +139,20 @@ def test_json_float_ts_in_ms_is_truncated_to_int() -> None:
     ],
 )
 def test_ts_not_in_milliseconds_refused(ts: str) -> None:
-    assert "not epoch milliseconds" in rejected(f'{{"value": 1, "ts": {ts}}}')
+    error = rejected(f'{{"value": 1, "ts": {ts}}}')
+    assert error.code == "ts_not_ms"
+    assert "not epoch milliseconds" in error.detail and str(int(ts)) in error.detail
 
 
 @pytest.mark.parametrize("ts", ['"1702656423136"', "true", "[1702656423136]", "NaN"])
 def test_ts_of_wrong_type_refused(ts: str) -> None:
-    assert "'ts'" in rejected(f'{{"value": 1, "ts": {ts}}}')
+    error = rejected(f'{{"value": 1, "ts": {ts}}}')
+    assert error.code == "ts_not_ms" and "'ts'" in error.detail
 
 
 def test_json_object_without_value_refused() -> None:
-    assert "no 'value' key" in rejected('{"temperature": 21.5}')
+    error = rejected('{"temperature": 21.5}')
+    assert error.code == "no_value_key" and "temperature" in error.detail
 
 
 @pytest.mark.parametrize(
@@ -164,7 +171,7 @@ def test_json_object_without_value_refused() -> None:
     ],
 )
 def test_unsupported_value_types_refused(payload: str) -> None:
-    assert "unsupported value type" in rejected(payload)
+    assert rejected(payload).code == "unsupported_type"
 
 
 # --------------------------------------------------------------------------- strings
@@ -190,7 +197,8 @@ def test_strings_up_to_1024_bytes_accepted(text: str) -> None:
 )
 def test_strings_over_1024_bytes_refused(text: str) -> None:
     assert len(text.encode("utf-8")) > 1024
-    assert "1024 bytes" in rejected(json.dumps({"value": text}, ensure_ascii=False))
+    error = rejected(json.dumps({"value": text}, ensure_ascii=False))
+    assert error.code == "string_too_long" and "1024" in error.detail
     with pytest.raises(PayloadError):
         encode_value(text)
 
@@ -200,7 +208,7 @@ def test_bare_json_string_payload() -> None:
 
 
 def test_string_value_json_is_utf8_text_not_escapes() -> None:
-    value_json, _ = decode_payload('{"value": "Zürich ✓"}'.encode(), RECEIVED_MS)
+    value_json, _ = decode_value('{"value": "Zürich ✓"}'.encode())
     assert value_json == '"Zürich ✓"'
 
 
@@ -209,8 +217,8 @@ def test_lone_surrogate_string_refused_as_payload_error() -> None:
 
     It must become a PayloadError, not a UnicodeEncodeError escaping the decoder.
     """
-    rejected(b'{"value": "\\ud800"}')
-    rejected(b'"abc\\udc00"')
+    assert rejected(b'{"value": "\\ud800"}').code == "not_utf8"
+    assert rejected(b'"abc\\udc00"').code == "not_utf8"
 
 
 # --------------------------------------------------------------------------- booleans, location
@@ -219,7 +227,7 @@ def test_lone_surrogate_string_refused_as_payload_error() -> None:
     [("true", True), ("false", False), ('{"value": true}', True), ('{"value": false}', False)],
 )
 def test_booleans(payload: str, value: bool) -> None:
-    value_json, _ = decode_payload(payload.encode(), RECEIVED_MS)
+    value_json, _ = decode_value(payload.encode())
     assert value_json == ("true" if value else "false")
     assert json.loads(value_json) is value
 
@@ -238,27 +246,42 @@ def test_location_accepted(location: list[float]) -> None:
     [[181, 0], [-180.01, 0], [0, 90.5], [0, -91], [1000, 1000]],
 )
 def test_location_out_of_range_refused(location: list[float]) -> None:
-    assert "outside [lon, lat] range" in rejected(json.dumps({"value": location}))
+    error = rejected(json.dumps({"value": location}))
+    assert error.code == "value_out_of_range" and "outside [lon, lat] range" in error.detail
 
 
 # --------------------------------------------------------------------------- not a payload
 @pytest.mark.parametrize("payload", [b"\xff\xfe\x00", b"21.5\xc3", "Zürich".encode("latin-1")])
 def test_non_utf8_refused(payload: bytes) -> None:
-    assert "not UTF-8" in rejected(payload)
+    assert rejected(payload).code == "not_utf8"
 
 
 @pytest.mark.parametrize("payload", [b"", b"   ", b"\n\t"])
 def test_empty_refused(payload: bytes) -> None:
-    assert "empty" in rejected(payload)
+    error = rejected(payload)
+    assert error.code == "empty" and str(error) == "empty"
 
 
-@pytest.mark.parametrize("payload", ["hello", "21.5 C", "-", ".", "1.2.3", "{broken", "0x1A"])
-def test_garbage_refused(payload: str) -> None:
-    rejected(payload)
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ("hello", "not_json"),
+        ("{broken", "not_json"),
+        ("21.5 C", "not_a_number"),
+        ("-", "not_a_number"),
+        (".", "not_a_number"),
+        ("1.2.3", "not_a_number"),
+        ("0x1A", "not_a_number"),
+    ],
+)
+def test_garbage_refused(payload: str, code: str) -> None:
+    error = rejected(payload)
+    assert error.code == code
+    assert payload in error.detail  # the value goes in the detail, never in the code
 
 
 def test_deeply_nested_json_refused() -> None:
-    rejected("[" * 100_000)
+    assert rejected("[" * 100_000).code == "not_json"
 
 
 # --------------------------------------------------------------------------- topic matching
@@ -358,8 +381,9 @@ def test_decode_refuses_oversized_payload() -> None:
     table = RouteTable(TABLE, max_payload_bytes=16)
     route = Route("x", 1, 2)
     assert table.decode(route, b"1" + b" " * 15, RECEIVED_MS).value_json == "1"  # 16 bytes
-    with pytest.raises(PayloadError, match="17 bytes exceeds max_payload_bytes=16"):
+    with pytest.raises(PayloadError, match="17 bytes exceeds max_payload_bytes=16") as info:
         table.decode(route, b"1" + b" " * 16, RECEIVED_MS)
+    assert info.value.code == "payload_too_large"
 
 
 def test_decode_default_limit_is_16k() -> None:
@@ -457,28 +481,49 @@ def test_declared_datastream_type_accepts_fitting_values(
 
 
 @pytest.mark.parametrize(
-    ("value_type", "payload", "reason"),
+    ("value_type", "payload", "code", "detail"),
     [
-        ("double", b"true", "does not fit a double"),
-        ("double", b'"21.5"', "does not fit a double"),
-        ("integer", b"21.5", "does not fit an integer"),
-        ("integer", b"2147483648", "outside the 32-bit range"),
-        ("enum", b"false", "does not fit an enum"),
-        ("string", b"21", "does not fit a string"),
-        ("boolean", b"1", "does not fit a boolean"),
-        ("location", b"21", "does not fit a location"),
+        ("double", b"true", "type_mismatch", "does not fit a double"),
+        ("double", b'"21.5"', "type_mismatch", "does not fit a double"),
+        ("integer", b"21.5", "type_mismatch", "does not fit an integer"),
+        ("integer", b"2147483648", "value_out_of_range", "outside the 32-bit range"),
+        ("enum", b"false", "type_mismatch", "does not fit an enum"),
+        ("string", b"21", "type_mismatch", "does not fit a string"),
+        ("boolean", b"1", "type_mismatch", "does not fit a boolean"),
+        ("location", b"21", "type_mismatch", "does not fit a location"),
     ],
 )
 def test_declared_datastream_type_refuses_values_the_cloud_would_drop(
-    value_type: str, payload: bytes, reason: str
+    value_type: str, payload: bytes, code: str, detail: str
 ) -> None:
     table = RouteTable([RouteSettings(topic="t", device_id=1, datastream_id=1, type=value_type)])
     route = table.match("t")
     assert route is not None
-    with pytest.raises(PayloadError, match=reason):
+    with pytest.raises(PayloadError) as info:
         table.decode(route, payload, 1_700_000_000_000)
+    assert info.value.code == code and detail in info.value.detail
 
 
 def test_unknown_datastream_type_is_a_config_error() -> None:
     with pytest.raises(ValidationError, match="type"):
         RouteSettings(topic="t", device_id=1, datastream_id=1, type="float")
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b'{"value": 1, "ts": 1702656423136}', True),
+        (b"21.5", False),
+        (b'{"value": 1}', False),
+    ],
+)
+def test_has_own_timestamp(payload: bytes, expected: bool) -> None:
+    assert has_own_timestamp(payload) is expected
+
+
+@given(st.integers(min_value=1_000_000_000, max_value=1_999_999_999))
+def test_codes_are_stable_whatever_the_value(ts_s: int) -> None:
+    """The code is a key for logs and counters: it never carries the offending value."""
+    error = rejected(f'{{"value": 1, "ts": {ts_s}}}')
+    assert error.code == "ts_not_ms"
+    assert str(ts_s) in error.detail and str(ts_s) not in error.code

@@ -2,8 +2,9 @@
 
 Decoding runs once per MQTT message, so the common cases are the fast ones: an exact topic
 is a dict hit, and a plain number payload is parsed without the JSON decoder. A payload
-that cannot become a valid point raises `PayloadError` with a reason meant for the log;
-the value is validated here, at ingest, so a bad point never poisons an upload later.
+that cannot become a valid point raises `PayloadError` with a stable code (the key for log
+throttling, counters and the dead-letter reason) and the offending value as its detail; the
+value is validated here, at ingest, so a bad point never poisons an upload later.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import RouteSettings
+from gateway.errors import PayloadError
 from gateway.models import Reading
 
 MAX_STRING_BYTES = 1024
@@ -24,10 +26,6 @@ MAX_SAFE_INTEGER = 2**53
 # Timestamps before 2001-09 or after 2286 are almost certainly seconds or µs, not ms.
 MIN_TS_MS = 1_000_000_000_000
 MAX_TS_MS = 9_999_999_999_999
-
-
-class PayloadError(ValueError):
-    """The payload cannot become a point; `str(error)` is the reason for the log."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +80,8 @@ class RouteTable:
     def decode(self, route: Route, payload: bytes, received_ms: int) -> Reading:
         if len(payload) > self.max_payload_bytes:
             raise PayloadError(
-                f"payload of {len(payload)} bytes exceeds "
-                f"max_payload_bytes={self.max_payload_bytes}"
+                "payload_too_large",
+                f"{len(payload)} bytes exceeds max_payload_bytes={self.max_payload_bytes}",
             )
         value_json, own_ts_ms = decode_value(payload)
         if route.value_type is not None:
@@ -106,29 +104,23 @@ class RouteTable:
         return stamp
 
 
-def decode_payload(payload: bytes, received_ms: int) -> tuple[str, int]:
-    """(value as JSON text, ts in epoch ms) from a plain number or `{"value": .., "ts": ..}`."""
-    value_json, own_ts_ms = decode_value(payload)
-    return value_json, received_ms if own_ts_ms is None else own_ts_ms
-
-
 def decode_value(payload: bytes) -> tuple[str, int | None]:
     """(value as JSON text, the payload's own ts in epoch ms or None)."""
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
-        raise PayloadError("payload is not UTF-8 text") from exc
+        raise PayloadError("not_utf8", f"invalid byte at {exc.start}") from exc
     if not text:
-        raise PayloadError("payload is empty")
+        raise PayloadError("empty")
     first = text[0]
     if first.isdigit() or first in "-.":
         return _plain_number(text), None
     try:
         document = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise PayloadError(f"payload is neither a number nor JSON: {_preview(text)}") from exc
+        raise PayloadError("not_json", f"neither a number nor JSON: {_preview(text)}") from exc
     except ValueError as exc:  # e.g. an integer beyond Python's 4300-digit conversion limit
-        raise PayloadError(f"payload has an unreadable number: {exc}") from exc
+        raise PayloadError("value_out_of_range", f"unreadable number: {exc}") from exc
     if isinstance(document, dict):
         return _from_object(document)
     return encode_value(document), None
@@ -141,13 +133,13 @@ def _plain_number(text: str) -> str:
         try:
             number = float(text)
         except ValueError as exc:
-            raise PayloadError(f"payload is not a number: {_preview(text)}") from exc
+            raise PayloadError("not_a_number", _preview(text)) from exc
     return encode_value(number)
 
 
 def _from_object(document: dict[str, Any]) -> tuple[str, int | None]:
     if "value" not in document:
-        raise PayloadError(f"JSON object has no 'value' key (keys: {sorted(document)[:8]})")
+        raise PayloadError("no_value_key", f"keys: {_preview(str(sorted(document)[:8]))}")
     ts_ms = None
     if "ts" in document and document["ts"] is not None:
         ts_ms = validate_ts_ms(document["ts"])
@@ -156,12 +148,12 @@ def _from_object(document: dict[str, Any]) -> tuple[str, int | None]:
 
 def validate_ts_ms(raw_ts: Any) -> int:
     if isinstance(raw_ts, bool) or not isinstance(raw_ts, int | float):
-        raise PayloadError(f"'ts' must be epoch milliseconds, got {raw_ts!r}")
+        raise PayloadError("ts_not_ms", f"'ts' must be epoch milliseconds, got {raw_ts!r}")
     if isinstance(raw_ts, float) and not math.isfinite(raw_ts):
-        raise PayloadError(f"'ts' must be finite, got {raw_ts!r}")
+        raise PayloadError("ts_not_ms", f"'ts' must be finite, got {raw_ts!r}")
     ts_ms = int(raw_ts)
     if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
-        raise PayloadError(f"'ts' {ts_ms} is not epoch milliseconds (seconds or µs?)")
+        raise PayloadError("ts_not_ms", f"'ts' {ts_ms} is not epoch milliseconds (seconds or µs?)")
     return ts_ms
 
 
@@ -181,13 +173,18 @@ def conform_to_type(value_type: str, value_json: str) -> str:
             value = int(value)
         if not isinstance(value, int) or isinstance(value, bool):
             raise PayloadError(
-                f"value {_preview(value_json)} does not fit an {value_type} datastream"
+                "type_mismatch", f"{_preview(value_json)} does not fit an {value_type} datastream"
             )
         if not INT32_MIN <= value <= INT32_MAX:
-            raise PayloadError(f"{value} is outside the 32-bit range of an {value_type} datastream")
+            raise PayloadError(
+                "value_out_of_range",
+                f"{value} is outside the 32-bit range of an {value_type} datastream",
+            )
         return str(value)
     if not _FITS_TYPE[value_type](value):
-        raise PayloadError(f"value {_preview(value_json)} does not fit a {value_type} datastream")
+        raise PayloadError(
+            "type_mismatch", f"{_preview(value_json)} does not fit a {value_type} datastream"
+        )
     return value_json
 
 
@@ -205,26 +202,30 @@ def encode_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         if abs(value) > MAX_SAFE_INTEGER:
-            raise PayloadError(f"integer {value} is out of range (|v| <= 2**53)")
+            raise PayloadError("value_out_of_range", f"integer {value} is beyond ±2**53")
         return str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise PayloadError(f"value {value} is not a finite number")
+            raise PayloadError("value_not_finite", repr(value))
         return repr(value)
     if isinstance(value, str):
         try:
             encoded = value.encode("utf-8")
         except UnicodeEncodeError as exc:  # JSON can spell a lone surrogate ("\ud800")
-            raise PayloadError("string value is not valid Unicode") from exc
+            raise PayloadError("not_utf8", f"string value {_preview(repr(value))}") from exc
         if len(encoded) > MAX_STRING_BYTES:
-            raise PayloadError(f"string value longer than {MAX_STRING_BYTES} bytes")
+            raise PayloadError(
+                "string_too_long", f"{len(encoded)} bytes, more than {MAX_STRING_BYTES}"
+            )
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list) and len(value) == 2 and all(_is_number(part) for part in value):
         lon, lat = value
         if not (-180 <= lon <= 180 and -90 <= lat <= 90):
-            raise PayloadError(f"location {value} is outside [lon, lat] range")
+            raise PayloadError(
+                "value_out_of_range", f"location {value} is outside [lon, lat] range"
+            )
         return f"[{encode_value(lon)},{encode_value(lat)}]"
-    raise PayloadError(f"unsupported value type {type(value).__name__}: {_preview(repr(value))}")
+    raise PayloadError("unsupported_type", f"{type(value).__name__}: {_preview(repr(value))}")
 
 
 def _is_number(value: Any) -> bool:
@@ -233,3 +234,8 @@ def _is_number(value: Any) -> bool:
 
 def _preview(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def has_own_timestamp(payload: bytes) -> bool:
+    """Does the payload name its own `ts` (cheap test, no parsing)?"""
+    return b'"ts"' in payload

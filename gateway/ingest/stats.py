@@ -1,0 +1,32 @@
+"""What ingest has done since start, for the log, `status` and the tests."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    # payloads that cannot become a reading (dead-lettered), by their PayloadError code
+    rejected: int = 0
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    unmapped: int = 0
+    # readings already too old for the cloud when they arrived (dead-lettered as `expired`)
+    expired: int = 0
+    retained_skipped: int = 0
+    redelivered_acked: int = 0
+    commits: int = 0
+    # capacity policy outcomes (see Store.append): evicted = dropped oldest to make room,
+    # refused = acknowledged but not stored (drop-newest)
+    evicted: int = 0
+    refused: int = 0
+    # commits that found the buffer full (backpressure) or unwritable, and were held
+    held_commits: int = 0
+    # messages left unacknowledged (and not kept) while holding; the broker resends them
+    deferred: int = 0
+    # uncommitted messages of an earlier connection, left out because the broker resends them
+    resent_dropped: int = 0
