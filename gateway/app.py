@@ -24,6 +24,7 @@ from gateway.errors import StoreError
 from gateway.flush import FlushLoop
 from gateway.ingest import MqttIngest, RouteTable
 from gateway.log import get_logger
+from gateway.netwatch import NetworkWatcher
 from gateway.store import Capacity, Store
 
 log = get_logger("app")
@@ -51,6 +52,7 @@ class Gateway:
         self.ingest: MqttIngest | None = None
         self.flush: FlushLoop | None = None
         self.cloud: BlynkCloud | None = None
+        self.network: NetworkWatcher | None = None
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -91,8 +93,15 @@ class Gateway:
             oldest_sendable_ms=settings.cloud.oldest_sendable_ms,
             clock_ms=self._clock_ms,
         )
+        self.network = network = NetworkWatcher()
+        network.start()
         self.flush = flush = FlushLoop(
-            store, cloud, settings.flush, settings.cloud, clock_ms=self._clock_ms
+            store,
+            cloud,
+            settings.flush,
+            settings.cloud,
+            clock_ms=self._clock_ms,
+            network_changed=network.changed.listen(),
         )
         log.info(
             "gateway_started",
@@ -117,6 +126,7 @@ class Gateway:
                 verify_task.cancel()
                 await self._shutdown(ingest_task, flush_task)
         finally:
+            network.close()
             await cloud.aclose()
             await store.close()
             log.info(

@@ -395,3 +395,29 @@ def test_age_refusal_is_too_old_with_the_cloud_date_and_others_are_not() -> None
     assert type(invalid) is BatchRejected
     token = classify_failure(httpx.Response(400, json={"error": "invalid_client"}), "token")
     assert type(token) is AuthFailed
+
+
+async def test_a_network_change_ends_the_probe_wait_at_once(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+) -> None:
+    """Probes every 60 s, backoff 60 s: only the network watcher can resume it quickly."""
+    settings = make_settings(
+        flush={"backoff_min_s": 60.0, "backoff_max_s": 60.0, "probe_interval_s": 60.0}
+    )
+    async with InProcessGateway(settings, clock_ms=sandbox.now_ms) as gateway:
+        flush, network = gateway.flush, gateway.network
+        assert flush is not None and network is not None
+        await sandbox.set_fault("down")
+        now = sandbox.now_ms()
+        assert await publish(publisher, [(TOPIC, ts_payload(1, now))]) == 1
+        await wait_until(lambda: flush.stats.failures == 1, 20, "one failed upload")
+        network.changed.notify()  # what the kernel's rtnetlink message does
+        await wait_until(lambda: flush.stats.probes == 1, 20, "a probe right away")
+        await sandbox.set_fault("none")
+        assert len(sandbox.accepted) == 0
+        network.changed.notify()  # the link is back
+        await wait_until(lambda: len(sandbox.accepted) == 1, 20, "delivered after the change")
+        assert flush.stats.probes == 2 and flush.stats.probe_resumes == 1
+        assert flush.stats.requests == 2
