@@ -15,7 +15,7 @@ from typing import Any
 from gateway.errors import PayloadError
 from gateway.ingest.routes import RouteTable, has_own_timestamp
 from gateway.ingest.stats import IngestStats
-from gateway.log import get_logger
+from gateway.log import Throttle, get_logger
 from gateway.models import Reading
 from gateway.store import RejectedPayload
 
@@ -35,18 +35,15 @@ class RefusalLog:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.interval_s = interval_s
-        self._clock = clock
-        self._last_line: dict[str, float] = {}
+        self._throttle = Throttle(interval_s, clock=clock)
         self._held_back: Counter[str] = Counter()
 
     def refused(self, event: str, code: str, **fields: Any) -> None:
-        now = self._clock()
-        last = self._last_line.get(code)
-        if last is not None and now - last < self.interval_s:
+        allowed, _ = self._throttle.allow(code)  # what it held back is in the summary
+        if allowed:
+            log.warning(event, reason=code, **fields)
+        else:
             self._held_back[code] += 1
-            return
-        self._last_line[code] = now
-        log.warning(event, reason=code, **fields)
 
     def summarise(self) -> None:
         """One line for everything held back since the last summary, if anything was."""
