@@ -25,7 +25,14 @@ from store_kit import (
 from conftest import log_events
 from gateway.errors import BufferFull, StoreError
 from gateway.models import Reading
-from gateway.store import SCHEMA_VERSION, Capacity, RejectedPayload, Store, migrate
+from gateway.store import (
+    EXPIRE_CHUNK,
+    SCHEMA_VERSION,
+    Capacity,
+    RejectedPayload,
+    Store,
+    migrate,
+)
 
 # The store fixtures (shared with the other test_store*.py).
 db_path, make_store = store_kit.db_path_fixture, store_kit.make_store_fixture
@@ -136,6 +143,31 @@ async def test_a_commit_cancelled_while_it_runs_still_updates_the_count(
     await store.close()
     again: Store = await make_store()
     assert again.started_clean and again.pending_points == stored
+
+
+async def test_expire_moves_all_in_chunks_and_lets_an_append_commit_in_between(
+    make_store: MakeStore,
+) -> None:
+    """After a long power-off most of the buffer may expire at once: ingest must not wait
+    for the whole sweep (one transaction holding the store lock)."""
+    store: Store = await make_store()
+    old = readings(2 * EXPIRE_CHUNK + 100)
+    await append_all(store, old, group=EXPIRE_CHUNK)
+    cutoff_ms = BASE_TS + 10**9
+    order: list[str] = []
+    expiring = asyncio.create_task(store.expire(cutoff_ms))
+    expiring.add_done_callback(lambda _: order.append("expire done"))
+    await asyncio.sleep(0)  # the sweep starts and holds the lock for its first chunk
+    result = await store.append(readings(5, KITCHEN, start=10**9 + 1))  # fresh readings
+    order.append("append done")
+    expired_by_then = len(old) - (store.pending_points - 5)
+    assert await expiring == len(old)
+    assert order == ["append done", "expire done"]
+    assert result.inserted == 5
+    assert 0 < expired_by_then < len(old)  # it went in between two chunks
+    counts = await store.counts()
+    assert (counts["buffered"], counts["dead_letters"]) == (5, len(old))
+    assert len(await store.dead_letters(limit=len(old), reason="expired")) == len(old)
 
 
 # --------------------------------------------------------------------------- start-up record
