@@ -243,6 +243,13 @@ def _scan(
             key = resume
 
 
+def _scan_by_id(
+    connection: sqlite3.Connection, sql: str, counts: SalvageCounts
+) -> Iterable[tuple[Any, ...]]:
+    """`_scan` of a table keyed by an integer id (`sql` ends `WHERE id > ? ORDER BY id`)."""
+    return _scan(connection, sql, (0,), lambda key, step: (key[0] + step,), counts)
+
+
 def _probe_past_damage(
     connection: sqlite3.Connection,
     sql: str,
@@ -288,12 +295,10 @@ def _salvage_rows(source_path: Path, fresh: sqlite3.Connection) -> SalvageCounts
         has_rowid_layout = "id" in columns
         fresh.execute("BEGIN IMMEDIATE")
         stream_ids: set[int] = set()
-        for row in _scan(
+        for row in _scan_by_id(
             source,
             "SELECT id, device_id, datastream_id, parked_reason, parked_until_ms FROM streams "
             "WHERE id > ? ORDER BY id",
-            (0,),
-            lambda k, step: (k[0] + step,),
             counts,
         ):
             if isinstance(row[0], int) and isinstance(row[1], int) and isinstance(row[2], int):
@@ -310,8 +315,7 @@ def _salvage_rows(source_path: Path, fresh: sqlite3.Connection) -> SalvageCounts
                 "SELECT id, stream_id, ts_ms, value FROM readings WHERE id > ? ORDER BY id"
             )
             reading_rows: Iterable[tuple[Any, ...]] = (
-                row[1:]
-                for row in _scan(source, reading_sql, (0,), lambda k, step: (k[0] + step,), counts)
+                row[1:] for row in _scan_by_id(source, reading_sql, counts)
             )
         else:
             reading_rows = _scan(
@@ -336,12 +340,10 @@ def _salvage_rows(source_path: Path, fresh: sqlite3.Connection) -> SalvageCounts
                 batch.clear()
         counts.readings += _insert_salvaged(fresh, batch)
         counts.orphaned = _dead_letter_orphans(fresh, orphans)
-        for row in _scan(
+        for row in _scan_by_id(
             source,
             "SELECT id, dead_at_ms, reason, device_id, datastream_id, ts_ms, value, topic, "
             "payload FROM dead_letters WHERE id > ? ORDER BY id",
-            (0,),
-            lambda k, step: (k[0] + step,),
             counts,
         ):
             with contextlib.suppress(sqlite3.Error):
