@@ -337,6 +337,21 @@ async def test_dead_letters_are_pruned_to_the_limit(make_store: MakeStore) -> No
     assert (await store.counts())["dead_letters"] == 20
 
 
+async def test_a_rejected_payload_keeps_its_reading_when_it_had_one(make_store: MakeStore) -> None:
+    """Ingest refuses readings too old to send on arrival: their dead letter carries ts and
+    value, like one the flush loop expired; an undecodable payload has neither."""
+    store: Store = await make_store()
+    too_old = RejectedPayload(
+        "expired", "t", b"21.5", 101, 5, "ts older than cutoff", BASE_TS, "21.5"
+    )
+    garbage = RejectedPayload("not_a_number", "t", b"x", 101, 5, "x")
+    await store.append([], [too_old, garbage])
+    letters = {letter.reason: letter for letter in await store.dead_letters()}
+    assert (letters["expired"].ts_ms, letters["expired"].value_json) == (BASE_TS, "21.5")
+    assert (letters["not_a_number"].ts_ms, letters["not_a_number"].value_json) == (None, None)
+    assert letters["expired"].detail == "ts older than cutoff"
+
+
 async def test_dead_letter_pruning_is_logged_once_per_interval_with_the_sum(
     make_store: MakeStore, log_output: io.StringIO
 ) -> None:

@@ -27,7 +27,11 @@ PRUNE_LOG_INTERVAL_S = 60.0
 
 @dataclass(frozen=True, slots=True)
 class RejectedPayload:
-    """An MQTT message that could not become a reading, kept for the operator to inspect."""
+    """An MQTT message that did not become a buffered reading, kept for the operator.
+
+    `ts_ms` and `value_json` are set when it did decode but is refused anyway (too old to
+    send on arrival), so its dead letter reads like one the flush loop expired.
+    """
 
     reason: str
     topic: str
@@ -35,6 +39,8 @@ class RejectedPayload:
     device_id: int | None = None
     datastream_id: int | None = None
     detail: str | None = None
+    ts_ms: int | None = None
+    value_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +61,7 @@ async def add_rejected(
 ) -> None:
     await db.executemany(
         "INSERT INTO dead_letters (dead_at_ms, reason, device_id, datastream_id, topic, "
-        "payload, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "payload, detail, ts_ms, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 now_ms,
@@ -65,6 +71,8 @@ async def add_rejected(
                 item.topic,
                 item.payload,
                 item.detail,
+                item.ts_ms,
+                item.value_json,
             )
             for item in rejected
         ],
