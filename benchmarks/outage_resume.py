@@ -81,7 +81,13 @@ def one_outage(
             accepted = sandbox.call(lambda c: len(c.accepted))
             sandbox.call(lambda c: c.set_fault("none"))
             back = time.monotonic()
-            wait_for(lambda: sandbox.call(lambda c: len(c.accepted)) > accepted, 900, "first batch")
+            try:
+                wait_for(
+                    lambda: sandbox.call(lambda c: len(c.accepted)) > accepted, 600, "first batch"
+                )
+            except TimeoutError:
+                print(daemon.tail(40), flush=True)
+                raise
             resumed_s = time.monotonic() - back
             offline = daemon.wait_for_event("went_offline", timeout_s=1)
             print(f"    ({variant.name}: went_offline error={offline.get('error')!r})", flush=True)
