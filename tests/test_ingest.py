@@ -136,10 +136,13 @@ async def test_readings_too_old_on_arrival_are_dead_lettered_without_a_buffer_ro
         (letter.device_id, letter.datastream_id, letter.topic) == (101, 5, TOPIC)
         for letter in letters
     )
-    # detail: "ts=<ts> older than cutoff <cutoff>"
-    assert sorted(int(str(letter.detail).split()[0][3:]) for letter in letters) == [
-        old_base + i for i in range(100)
+    # The dead letter reads like one the flush loop expired: the point, and why.
+    assert sorted((letter.ts_ms, letter.value_json) for letter in letters) == [
+        (old_base + i, f"{float(i)}") for i in range(100)
     ]
+    assert all(
+        str(letter.detail).startswith(f"ts={letter.ts_ms} older than cutoff ") for letter in letters
+    )
     lines = events(log_output, "reading_expired")
     assert 1 <= len(lines) <= 2 and lines[0]["reason"] == "expired"
 

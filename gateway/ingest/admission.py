@@ -140,5 +140,7 @@ class Admission:
                 route.device_id,
                 route.datastream_id,
                 detail,
+                ts_ms=reading.ts_ms,
+                value_json=reading.value_json,
             )
         return reading, None
