@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,13 +32,9 @@ from gateway.aio import wait_any
 from gateway.cloud import CloudClient
 from gateway.config import CloudSettings, FlushSettings
 from gateway.errors import (
-    AuthFailed,
     BatchRejected,
-    CloudServerError,
-    ConnectFailed,
     PermanentCloudError,
     QuotaRefused,
-    RateLimited,
     RetryableCloudError,
     StoreError,
     TooOld,
@@ -50,20 +45,16 @@ from gateway.log import get_logger
 from gateway.models import Batch, StreamKey
 from gateway.quota import DailyQuota
 from gateway.store import Store, StreamState
+from gateway.uplink import Uplink
 
 log = get_logger("flush")
 
 EXPIRY_SWEEP_INTERVAL_S = 60.0
 STORE_RETRY_MIN_S = 0.5
 STORE_RETRY_MAX_S = 30.0
-# The cloud's Retry-After is obeyed even beyond backoff_max_s, up to this sanity cap.
-MAX_RETRY_AFTER_S = 3600.0
-STILL_OFFLINE_LOG_INTERVAL_S = 60.0
 # Accepted batches are deleted from the buffer together, one transaction per pass (fewer
 # fsyncs, less SD wear), but never held longer than this: a crash re-sends what was held.
 ACK_HOLD_MAX_S = 1.0
-# Probes are spread over [1 - j, 1 + j] x probe_interval_s so a fleet does not beat in step.
-PROBE_JITTER = 0.2
 
 
 class PassOutcome(enum.Enum):
@@ -79,10 +70,6 @@ class FlushStats:
     delivered: int = 0
     dead_lettered: int = 0
     expired: int = 0
-    failures: int = 0
-    probes: int = 0
-    # Backoff waits that a successful probe ended early (the cloud came back).
-    probe_resumes: int = 0
 
 
 class FlushLoop:
@@ -97,8 +84,6 @@ class FlushLoop:
         network_changed: asyncio.Event | None = None,
     ) -> None:
         self._store = store
-        # Set by the network watcher (our own listener flag): probe now, not at the tick.
-        self._network_changed = network_changed or asyncio.Event()
         self._new_rows = store.new_rows.listen()
         self._cloud = cloud
         self._settings = settings
@@ -108,12 +93,13 @@ class FlushLoop:
         self.stats = FlushStats()
         self._stop = asyncio.Event()
         self._rotation = 0
-        self._offline_since: float | None = None
-        self._failure_streak = 0
-        self._last_failure_log = 0.0
-        self._backoff_until = 0.0
-        # The last failure was "cannot connect": probing may end the backoff early.
-        self._unreachable = False
+        self.uplink = Uplink(
+            settings,
+            cloud.probe,
+            stop=self._stop,
+            backlog=lambda: store.pending_points,
+            network_changed=network_changed,
+        )
         self._recovering = store.pending_points > 0
         self._final_flush_active = False
         self._exhausted_logged: set[tuple[int, str]] = set()
@@ -126,7 +112,6 @@ class FlushLoop:
         # has not deleted yet (held for one transaction per pass, or the store failed).
         self._unacked: list[tuple[Batch, str]] = []
         self._unacked_since = 0.0
-        self.online = True
 
     def stop(self) -> None:
         self._stop.set()
@@ -150,7 +135,7 @@ class FlushLoop:
             if outcome is PassOutcome.SENT:
                 continue
             if outcome is PassOutcome.BACKOFF:
-                await self._wait_out_backoff()
+                await self.uplink.wait_out_backoff()
                 continue
             await self._wait(self._settings.interval_s, wake_on_new_rows=True)
             if self._new_rows.is_set() and self._store.pending_points < self._settings.batch_size:
@@ -193,46 +178,6 @@ class FlushLoop:
         await wait_any(*events, timeout_s=timeout_s)
         return self._stop.is_set()
 
-    async def _wait_out_backoff(self) -> None:
-        """Sleep until the backoff expires; if the cloud was unreachable, probe meanwhile."""
-        while not self._stop.is_set():
-            remaining_s = self._backoff_until - time.monotonic()
-            if remaining_s <= 0:
-                return
-            if not self._unreachable:
-                await self._wait(remaining_s, wake_on_new_rows=False)
-                return
-            self._network_changed.clear()
-            await wait_any(
-                self._stop,
-                self._network_changed,
-                timeout_s=min(remaining_s, self._probe_interval_s()),
-            )
-            if self._stop.is_set():
-                return
-            if time.monotonic() < self._backoff_until and await self._probe():
-                self.stats.probe_resumes += 1
-                self._backoff_until = 0.0
-                return
-
-    def _probe_interval_s(self) -> float:
-        return self._settings.probe_interval_s * random.uniform(1 - PROBE_JITTER, 1 + PROBE_JITTER)
-
-    async def _probe(self) -> bool:
-        """One cheap connect; True (logged once per outage) when the cloud is reachable."""
-        self.stats.probes += 1
-        try:
-            await self._cloud.probe()
-        except ConnectFailed:
-            return False
-        log.info(
-            "cloud_reachable",
-            probes=self.stats.probes,
-            down_s=round(time.monotonic() - (self._offline_since or time.monotonic()), 1),
-            action="uploading now",
-        )
-        return True
-
     async def final_flush(self, timeout_s: float) -> None:
         """Bounded last effort at shutdown; whatever is left stays buffered for next start."""
         try:
@@ -242,9 +187,7 @@ class FlushLoop:
             return
         if timeout_s <= 0 or self._store.pending_points == 0:
             return
-        if time.monotonic() < self._backoff_until and not (
-            self._unreachable and await self._probe()
-        ):
+        if not await self.uplink.ready_for_final_flush():
             return
         self._final_flush_active = True
         try:
@@ -356,10 +299,10 @@ class FlushLoop:
         try:
             await self._cloud.upload(batch)
         except RetryableCloudError as exc:
-            self._went_wrong(exc)
+            self.uplink.failed(exc)
             return PassOutcome.BACKOFF
         except WrongRegion as exc:
-            self._went_wrong(exc, slow=True)
+            self.uplink.failed(exc, slow=True)
             return PassOutcome.BACKOFF
         except UnknownTarget as exc:
             await self._park(batch.stream, f"{exc.kind}_not_found: {exc.message}")
@@ -379,7 +322,8 @@ class FlushLoop:
             return PassOutcome.SENT
         # Charged to the day in which the cloud accepted it, which may be past midnight.
         self._accepted(batch, self._quota.day_of(self._clock_ms()))
-        self._came_back()
+        if self.uplink.succeeded():
+            self._recovering = True
         return PassOutcome.SENT
 
     def _accepted(self, batch: Batch, day: str) -> None:
@@ -531,98 +475,10 @@ class FlushLoop:
             refused_by_cloud=cloud_message,
         )
 
-    def _went_wrong(self, exc: RetryableCloudError | WrongRegion, slow: bool = False) -> None:
-        self.stats.failures += 1
-        self._failure_streak += 1
-        self._unreachable = isinstance(exc, ConnectFailed)
-        cap = min(
-            self._settings.backoff_max_s,
-            self._settings.backoff_min_s * 2 ** min(self._failure_streak - 1, 30),
-        )
-        if isinstance(exc, AuthFailed | WrongRegion) or slow:
-            delay = self._settings.auth_retry_s
-        elif self._unreachable:
-            # Jittered probes end this wait as soon as the cloud can be reached; the full
-            # backoff is only the fallback should probes fail where requests would not.
-            delay = cap
-        else:
-            delay = random.uniform(0, cap)
-        retry_after = getattr(exc, "retry_after_s", None)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, MAX_RETRY_AFTER_S))
-        self._backoff_until = time.monotonic() + delay
-        now = time.monotonic()
-        if self.online:
-            self.online = False
-            self._offline_since = now
-            self._last_failure_log = now
-            log.error(
-                _failure_event(exc),
-                kind=_failure_kind(exc),
-                error=exc.message,
-                status=exc.status,
-                backlog=self._store.pending_points,
-                retry_in_s=round(delay, 2),
-                probing_every_s=self._settings.probe_interval_s if self._unreachable else None,
-            )
-        elif now - self._last_failure_log >= STILL_OFFLINE_LOG_INTERVAL_S:
-            self._last_failure_log = now
-            log.warning(
-                "still_offline",
-                kind=_failure_kind(exc),
-                error=exc.message,
-                status=exc.status,
-                failures=self._failure_streak,
-                probes=self.stats.probes,
-                down_s=round(now - (self._offline_since or now), 1),
-                backlog=self._store.pending_points,
-            )
-
-    def _came_back(self) -> None:
-        self._unreachable = False
-        if self.online:
-            self._failure_streak = 0
-            return
-        self.online = True
-        down_s = time.monotonic() - (self._offline_since or time.monotonic())
-        log.info(
-            "back_online",
-            backlog=self._store.pending_points,
-            previous_errors=self._failure_streak,
-            down_s=round(down_s, 1),
-        )
-        self._failure_streak = 0
-        self._recovering = True
-
     def _note_drained(self) -> None:
         if self._recovering:
             self._recovering = False
             log.info("backlog_drained", delivered_total=self.stats.delivered)
-
-
-def _failure_event(exc: RetryableCloudError | WrongRegion) -> str:
-    if isinstance(exc, AuthFailed):
-        return "auth_failed"
-    if isinstance(exc, WrongRegion):
-        return "wrong_region"
-    if isinstance(exc, RateLimited):
-        return "rate_limited"
-    return "went_offline"
-
-
-def _failure_kind(exc: RetryableCloudError | WrongRegion) -> str:
-    """`unreachable` (nothing answered: probe) versus the ways the cloud answered badly."""
-    if isinstance(exc, ConnectFailed):
-        return "unreachable"
-    if isinstance(exc, CloudServerError):
-        return "server_error"
-    if isinstance(exc, RateLimited):
-        return "rate_limited"
-    if isinstance(exc, AuthFailed):
-        return "auth"
-    if isinstance(exc, WrongRegion):
-        return "wrong_region"
-    return "no_answer"  # the request was sent; the answer timed out or broke off
 
 
 def _iso(epoch_ms: int) -> str:

@@ -208,11 +208,11 @@ async def test_bad_credentials_keep_buffering_and_recover(
         )
         flush = gateway.flush
         assert flush is not None
-        await wait_until(lambda: flush.stats.failures >= 3, 10, "three slow retries")
+        await wait_until(lambda: flush.uplink.stats.failures >= 3, 10, "three slow retries")
         assert sandbox.accepted == []
         # Slow retries, not a loop: each pass asked for a token once, failed, then waited.
-        assert sandbox.token_requests == flush.stats.failures
-        assert flush.stats.passes <= flush.stats.failures + 1
+        assert sandbox.token_requests == flush.uplink.stats.failures
+        assert flush.stats.passes <= flush.uplink.stats.failures + 1
         sandbox.client_secret = "sandbox-secret"
         await wait_until(lambda: len(sandbox.accepted) == 100, 10, "delivered after the fix")
         await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 0)

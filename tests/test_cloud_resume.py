@@ -195,13 +195,13 @@ async def test_cloud_back_ends_a_long_backoff_through_a_probe(
         now = sandbox.now_ms()
         messages = [(TOPIC, ts_payload(i, now - 1000 + i)) for i in range(50)]
         assert await publish(publisher, messages) == 50
-        await wait_until(lambda: flush.stats.failures == 1, 20, "one failed upload")
-        await wait_until(lambda: flush.stats.probes >= 5, 20, "probes while down")
+        await wait_until(lambda: flush.uplink.stats.failures == 1, 20, "one failed upload")
+        await wait_until(lambda: flush.uplink.stats.probes >= 5, 20, "probes while down")
         assert flush.stats.requests == 1, "no upload attempts while unreachable, only probes"
         await sandbox.set_fault("none")
         await wait_until(lambda: len(sandbox.accepted) == 50, 20, "delivered after the probe")
-        assert flush.stats.probe_resumes == 1
-        assert flush.stats.failures == 1
+        assert flush.uplink.stats.probe_resumes == 1
+        assert flush.uplink.stats.failures == 1
         assert flush.stats.requests == 2
     events = [e["event"] for e in log_events(log_output)]
     sequence = [e for e in events if e in ("went_offline", "cloud_reachable", "back_online")]
@@ -228,8 +228,8 @@ async def test_a_cloud_answering_5xx_is_backed_off_not_probed(
         messages = [(TOPIC, ts_payload(i, now - 1000 + i)) for i in range(20)]
         assert await publish(publisher, messages) == 20
         await wait_until(lambda: len(sandbox.accepted) == 20, 20, "delivered after the 500s")
-        assert flush.stats.failures == 3
-        assert flush.stats.probes == 0
+        assert flush.uplink.stats.failures == 3
+        assert flush.uplink.stats.probes == 0
     offline = [e for e in log_events(log_output) if e["event"] == "went_offline"]
     assert len(offline) == 1 and offline[0]["kind"] == "server_error"
 
@@ -412,12 +412,12 @@ async def test_a_network_change_ends_the_probe_wait_at_once(
         await sandbox.set_fault("down")
         now = sandbox.now_ms()
         assert await publish(publisher, [(TOPIC, ts_payload(1, now))]) == 1
-        await wait_until(lambda: flush.stats.failures == 1, 20, "one failed upload")
+        await wait_until(lambda: flush.uplink.stats.failures == 1, 20, "one failed upload")
         network.changed.notify()  # what the kernel's rtnetlink message does
-        await wait_until(lambda: flush.stats.probes == 1, 20, "a probe right away")
+        await wait_until(lambda: flush.uplink.stats.probes == 1, 20, "a probe right away")
         await sandbox.set_fault("none")
         assert len(sandbox.accepted) == 0
         network.changed.notify()  # the link is back
         await wait_until(lambda: len(sandbox.accepted) == 1, 20, "delivered after the change")
-        assert flush.stats.probes == 2 and flush.stats.probe_resumes == 1
+        assert flush.uplink.stats.probes == 2 and flush.uplink.stats.probe_resumes == 1
         assert flush.stats.requests == 2

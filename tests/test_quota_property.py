@@ -28,7 +28,12 @@ START_MS = 1_790_000_000_000 - 1_790_000_000_000 % DAY_MS + 3_600_000
 
 
 class ScriptedCloud:
-    """Answers uploads from a script; records what it accepted per device and day."""
+    """Answers uploads from a script; records what it accepted per device and day.
+
+    A `CloudClient`: the flush loop takes it as it takes the real one.
+    """
+
+    server = "scripted"
 
     def __init__(self, answers: list[str], clock: list[int]) -> None:
         self.answers = answers
@@ -53,6 +58,9 @@ class ScriptedCloud:
             key = (batch.stream.device_id, batch.stream.datastream_id, point.ts_ms)
             self.accepted.append((*key, point.value_json))
 
+    async def probe(self) -> None:
+        """The scripted cloud is always reachable: a network answer is a one-off."""
+
     async def aclose(self) -> None:
         return None
 
@@ -71,7 +79,7 @@ async def scenario(steps: list[tuple[str, int, int]], answers: list[str], db: Pa
     cloud = ScriptedCloud(list(answers), clock)
     flush = FlushLoop(
         store,
-        cloud,  # type: ignore[arg-type]
+        cloud,
         FlushSettings(batch_size=3),
         CloudSettings(client_id="c", client_secret="s", daily_points_limit=LIMIT),
         clock_ms=lambda: clock[0],
