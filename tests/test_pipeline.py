@@ -13,7 +13,7 @@ from gateway.config import Settings
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, accepted_set, ts_payload, wait_until
+from harness import InProcessGateway, accepted_set, ts_payload, wait_for_passes, wait_until
 
 BASE_TS = int(time.time() * 1000) - 3_600_000
 
@@ -46,7 +46,7 @@ async def test_thousand_readings_on_two_routes_arrive_exactly(
     async with InProcessGateway(make_settings()) as gateway:
         assert await publish(publisher, messages) == 1000
         await wait_until(lambda: len(sandbox.accepted) >= 1000, message="1000 points accepted")
-        await asyncio.sleep(0.3)  # anything extra (a duplicate) would arrive now
+        await wait_for_passes(gateway)  # anything extra (a duplicate) would go out now
         assert gateway.ingest is not None and gateway.ingest.stats.stored == 1000
     assert len(sandbox.accepted) == 1000
     assert accepted_set(sandbox) == expected
@@ -57,16 +57,17 @@ async def test_thousand_readings_on_two_routes_arrive_exactly(
 async def test_plain_number_payload_is_stamped_with_receive_time(
     make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
 ) -> None:
-    async with InProcessGateway(make_settings()):
-        before_ms = int(time.time() * 1000)
+    # The gateway's clock stands still at `received_ms`: every reading arrives "then", and
+    # the stamps must be that instant, made strictly increasing in arrival order.
+    received_ms = sandbox.now_ms() - 60_000
+    async with InProcessGateway(make_settings(), clock_ms=lambda: received_ms):
         await publish(
             publisher, [("sensors/boiler/temperature", f"{20 + i / 10}") for i in range(50)]
         )
-        after_ms = int(time.time() * 1000)
         await wait_until(lambda: len(sandbox.accepted) >= 50)
-    values = sorted(point.value for point in sandbox.accepted)
-    assert values == sorted(20 + i / 10 for i in range(50))
-    assert all(before_ms <= point.ts <= after_ms + 50 for point in sandbox.accepted)
+    by_ts = sorted(sandbox.accepted, key=lambda point: point.ts)
+    assert [point.ts for point in by_ts] == [received_ms + i for i in range(50)]
+    assert [point.value for point in by_ts] == [20 + i / 10 for i in range(50)]
 
 
 async def test_outage_buffers_everything_and_delivers_after_return(
@@ -81,7 +82,10 @@ async def test_outage_buffers_everything_and_delivers_after_return(
         await sandbox.set_fault("down")
         assert await publish(publisher, messages) == 2000
         await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 2000)
-        await asyncio.sleep(0.5)  # several failed attempts while down
+        flush = gateway.flush
+        assert flush is not None
+        failures = flush.uplink.stats.failures
+        await wait_until(lambda: flush.uplink.stats.failures >= failures + 2, 20, "more attempts")
         assert sandbox.accepted == []
         await sandbox.set_fault("none")
         await wait_until(lambda: len(sandbox.accepted) >= 2000, message="backlog delivered")
@@ -296,9 +300,9 @@ async def test_identical_plain_readings_drained_in_a_burst_stay_distinct(
         pass  # creates the persistent session and its subscriptions
     topic = "sensors/boiler/temperature"
     assert await publish(publisher, [(topic, "21.5")] * 500) == 500
-    async with InProcessGateway(settings):
+    async with InProcessGateway(settings) as gateway:
         await wait_until(lambda: len(sandbox.accepted) >= 500, message="500 identical readings")
-        await asyncio.sleep(0.3)
+        await wait_for_passes(gateway)
     assert len(sandbox.accepted) == 500
     assert len({point.ts for point in sandbox.accepted}) == 500
     assert {point.value for point in sandbox.accepted} == {21.5}
@@ -338,7 +342,8 @@ async def test_unwritable_buffer_during_an_upload_does_not_stop_the_gateway_or_r
             message="the failed acknowledgement noticed",
         )
         accepted_while_failing = len(sandbox.accepted)
-        await asyncio.sleep(0.5)
+        await wait_for_passes(gateway, 2)  # retries of the acknowledgement, not of the upload
+        assert len(sandbox.accepted) == accepted_while_failing
         await gateway.store.inject_fault("none")
         await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 0)
         assert any(e["event"] == "flush_store_recovered" for e in log_events(log_output))
