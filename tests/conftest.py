@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,3 @@ def log_output() -> Iterator[io.StringIO]:
     gateway_log.configure("debug", "json", stream=stream, secrets=["sandbox-secret"])
     yield stream
     gateway_log.configure("info", "json")
-
-
-def log_events(stream: io.StringIO) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]

@@ -8,6 +8,7 @@ SQLite file under the test's tmp_path. The daemon as a subprocess is
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -17,6 +18,7 @@ from typing import Any
 from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.testing.process import daemon_config
+from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 
 DEVICES: dict[int, dict[int, str]] = {
@@ -113,6 +115,20 @@ class InProcessGateway:
             await self.stop()
         elif self._task is not None:
             self._task.result()
+
+
+def log_events(stream: io.StringIO) -> list[dict[str, Any]]:
+    """The JSON log lines captured by the `log_output` fixture, parsed."""
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+
+
+def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
+    return [event for event in log_events(stream) if event["event"] == name]
+
+
+async def publish(publisher: AckedPublisher, messages: list[tuple[str, str]]) -> int:
+    """QoS 1, waiting for every PUBACK, off the event loop (the gateway runs on it)."""
+    return await asyncio.to_thread(publisher.publish_many, messages)
 
 
 def accepted_set(cloud: SandboxCloud) -> set[tuple[int, int, int, Any]]:

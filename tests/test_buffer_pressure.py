@@ -21,14 +21,22 @@ from typing import Any
 
 import pytest
 
-from conftest import log_events
 from gateway.config import Settings
+from gateway.ingest import MqttIngest
 from gateway.ingest import ingest as ingest_module
 from gateway.models import Reading
 from gateway.store import Store
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, accepted_set, ts_payload, wait_until
+from harness import (
+    InProcessGateway,
+    accepted_set,
+    events,
+    publish,
+    ts_payload,
+    wait_for_passes,
+    wait_until,
+)
 
 TOPIC = "sensors/boiler/temperature"
 TEXT_TOPIC = "sensors/boiler/status"
@@ -50,12 +58,10 @@ def numbered(count: int, base_ts: int, offset: int = 0) -> tuple[list[tuple[str,
     return messages, expected
 
 
-async def publish(publisher: AckedPublisher, messages: list[tuple[str, str]]) -> int:
-    return await asyncio.to_thread(publisher.publish_many, messages)
-
-
-def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
-    return [event for event in log_events(stream) if event["event"] == name]
+async def more_held_commits(ingest: MqttIngest, count: int = 1) -> None:
+    """Until ingest has tried (and been refused) `count` more commits: the state is settled."""
+    target = ingest.stats.held_commits + count
+    await wait_until(lambda: ingest.stats.held_commits >= target, 30, f"{count} more held commits")
 
 
 # --------------------------------------------------------------------------- policies
@@ -77,7 +83,7 @@ async def test_backpressure_holds_acks_so_the_broker_keeps_the_rest(
         assert gateway.store is not None and gateway.ingest is not None
         assert await publish(publisher, messages[:300]) == 300  # the broker took them all
         await wait_until(lambda: gateway.ingest is not None and gateway.ingest.holding)
-        await asyncio.sleep(0.3)
+        await more_held_commits(gateway.ingest)
         buffered = gateway.store.pending_points
         # Never beyond the limit; the rest waits in the broker.
         assert 100 - settings.commit_max_readings() < buffered <= 100
@@ -85,7 +91,7 @@ async def test_backpressure_holds_acks_so_the_broker_keeps_the_rest(
         # gateway's memory does not grow past the cap while it holds: the rest stays unacked.
         held = gateway.ingest.held_messages
         assert await publish(publisher, messages[300:]) == 100
-        await asyncio.sleep(0.3)
+        await more_held_commits(gateway.ingest)
         assert gateway.ingest.held_messages <= max(held, 150)
         assert gateway.store.pending_points == buffered
     [full] = events(log_output, "buffer_full")
@@ -97,7 +103,7 @@ async def test_backpressure_holds_acks_so_the_broker_keeps_the_rest(
         assert gateway.store.pending_points == buffered
         await sandbox.set_fault("none")
         await wait_until(lambda: accepted_set(sandbox) >= set(expected), 30, "all 400 delivered")
-        await asyncio.sleep(0.3)  # a duplicate would arrive now
+        await wait_for_passes(gateway)  # a duplicate would go out now
     assert accepted_set(sandbox) == set(expected)
     assert len(sandbox.accepted) == 400
     assert events(log_output, "buffer_full_ended")
@@ -124,7 +130,7 @@ async def test_drop_oldest_delivers_the_newest_and_counts_the_rest(
         assert await gateway.store.capacity_drops() == {101: (300, 0)}
         await sandbox.set_fault("none")
         await wait_until(lambda: len(sandbox.accepted) >= 200, 30, "the kept 200 delivered")
-        await asyncio.sleep(0.3)
+        await wait_for_passes(gateway)
     assert accepted_set(sandbox) == set(expected[300:])
     full = events(log_output, "buffer_full")
     assert len(full) == 1 and full[0]["policy"] == "drop-oldest"
@@ -149,7 +155,7 @@ async def test_drop_newest_delivers_the_first_and_counts_the_refused(
         assert (await gateway.store.counts())["refused"] == 300
         await sandbox.set_fault("none")
         await wait_until(lambda: len(sandbox.accepted) >= 200, 30, "the first 200 delivered")
-        await asyncio.sleep(0.3)
+        await wait_for_passes(gateway)
     assert accepted_set(sandbox) == set(expected[:200])
     [full] = events(log_output, "buffer_full")
     assert full["policy"] == "drop-newest" and full["refused"] > 0
@@ -253,7 +259,7 @@ async def test_full_disk_holds_acks_keeps_uploading_and_resumes_by_itself(
         publisher_task = asyncio.create_task(publish(publisher, more))
         await wait_until(lambda: ingest.holding, 30, "acks held on the full disk")
         held_at = store.pending_points
-        await asyncio.sleep(1.0)
+        await more_held_commits(ingest, 2)
         assert ingest.holding and store.pending_points == held_at and store.disk_full
         assert ingest.stats.received < 4500  # the broker keeps the rest for our session
         # The cloud comes back: uploads delete what they delivered, which frees pages in
@@ -294,7 +300,7 @@ async def test_read_only_store_holds_acks_and_resumes(
         await store.inject_fault("read-only")
         await publish(publisher, messages[100:])
         await wait_until(lambda: ingest.holding)
-        await asyncio.sleep(0.5)
+        await more_held_commits(ingest, 2)
         assert store.pending_points == 100
         await store.inject_fault("none")
         await wait_until(lambda: store.pending_points == 300, 30, "resumed by itself")

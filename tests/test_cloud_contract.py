@@ -11,12 +11,11 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import log_events
 from gateway.config import Settings
 from gateway.models import Reading
 from gateway.store import Store
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, accepted_set, wait_for_passes, wait_until
+from harness import InProcessGateway, accepted_set, log_events, wait_for_passes, wait_until
 
 DAY_MS = 86_400_000
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import log_events
 from gateway.cloud import BlynkCloud, classify_failure
 from gateway.config import Settings
 from gateway.errors import (
@@ -32,7 +31,7 @@ from gateway.quota import DailyQuota
 from gateway.store import Store
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, accepted_set, ts_payload, wait_until
+from harness import InProcessGateway, accepted_set, log_events, publish, ts_payload, wait_until
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -43,10 +42,6 @@ SENDABLE_AGE_MS = 30 * DAY_MS - 6 * HOUR_MS
 
 def refused_for_age(sandbox: SandboxCloud) -> int:
     return sum(1 for r in sandbox.requests if r.message and "older than" in r.message)
-
-
-async def publish(publisher: AckedPublisher, messages: list[tuple[str, str]]) -> int:
-    return await asyncio.to_thread(publisher.publish_many, messages)
 
 
 def interleaved(old_ts: list[int], fresh_ts: list[int]) -> list[tuple[str, str]]:

@@ -9,18 +9,16 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from conftest import log_events
 from gateway.config import Settings
 from gateway.ingest import ingest as ingest_module
 from gateway.ingest.admission import RefusalLog
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, ts_payload, wait_until
+from harness import InProcessGateway, events, publish, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"
 HUMIDITY = "sensors/kitchen/humidity"
@@ -29,14 +27,6 @@ DAY_MS = 86_400_000
 
 def recent_ms() -> int:
     return int(time.time() * 1000) - 3_600_000
-
-
-async def publish(publisher: AckedPublisher, messages: list[tuple[str, str]]) -> int:
-    return await asyncio.to_thread(publisher.publish_many, messages)
-
-
-def events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
-    return [event for event in log_events(stream) if event["event"] == name]
 
 
 # --------------------------------------------------------------------------- refusals

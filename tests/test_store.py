@@ -22,7 +22,6 @@ from store_kit import (
     sql,
 )
 
-from conftest import log_events
 from gateway.errors import BufferFull, StoreError
 from gateway.models import Reading
 from gateway.store import (
@@ -33,6 +32,7 @@ from gateway.store import (
     Store,
     migrate,
 )
+from harness import log_events
 
 # The store fixtures (shared with the other test_store*.py).
 db_path, make_store = store_kit.db_path_fixture, store_kit.make_store_fixture

@@ -22,10 +22,10 @@ from store_kit import (
     sql,
 )
 
-from conftest import log_events
 from gateway.errors import StoreCorrupt
 from gateway.models import StreamKey
 from gateway.store import SalvageReport, Store, rawpages, recovery
+from harness import log_events
 
 # The store fixtures (shared with the other test_store*.py).
 db_path, make_store = store_kit.db_path_fixture, store_kit.make_store_fixture
