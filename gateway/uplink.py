@@ -95,9 +95,10 @@ class Uplink:
             self.online = False
             self._offline_since = now
             self._last_failure_log = now
+            event, kind = _failure_names(exc)
             log.error(
-                _failure_event(exc),
-                kind=_failure_kind(exc),
+                event,
+                kind=kind,
                 error=exc.message,
                 status=exc.status,
                 backlog=self._backlog(),
@@ -108,7 +109,7 @@ class Uplink:
             self._last_failure_log = now
             log.warning(
                 "still_offline",
-                kind=_failure_kind(exc),
+                kind=_failure_names(exc)[1],
                 error=exc.message,
                 status=exc.status,
                 failures=self._failure_streak,
@@ -200,26 +201,19 @@ class Uplink:
         return round(now - (self._offline_since or now), 1)
 
 
-def _failure_event(exc: UplinkFailure) -> str:
-    if isinstance(exc, AuthFailed):
-        return "auth_failed"
-    if isinstance(exc, WrongRegion):
-        return "wrong_region"
-    if isinstance(exc, RateLimited):
-        return "rate_limited"
-    return "went_offline"
+# How each failure is named in the log: (type, event of the first line, kind).
+_FAILURE_NAMES: tuple[tuple[type[Exception], str, str], ...] = (
+    (ConnectFailed, "went_offline", "unreachable"),  # nothing answered: probe
+    (CloudServerError, "went_offline", "server_error"),
+    (RateLimited, "rate_limited", "rate_limited"),
+    (AuthFailed, "auth_failed", "auth"),
+    (WrongRegion, "wrong_region", "wrong_region"),
+)
 
 
-def _failure_kind(exc: UplinkFailure) -> str:
-    """`unreachable` (nothing answered: probe) versus the ways the cloud answered badly."""
-    if isinstance(exc, ConnectFailed):
-        return "unreachable"
-    if isinstance(exc, CloudServerError):
-        return "server_error"
-    if isinstance(exc, RateLimited):
-        return "rate_limited"
-    if isinstance(exc, AuthFailed):
-        return "auth"
-    if isinstance(exc, WrongRegion):
-        return "wrong_region"
-    return "no_answer"  # the request was sent; the answer timed out or broke off
+def _failure_names(exc: UplinkFailure) -> tuple[str, str]:
+    """(event, kind): `unreachable` versus the ways the cloud answered badly."""
+    for kind_of_error, event, kind in _FAILURE_NAMES:
+        if isinstance(exc, kind_of_error):
+            return event, kind
+    return "went_offline", "no_answer"  # the request was sent; the answer broke off
