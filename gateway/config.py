@@ -39,6 +39,13 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+def _require_order(section: BaseModel, low: str, high: str) -> None:
+    """A (min, max) pair of settings must not be inverted; the message names both keys."""
+    low_value, high_value = getattr(section, low), getattr(section, high)
+    if high_value < low_value:
+        raise ValueError(f"{high} ({high_value}) must be >= {low} ({low_value})")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,11 +70,7 @@ class MqttSettings(_Section):
 
     @model_validator(mode="after")
     def _backoff_order(self) -> MqttSettings:
-        if self.reconnect_max_s < self.reconnect_min_s:
-            raise ValueError(
-                f"reconnect_max_s ({self.reconnect_max_s}) must be >= reconnect_min_s "
-                f"({self.reconnect_min_s})"
-            )
+        _require_order(self, "reconnect_min_s", "reconnect_max_s")
         return self
 
 
@@ -156,11 +159,7 @@ class FlushSettings(_Section):
 
     @model_validator(mode="after")
     def _backoff_order(self) -> FlushSettings:
-        if self.backoff_max_s < self.backoff_min_s:
-            raise ValueError(
-                f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_min_s "
-                f"({self.backoff_min_s})"
-            )
+        _require_order(self, "backoff_min_s", "backoff_max_s")
         return self
 
 
