@@ -29,7 +29,8 @@ from pathlib import Path
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, daemon_config, write_config
 from gateway.testing.publisher import AckedPublisher
-from gateway.testing.sandbox import SandboxCloud, SandboxThread
+from gateway.testing.sandbox import SandboxCloud
+from gateway.testing.sandbox_run import SandboxThread
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICES = {101: {5: "double"}}

@@ -52,7 +52,8 @@ from gateway.store import migrate
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, daemon_config, write_config
 from gateway.testing.publisher import AckedPublisher
-from gateway.testing.sandbox import SandboxCloud, SandboxThread
+from gateway.testing.sandbox import SandboxCloud
+from gateway.testing.sandbox_run import SandboxThread
 
 REPO = Path(__file__).resolve().parent.parent
 

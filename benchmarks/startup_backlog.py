@@ -35,7 +35,8 @@ from typing import Any
 from gateway.store import Store, migrate, quick_check
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, daemon_config, write_config
-from gateway.testing.sandbox import SandboxCloud, SandboxThread
+from gateway.testing.sandbox import SandboxCloud
+from gateway.testing.sandbox_run import SandboxThread
 
 REPO = Path(__file__).resolve().parent.parent
 

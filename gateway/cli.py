@@ -141,14 +141,15 @@ async def _dead_letters(path: Path, limit: int, reason: str | None) -> int:
         print(
             f"{letter.id}\tdevice={letter.device_id}\tdatastream={letter.datastream_id}\t"
             f"ts={letter.ts_ms}\tvalue={letter.value_json}\ttopic={letter.topic}\t"
-            f"reason={letter.reason}"
+            f"reason={letter.reason}\tdetail={letter.detail or ''}"
         )
     return EXIT_OK
 
 
 def _sandbox(args: argparse.Namespace) -> int:
     try:
-        from gateway.testing.sandbox import SandboxCloud, parse_devices, serve
+        from gateway.testing.sandbox import SandboxCloud
+        from gateway.testing.sandbox_run import parse_devices, run_sandbox
     except ImportError as exc:  # aiohttp is an optional extra
         raise GatewayError(
             f"the sandbox needs the 'sandbox' extra: pip install 'blynk-edge-gateway[sandbox]' "
@@ -161,8 +162,7 @@ def _sandbox(args: argparse.Namespace) -> int:
         daily_points_limit=args.daily_points_limit,
         max_age_days=args.max_age_days,
     )
-    asyncio.run(serve(args.host, args.port, cloud))
-    return EXIT_OK
+    return run_sandbox(args.host, args.port, cloud)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,9 +22,8 @@ from gateway.testing.sandbox import (
     AcceptedPoint,
     RequestRecord,
     SandboxCloud,
-    SandboxThread,
-    parse_devices,
 )
+from gateway.testing.sandbox_run import SandboxThread, parse_devices
 
 DEVICES = {
     101: {5: "double", 6: "string", 7: "integer", 8: "boolean", 9: "location"},
@@ -424,7 +423,7 @@ def test_parse_devices() -> None:
 
 def test_cli_serves_and_exits_on_sigterm() -> None:
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "gateway.testing.sandbox", "--devices", "101:5", "--port", "0"]
+    cmd = [sys.executable, "-m", "gateway", "sandbox", "--devices", "101:5", "--port", "0"]
     with subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None

@@ -8,40 +8,33 @@ against a real HTTP server without network access. Where the Blynk documentation
 the gateway to be tested against a cloud that is harsher than the real one.
 
 Threading model: every piece of state lives on the event loop that ran :meth:`SandboxCloud.start`.
-Async tests call the methods directly; sync tests and tests whose gateway runs elsewhere use
-:class:`SandboxThread`, whose :meth:`SandboxThread.call` marshals onto that loop.
-
-Run standalone with ``python -m gateway.testing.sandbox --devices "101:5=double,6=string"``.
+Async tests call the methods directly; sync code uses `sandbox_run.SandboxThread`. What the
+cloud accepts (datastream types, value rules) is in `sandbox_rules`. Run standalone with
+``blynk-gateway sandbox --devices "101:5=double,6=string"``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import concurrent.futures
-import contextlib
 import datetime as dt
 import email.utils
-import inspect
 import json
 import math
 import secrets
-import signal
 import socket
 import struct
-import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from aiohttp import BasicAuth, web
 from aiohttp.typedefs import Handler
 
+from gateway.testing.sandbox_rules import check_types, short_repr, value_fits
+
 __all__ = [
-    "DATASTREAM_TYPES",
     "FAULT_MODES",
     "IMPORT_PATH",
     "MAX_REQUEST_BYTES",
@@ -50,10 +43,6 @@ __all__ = [
     "AcceptedPoint",
     "RequestRecord",
     "SandboxCloud",
-    "SandboxThread",
-    "main",
-    "parse_devices",
-    "serve",
 ]
 
 T = TypeVar("T")
@@ -63,15 +52,10 @@ TOKEN_PATH = "/oauth2/token"
 # Blynk documents "2 MB"; the binary reading is the more permissive one, so a body the sandbox
 # accepts is never one the gateway could not also send to the real cloud in practice.
 MAX_REQUEST_BYTES = 2 * 1024 * 1024
-MAX_STRING_BYTES = 1024
 DAY_MS = 86_400_000
-# "enum" is stored as an integer by Blynk, so it is validated like one.
-DATASTREAM_TYPES = frozenset({"double", "integer", "enum", "string", "boolean", "location"})
 FAULT_MODES = frozenset({"none", "down", "error500", "rate_limit", "slow", "reset", "unauthorized"})
 # A reset request never gets an HTTP status; the request log still needs one.
 STATUS_RESET = 0
-_INT32_MIN = -(2**31)
-_INT32_MAX = 2**31 - 1
 # How long stop() lets an in-flight handler finish before cancelling it: short, because a fake
 # cloud being stopped has no reply worth waiting for.
 _SHUTDOWN_TIMEOUT_S = 0.5
@@ -121,53 +105,8 @@ class _Reject(Exception):
         self.message = message
 
 
-def _is_number(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int too large for a double
-        return False
-
-
-def _value_ok(kind: str, value: object) -> bool:
-    if kind == "double":
-        return _is_number(value)
-    if kind in ("integer", "enum"):
-        return (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and _INT32_MIN <= value <= _INT32_MAX
-        )
-    if kind == "string":
-        if not isinstance(value, str):
-            return False
-        try:
-            return len(value.encode("utf-8")) <= MAX_STRING_BYTES
-        except UnicodeEncodeError:  # lone surrogates from a JSON "\ud800" escape
-            return False
-    if kind == "boolean":
-        return isinstance(value, bool)
-    if kind == "location":
-        return isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)
-    raise AssertionError(f"unvalidated datastream type {kind!r}")
-
-
-def _short_repr(value: object) -> str:
-    # A 1 KB string in an error message would drown the gateway's logs.
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status, headers=headers)
-
-
-def _check_types(types: Mapping[int, str]) -> dict[int, str]:
-    bad = {k: v for k, v in types.items() if v not in DATASTREAM_TYPES}
-    if bad:
-        raise ValueError(f"unknown datastream types {bad}; use one of {sorted(DATASTREAM_TYPES)}")
-    return dict(types)
 
 
 class SandboxCloud:
@@ -188,7 +127,7 @@ class SandboxCloud:
         token_ttl_s: int = 86_400,
     ) -> None:
         self._devices: dict[int, dict[int, str]] = {
-            dev: _check_types(streams) for dev, streams in devices.items()
+            dev: check_types(streams) for dev, streams in devices.items()
         }
         self.client_id = client_id
         self.client_secret = client_secret
@@ -383,7 +322,7 @@ class SandboxCloud:
 
     def add_device(self, device_id: int, datastreams: Mapping[int, str]) -> None:
         """Create or replace a device with its ``{datastream_id: type}`` map."""
-        self._devices[device_id] = _check_types(datastreams)
+        self._devices[device_id] = check_types(datastreams)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -603,10 +542,10 @@ class SandboxCloud:
         if kind is None:
             raise _Reject(404, f"Data stream with identifier {stream_id} is not found!")
         for i, item in enumerate(values):
-            if not _value_ok(kind, item["value"]):
+            if not value_fits(kind, item["value"]):
                 raise _Reject(
                     400,
-                    f"Invalid value {_short_repr(item['value'])} at index {i} "
+                    f"Invalid value {short_repr(item['value'])} at index {i} "
                     f"for data stream {stream_id}.",
                 )
         now = self.now_ms()
@@ -742,166 +681,3 @@ class SandboxCloud:
             raise web.HTTPBadRequest(text=f"need integer device_id and n: {exc}") from None
         self.precount(device, n)
         return web.json_response({"used_today": self.quota_used(device)})
-
-
-class SandboxThread:
-    """Runs a :class:`SandboxCloud` on a private loop so sync code can drive it."""
-
-    def __init__(self, cloud: SandboxCloud) -> None:
-        self.cloud = cloud
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Blocks until the socket listens, so the caller may connect right away."""
-        if self._thread is not None:
-            raise RuntimeError("sandbox thread already started")
-        ready: concurrent.futures.Future[str] = concurrent.futures.Future()
-        loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                try:
-                    ready.set_result(loop.run_until_complete(self.cloud.start(host, port)))
-                except BaseException as exc:
-                    ready.set_exception(exc)
-                    return
-                loop.run_forever()
-                loop.run_until_complete(self.cloud.stop())
-                pending = asyncio.all_tasks(loop)
-                for task in pending:
-                    task.cancel()
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                asyncio.set_event_loop(None)
-                loop.close()
-
-        thread = threading.Thread(target=run, name="sandbox-cloud", daemon=True)
-        self._loop, self._thread = loop, thread
-        thread.start()
-        try:
-            return ready.result(timeout=30)
-        except BaseException:
-            thread.join(timeout=5)
-            self._loop = self._thread = None
-            raise
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._loop = self._thread = None
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-
-    @property
-    def base_url(self) -> str:
-        return self.cloud.base_url
-
-    @overload
-    def call(self, fn: Callable[[SandboxCloud], Awaitable[T]]) -> T: ...
-    @overload
-    def call(self, fn: Callable[[SandboxCloud], T]) -> T: ...
-    def call(self, fn: Callable[[SandboxCloud], Any]) -> Any:
-        """Run ``fn(cloud)`` on the sandbox loop; an awaitable result is awaited there."""
-        loop = self._loop
-        if loop is None:
-            raise RuntimeError("sandbox thread not running")
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("call() from the sandbox thread would deadlock; call fn directly")
-
-        async def invoke() -> Any:
-            result = fn(self.cloud)
-            if inspect.isawaitable(result):
-                return await result
-            return result
-
-        return asyncio.run_coroutine_threadsafe(invoke(), loop).result(timeout=30)
-
-    def __enter__(self) -> SandboxThread:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def parse_devices(spec: str) -> dict[int, dict[int, str]]:
-    """Parse ``"101:5=double,6=string;102:1"`` (the type defaults to double)."""
-    devices: dict[int, dict[int, str]] = {}
-    for chunk in (c.strip() for c in spec.split(";")):
-        if not chunk:
-            continue
-        dev_text, _, streams_text = chunk.partition(":")
-        try:
-            device_id = int(dev_text)
-        except ValueError:
-            raise ValueError(f"bad device id {dev_text!r} in {chunk!r}") from None
-        if device_id in devices:
-            raise ValueError(f"device {device_id} listed twice")
-        streams: dict[int, str] = {}
-        for item in (s.strip() for s in streams_text.split(",")):
-            if not item:
-                continue
-            sid_text, _, kind = item.partition("=")
-            try:
-                stream_id = int(sid_text)
-            except ValueError:
-                raise ValueError(f"bad datastream id {sid_text!r} in {chunk!r}") from None
-            streams[stream_id] = kind.strip().lower() or "double"
-        devices[device_id] = _check_types(streams)
-    return devices
-
-
-async def serve(host: str, port: int, cloud: SandboxCloud) -> None:
-    """Serve until cancelled; the stdout line lets a parent process learn the chosen port."""
-    url = await cloud.start(host, port)
-    try:
-        print(f"sandbox_listening url={url}", flush=True)
-        await asyncio.Event().wait()
-    finally:
-        await cloud.stop()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway.testing.sandbox", description="Blynk-compatible fake cloud."
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--devices", required=True, help='e.g. "101:5=double,6=string;102:1"')
-    parser.add_argument("--client-id", default="sandbox-client")
-    parser.add_argument("--client-secret", default="sandbox-secret")
-    parser.add_argument("--daily-points-limit", type=int, default=10_000)
-    parser.add_argument("--max-age-days", type=int, default=30)
-    parser.add_argument("--token-ttl-s", type=int, default=86_400)
-    args = parser.parse_args(argv)
-    try:
-        devices = parse_devices(args.devices)
-    except ValueError as exc:
-        parser.error(str(exc))
-    cloud = SandboxCloud(
-        devices,
-        client_id=args.client_id,
-        client_secret=args.client_secret,
-        daily_points_limit=args.daily_points_limit,
-        max_age_days=args.max_age_days,
-        token_ttl_s=args.token_ttl_s,
-    )
-
-    async def run() -> None:
-        task = asyncio.ensure_future(serve(args.host, args.port, cloud))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):  # a signal; serve() cleaned up
-            await task
-
-    asyncio.run(run())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
