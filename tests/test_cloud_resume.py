@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from gateway.cloud import BlynkCloud, classify_failure
-from gateway.config import Settings
+from gateway.config import CloudSettings, FlushSettings, Settings
 from gateway.errors import (
     AuthFailed,
     BatchRejected,
@@ -26,7 +26,8 @@ from gateway.errors import (
     RateLimited,
     TooOld,
 )
-from gateway.models import Batch, Point, StreamKey
+from gateway.flush import FlushLoop
+from gateway.models import Batch, Point, Reading, StreamKey
 from gateway.quota import DailyQuota
 from gateway.store import Store
 from gateway.testing.publisher import AckedPublisher
@@ -416,3 +417,55 @@ async def test_a_network_change_ends_the_probe_wait_at_once(
         await wait_until(lambda: len(sandbox.accepted) == 1, 20, "delivered after the change")
         assert flush.uplink.stats.probes == 2 and flush.uplink.stats.probe_resumes == 1
         assert flush.stats.requests == 2
+
+
+class AgeingCloud:
+    """Refuses the first request as if one point were bad; every request takes 2 minutes.
+
+    It records, for each request, the oldest point it carried and the cutoff at that moment.
+    """
+
+    server = "ageing"
+
+    def __init__(self, clock: list[int], cloud_settings: CloudSettings) -> None:
+        self.clock = clock
+        self.cloud_settings = cloud_settings
+        self.sent: list[tuple[int, int]] = []  # (oldest ts in the request, cutoff then)
+        self.accepted: list[int] = []
+
+    async def upload(self, batch: Batch) -> None:
+        cutoff = self.cloud_settings.oldest_sendable_ms(self.clock[0])
+        self.sent.append((min(p.ts_ms for p in batch.points), cutoff))
+        self.clock[0] += 120_000
+        if len(self.sent) == 1:
+            raise BatchRejected("Invalid value at index 0.", status=400)
+        self.accepted.extend(p.ts_ms for p in batch.points)
+
+    async def probe(self) -> None:
+        return None
+
+
+async def test_halves_of_a_bisected_batch_get_the_age_rule_when_they_are_sent(
+    tmp_path: Path,
+) -> None:
+    """The first request is refused; while it was out, its oldest points aged past the cutoff."""
+    clock = [1_790_000_000_000]
+    cloud_settings = CloudSettings(client_id="c", client_secret="s")  # type: ignore[arg-type]
+    store = await Store.open(tmp_path / "buffer.db", clock_ms=lambda: clock[0])
+    try:
+        cutoff = cloud_settings.oldest_sendable_ms(clock[0])
+        # 10 points within 1 minute of the cutoff (they age out during the first request),
+        # then 10 fresh ones.
+        ageing = [cutoff + 1_000 + i for i in range(10)]
+        fresh = [clock[0] - HOUR_MS + i for i in range(10)]
+        await store.append([Reading(101, 5, ts, "1") for ts in ageing + fresh])
+        cloud = AgeingCloud(clock, cloud_settings)
+        flush = FlushLoop(store, cloud, FlushSettings(), cloud_settings, clock_ms=lambda: clock[0])
+        await flush.run_pass()
+        assert len(cloud.sent) >= 2, "the refused batch was bisected"
+        assert all(oldest >= cutoff_then for oldest, cutoff_then in cloud.sent[1:])
+        assert sorted(cloud.accepted) == fresh
+        assert await expired_letters(store) == set(ageing)
+        assert flush.stats.expired == 10
+    finally:
+        await store.close()
