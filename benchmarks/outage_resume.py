@@ -170,14 +170,15 @@ def main() -> None:
                     check=False,
                 )
         print()
-        print(f"| outage | {' | '.join(v.name for v in variants)} | now / baseline |")
+        print(f"| outage | {' | '.join(v.name for v in variants)} | now / baseline (medians) |")
         print(f"|---|{'---|' * len(variants)}---|")
         for outage_s in args.outages:
-            medians = [statistics.median(results[(v.name, outage_s)]) for v in variants]
-            ratio = (
-                medians[-1] / medians[0] if len(medians) > 1 and medians[0] > 0 else float("nan")
+            runs = [results[(v.name, outage_s)] for v in variants]
+            medians = [statistics.median(r) for r in runs]
+            ratio = medians[-1] / medians[0] if len(medians) > 1 else float("nan")
+            cells = " | ".join(
+                f"{statistics.median(r):.1f} s (max {max(r):.1f}, n={len(r)})" for r in runs
             )
-            cells = " | ".join(f"{m:.1f} s" for m in medians)
             print(f"| {outage_s:g} s | {cells} | {ratio:.2f}x |")
 
 
