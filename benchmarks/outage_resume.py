@@ -144,7 +144,7 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for outage_s in args.outages:
                     for variant in variants:
-                        workdir = tmp_path / f"run-{repeat}-{outage_s:g}-{len(results)}"
+                        workdir = tmp_path / f"run-{repeat}-{outage_s:g}-{variant.name.split()[0]}"
                         workdir.mkdir()
                         seconds = one_outage(workdir, broker, sandbox, outage_s, variant)
                         results.setdefault((variant.name, outage_s), []).append(seconds)
