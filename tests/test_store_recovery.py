@@ -186,6 +186,23 @@ async def test_trashed_header_is_repaired_and_everything_salvaged(
     assert [e["event"] for e in log_events(log_output)].count("buffer_corrupt") == 1
 
 
+async def test_salvage_keeps_dead_letters_with_their_detail(
+    db_path: Path, make_store: MakeStore
+) -> None:
+    await build_file(db_path, per_stream=100)
+    store = await Store.open(db_path, owner=True)
+    batch = (await store.lease(BOILER, 3)).batch
+    await store.dead_letter(batch, "rejected", "Invalid value 'x' at index 0.")
+    await store.close()
+    with db_path.open("r+b") as handle:
+        handle.write(os.urandom(100))
+    store = await make_store()
+    assert store.recovery is not None
+    letters = await store.dead_letters(reason="rejected")
+    assert sorted(letter.ts_ms or 0 for letter in letters) == [p.ts_ms for p in batch.points]
+    assert {letter.detail for letter in letters} == {"Invalid value 'x' at index 0."}
+
+
 async def test_trashed_first_page_falls_back_to_a_raw_page_scan(
     db_path: Path, make_store: MakeStore
 ) -> None:

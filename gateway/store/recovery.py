@@ -243,6 +243,15 @@ def _scan(
             key = resume
 
 
+def _has_column(connection: sqlite3.Connection, table: str, column: str) -> bool:
+    """Whether a (possibly damaged) file's table has a column; False if that cannot be read."""
+    try:
+        rows = connection.execute(f"PRAGMA table_info({table})").fetchall()
+    except sqlite3.DatabaseError:
+        return False
+    return any(row[1] == column for row in rows)
+
+
 def _scan_by_id(
     connection: sqlite3.Connection, sql: str, counts: SalvageCounts
 ) -> Iterable[tuple[Any, ...]]:
@@ -340,16 +349,18 @@ def _salvage_rows(source_path: Path, fresh: sqlite3.Connection) -> SalvageCounts
                 batch.clear()
         counts.readings += _insert_salvaged(fresh, batch)
         counts.orphaned = _dead_letter_orphans(fresh, orphans)
+        # `detail` exists from schema v3 on; an older damaged file has none to keep.
+        detail = "detail" if _has_column(source, "dead_letters", "detail") else "NULL"
         for row in _scan_by_id(
             source,
             "SELECT id, dead_at_ms, reason, device_id, datastream_id, ts_ms, value, topic, "
-            "payload FROM dead_letters WHERE id > ? ORDER BY id",
+            f"payload, {detail} FROM dead_letters WHERE id > ? ORDER BY id",
             counts,
         ):
             with contextlib.suppress(sqlite3.Error):
                 fresh.execute(
                     "INSERT INTO dead_letters (dead_at_ms, reason, device_id, datastream_id, "
-                    "ts_ms, value, topic, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "ts_ms, value, topic, payload, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     row[1:],
                 )
                 counts.dead_letters += 1
