@@ -461,27 +461,13 @@ class Store:
             moved = await self._expire_stream(stream_id, expire_before_ms)
             return (moved, await select(stream_id)), lambda: self._rows_left(moved)
 
+        # The common case reads once: only a batch that would carry an expired point pays
+        # for the write transaction (older rows beyond a newest-first batch wait their turn).
         expired = 0
-        if expire_before_ms is not None and await self._has_older(stream, expire_before_ms):
+        rows = await self._read(read)
+        if expire_before_ms is not None and any(row[0] < expire_before_ms for row in rows):
             expired, rows = await self._in_transaction(expire_then_read)
-        else:
-            rows = await self._read(read)
         return Lease(Batch(stream, tuple(Point(row[0], row[1]) for row in rows)), expired)
-
-    async def _has_older(self, stream: StreamKey, cutoff_ms: int) -> bool:
-        """One primary-key probe: does the stream hold a reading older than `cutoff_ms`?"""
-
-        async def work() -> bool:
-            stream_id = self._stream_ids.get(stream)
-            if stream_id is None:
-                return False
-            rows = await self._db.execute_fetchall(
-                "SELECT 1 FROM readings WHERE stream_id = ? AND ts_ms < ? LIMIT 1",
-                (stream_id, cutoff_ms),
-            )
-            return bool(rows)
-
-        return await self._read(work)
 
     async def ack(self, batch: Batch, day: str) -> None:
         """The cloud accepted the batch: delete it and count it against the day's quota."""
