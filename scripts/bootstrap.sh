@@ -45,6 +45,17 @@ ensure_mosquitto() {
     have_mosquitto || die "mosquitto still not found after apt-get install: $hint"
 }
 
+# ------------------------------------------------------------ other test tools
+ensure_tool() { # command debian-package
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ] && return 0
+    command -v apt-get >/dev/null 2>&1 || die "'$1' not found and apt-get is not available: install '$2'"
+    log "'$1' not found: installing the Debian package '$2' (the tests use it)"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q ||
+        die "apt-get update failed (not root and no passwordless sudo?): install '$2'"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$2" ||
+        die "apt-get install $2 failed"
+}
+
 # --------------------------------------------------------------------- python
 python_ok() {
     "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' >/dev/null 2>&1
@@ -98,5 +109,10 @@ install_project() {
 }
 
 ensure_mosquitto
+# The tests also use: openssl (a self-signed certificate for the TLS probe test), and
+# unshare + ip (the network watcher is tested in a private network namespace).
+ensure_tool openssl openssl
+ensure_tool unshare util-linux
+ensure_tool ip iproute2
 ensure_venv
 install_project
