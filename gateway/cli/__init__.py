@@ -1,4 +1,7 @@
-"""`blynk-gateway` command line: run, check-config, status, dead-letters, sandbox, demo.
+"""`blynk-gateway` command line: run, check-config, status, dead-letters, routes, sandbox, demo.
+
+One module per command group beside this one (status.py, dead_letters.py, routes.py), each
+with `add_parser(commands)` and `run(args)`; this module only assembles and dispatches.
 
 Exit codes: 0 success, 2 usage or configuration error (the message names the key),
 1 any other failure. Errors are one readable line on stderr, never a traceback, because
@@ -9,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from gateway import __version__
+from gateway.cli import dead_letters as dead_letters_command
+from gateway.cli import routes as routes_command
+from gateway.cli import status as status_command
+from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from gateway.errors import ConfigError, GatewayError
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,14 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
 
-    status = commands.add_parser("status", help="show what the buffer holds (safe while running)")
-    status.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-
-    dead = commands.add_parser("dead-letters", help="list readings the cloud will never take")
-    dead.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
-    dead.add_argument("--limit", type=int, default=50)
-    dead.add_argument("--reason", default=None, help="only this exact reason")
+    status_command.add_parser(commands)
+    dead_letters_command.add_parser(commands)
+    routes_command.add_parser(commands)
 
     sandbox = commands.add_parser("sandbox", help="run a local Blynk-compatible cloud")
     sandbox.add_argument("--host", default="127.0.0.1")
@@ -97,10 +94,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         log.configure(settings.log.level, settings.log.format, secrets=settings.secret_values())
         return asyncio.run(run_until_signalled(settings))
     if args.command == "status":
-        return asyncio.run(_status(load_settings(args.config).store.path, args.json))
+        return status_command.run(args)
     if args.command == "dead-letters":
-        path = load_settings(args.config).store.path
-        return asyncio.run(_dead_letters(path, args.limit, args.reason))
+        return dead_letters_command.run(args)
+    if args.command == "routes":
+        return routes_command.run(args)
     if args.command == "sandbox":
         return _sandbox(args)
     if args.command == "demo":
@@ -108,42 +106,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args.workdir, args.seconds)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices
-
-
-async def _status(path: Path, as_json: bool) -> int:
-    from gateway.store import Store
-
-    if not path.exists():  # noqa: ASYNC240 - one stat before opening, not a hot path
-        raise GatewayError(f"no buffer database at {path} (has the gateway run yet?)")
-    store = await Store.open(path)
-    try:
-        counts = await store.counts()
-    finally:
-        await store.close()
-    report = {"db": str(path), **counts}
-    if as_json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key:>15}: {value}")
-    return EXIT_OK
-
-
-async def _dead_letters(path: Path, limit: int, reason: str | None) -> int:
-    from gateway.store import Store
-
-    store = await Store.open(path)
-    try:
-        letters = await store.dead_letters(limit, reason)
-    finally:
-        await store.close()
-    for letter in letters:
-        print(
-            f"{letter.id}\tdevice={letter.device_id}\tdatastream={letter.datastream_id}\t"
-            f"ts={letter.ts_ms}\tvalue={letter.value_json}\ttopic={letter.topic}\t"
-            f"reason={letter.reason}\tdetail={letter.detail or ''}"
-        )
-    return EXIT_OK
 
 
 def _sandbox(args: argparse.Namespace) -> int:
