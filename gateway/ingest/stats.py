@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+MAX_UNMAPPED_NAMES = 1000
+
 
 @dataclass
 class IngestStats:
@@ -14,7 +16,14 @@ class IngestStats:
     # payloads that cannot become a reading (dead-lettered), by their PayloadError code
     rejected: int = 0
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    # the same, by the route's topic filter (one key per [[routes]] entry)
+    rejected_by_route: Counter[str] = field(default_factory=Counter)
     unmapped: int = 0
+    # device names captured by a route ({device} or device_field) but missing from [devices],
+    # with how often each was seen (bounded: see MAX_UNMAPPED_NAMES)
+    unmapped_devices: Counter[str] = field(default_factory=Counter)
+    # readings whose own timestamp was not trusted (future, before 2020) and got receive time
+    ts_replaced: int = 0
     # readings already too old for the cloud when they arrived (dead-lettered as `expired`)
     expired: int = 0
     retained_skipped: int = 0
