@@ -110,9 +110,12 @@ install_project() {
 
 ensure_mosquitto
 # The tests also use: openssl (a self-signed certificate for the TLS probe test), and
-# unshare + ip (the network watcher is tested in a private network namespace).
+# unshare + ip (the network watcher is tested in a private network namespace), and
+# systemd-analyze (the unit's verify and security score; the package only adds the tools,
+# it does not replace the container's init).
 ensure_tool openssl openssl
 ensure_tool unshare util-linux
 ensure_tool ip iproute2
+ensure_tool systemd-analyze systemd
 ensure_venv
 install_project
