@@ -12,6 +12,9 @@ Variants (``--only PREFIX`` keeps some; the baselines always run):
 
 * ``bare-paho``      paho's own ``loop()``, auto-ack, nothing stored: the baseline, one per
                      payload kind (and one over MQTT 5, to separate protocol from gateway).
+* ``bare-paho-manual``  the same with ``manual_ack=True``, acknowledging each message as it
+                     arrives and only counting it: the baseline of the whole daemon, which
+                     also acknowledges by hand (``benchmarks/run.py``).
 * ``bare-asyncio``   the same subscriber driven by asyncio the way ``gateway.ingest`` drives
                      paho (socket callbacks, connect in an executor): the bridge's own cost.
 * ``ingest-311``     ``MqttIngest`` + ``Store`` as ``gateway.app`` builds them (SQLite file,
@@ -68,10 +71,11 @@ from gateway.store import Store
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
+from gateway.testing.sandbox_run import SandboxThread
 
 Protocol = Literal["3.1.1", "5"]
 PayloadKind = Literal["json", "plain"]
-Driver = Literal["bare-paho", "bare-asyncio", "ingest", "gateway"]
+Driver = Literal["bare-paho", "bare-paho-manual", "bare-asyncio", "ingest", "gateway"]
 
 DEVICE_ID = 101
 DATASTREAM_ID = 5
@@ -106,6 +110,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("bare-paho json", "bare-paho", "json"),
     Variant("bare-paho plain", "bare-paho", "plain"),
     Variant("bare-paho-v5 json", "bare-paho", "json", "5", V5_RECEIVE_MAXIMUM),
+    Variant("bare-paho-manual json", "bare-paho-manual", "json"),
     Variant("bare-asyncio json", "bare-asyncio", "json"),
     Variant("ingest-311 json", "ingest", "json"),
     Variant("ingest-311 plain", "ingest", "plain"),
@@ -190,17 +195,22 @@ def make_payloads(kind: PayloadKind, count: int, now_ms: int) -> list[bytes]:
 # --------------------------------------------------------------------------- bare clients
 
 
-def _paho_client(client_id: str, protocol: Protocol) -> mqtt.Client:
-    """An auto-ack subscriber whose session outlives its connection (the gateway's set-up)."""
+def _paho_client(client_id: str, protocol: Protocol, *, manual_ack: bool = False) -> mqtt.Client:
+    """A subscriber whose session outlives its connection (the gateway's set-up); auto-ack
+    unless `manual_ack`."""
     if protocol == "5":
         return mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
         )
     return mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         clean_session=False,
         protocol=MQTTProtocolVersion.MQTTv311,
+        manual_ack=manual_ack,
     )
 
 
@@ -283,10 +293,21 @@ class _Counter:
 def drain_bare_paho(
     broker: MosquittoBroker, variant: Variant, client_id: str, n: int, watch: Stopwatch
 ) -> Trial:
-    """The baseline: paho's own select() loop, PUBACK sent as soon as on_message returns."""
-    client = _paho_client(client_id, variant.protocol)
+    """The baseline: paho's own select() loop, PUBACK sent as soon as on_message returns
+    (or, `bare-paho-manual`, by an explicit `client.ack()` in on_message, as the gateway
+    acknowledges: same wire traffic, paho's manual-ack path)."""
+    manual = variant.driver == "bare-paho-manual"
+    client = _paho_client(client_id, variant.protocol, manual_ack=manual)
     counter = _Counter(n)
-    client.on_message = counter.on_message
+    if manual:
+
+        def on_message(c: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            counter.on_message(c, userdata, message)
+            c.ack(message.mid, message.qos)
+
+        client.on_message = on_message
+    else:
+        client.on_message = counter.on_message
     kwargs = _connect_kwargs(
         variant.protocol, clean_start=False, receive_maximum=variant.inflight_window
     )
@@ -480,8 +501,23 @@ async def drain_ingest(
     )
 
 
+def _thread_cpu_s(native_id: int | None) -> float:
+    """CPU seconds one thread of this process has used (Linux /proc, 10 ms resolution)."""
+    try:
+        stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _wait_accepted(cloud: SandboxCloud, n: int, task: asyncio.Task[None]) -> None:
-    """Poll the sandbox (5 ms is small against seconds of drain) until it holds n points."""
+    """Poll the sandbox (5 ms is small against seconds of drain) until it holds n points.
+
+    `accepted_count()` is read from this thread without `SandboxThread.call`: it is a
+    `len()` of a list only appended to, and a blocking cross-thread call every 5 ms would
+    stall the gateway's own event loop on each GIL hand-over.
+    """
     async with asyncio.timeout(DRAIN_TIMEOUT_S):
         while cloud.accepted_count() < n:
             if task.done():
@@ -498,20 +534,30 @@ async def drain_gateway(
     watch: Stopwatch,
     db_path: Path,
 ) -> Trial:
-    """The whole daemon in-process: queued in the broker → accepted by the (sandbox) cloud."""
+    """The whole daemon in-process: queued in the broker → accepted by the (sandbox) cloud.
+
+    The sandbox runs on its own thread, and that thread's CPU is taken out of `cpu_s`, so
+    the CPU per reading is the gateway's alone (a real cloud costs the gateway's box
+    nothing); the sandbox still takes the GIL for its share, as it did on the same loop.
+    """
     cloud = SandboxCloud({DEVICE_ID: {DATASTREAM_ID: "double"}}, daily_points_limit=10_000_000)
-    url = await cloud.start()
+    sandbox = SandboxThread(cloud)
+    url = sandbox.start()
+    sandbox_thread = sandbox._thread
+    sandbox_tid = sandbox_thread.native_id if sandbox_thread is not None else None
     gateway = Gateway(gateway_settings(variant, broker, client_id, db_path, url))
     try:
+        sandbox_cpu = _thread_cpu_s(sandbox_tid)
         watch.start()
         task = asyncio.create_task(gateway.run(), name="bench-gateway")
         await _wait_accepted(cloud, n, task)
         watch.stop()
+        watch.cpu_s -= _thread_cpu_s(sandbox_tid) - sandbox_cpu
         gateway.request_stop()
         async with asyncio.timeout(30):
             await task
     finally:
-        await cloud.stop()
+        sandbox.stop()
     assert gateway.ingest is not None
     return Trial(
         watch,
@@ -687,7 +733,7 @@ def drain(
     """Run the variant's drain; async ones get a fresh event loop each, like a fresh daemon."""
     watch = Stopwatch(broker.pid)
     db_path = workdir / f"{client_id}.db"
-    if variant.driver == "bare-paho":
+    if variant.driver in ("bare-paho", "bare-paho-manual"):
         return drain_bare_paho(broker, variant, client_id, n, watch)
     with packets_per_read(variant.read_batch):
         if variant.driver == "bare-asyncio":
@@ -899,14 +945,16 @@ def select_variants(prefixes: list[str], read_batch: int = 1) -> list[Variant]:
     chosen = [
         v
         for v in VARIANTS
-        if not prefixes or v.driver == "bare-paho" or any(v.name.startswith(p) for p in prefixes)
+        if not prefixes
+        or v.driver.startswith("bare-paho")
+        or any(v.name.startswith(p) for p in prefixes)
     ]
     if read_batch <= 1:
         return chosen
     with_twins = []
     for variant in chosen:
         with_twins.append(variant)
-        if variant.driver != "bare-paho":
+        if not variant.driver.startswith("bare-paho"):
             twin = replace(variant, name=f"{variant.name} rb{read_batch}", read_batch=read_batch)
             with_twins.append(twin)
     return with_twins
