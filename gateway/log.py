@@ -1,17 +1,22 @@
 """Structured logging: one event per state change, key=value fields, never a secret.
 
-Under systemd (stdout is not a TTY) events are JSON lines so journald keeps them whole; on
-a terminal they are rendered for humans. Secrets are removed twice: any field whose name
-looks secret is masked, and the literal values of configured secrets are scrubbed from
-every string, so a secret cannot leak through an exception message either.
+Where stdout is not a TTY (a pipe, a file) events are JSON lines; on a terminal they are
+rendered for humans. Under journald (stdout is the stream named by `$JOURNAL_STREAM`) each
+line starts with its syslog priority (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug,
+as sd-daemon(3) defines) so `journalctl -p warning` filters them, carries no timestamp of
+its own (the journal stamps every line), and by default reads `event key=value ...`.
+Secrets are removed twice: any field whose name looks secret is masked, and the literal
+values of configured secrets are scrubbed from every string, so a secret cannot leak
+through an exception message either.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -20,6 +25,8 @@ LogFormat = Literal["auto", "json", "console", "logfmt"]
 
 _SECRET_FIELD_PARTS = ("secret", "password", "token", "authorization")
 _MASK = "***"
+# sd-daemon(3) prefixes: the journal turns them into the entry's PRIORITY.
+_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
 
 class SecretScrubber:
@@ -73,6 +80,49 @@ class SecretScrubber:
 scrubber = SecretScrubber()
 
 
+def is_journal_stream(stream: TextIO, env: Mapping[str, str] | None = None) -> bool:
+    """True when `stream` is connected to journald: `$JOURNAL_STREAM` names its dev:inode.
+
+    Comparing the inode, not just the variable's presence, matters: a child whose stdout
+    is a pipe inherits the variable but not the journal.
+    """
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        stat = os.fstat(stream.fileno())
+        return (stat.st_dev, stat.st_ino) == (int(device), int(inode))
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+
+
+class JournalPrefix:
+    """The final renderer under journald: `<priority>` before every line of the event."""
+
+    def __init__(self, renderer: Any) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+        prefix = f"<{_PRIORITY.get(str(event_dict.get('level', method_name)), 6)}>"
+        text = str(self._renderer(logger, method_name, event_dict))
+        return "\n".join(prefix + line for line in text.splitlines() or [""])
+
+
+class EventFirstLogfmt:
+    """`went_offline kind=unreachable backlog=12 component=flush`: the README's notation.
+
+    The level is left out (the journal has it as the priority), as is the timestamp.
+    """
+
+    def __init__(self) -> None:
+        self._fields = structlog.processors.LogfmtRenderer()
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+        event = str(event_dict.pop("event", ""))
+        event_dict.pop("level", None)
+        fields = self._fields(logger, method_name, event_dict)
+        return f"{event} {fields}" if fields else event
+
+
 def configure(
     level: str = "info",
     log_format: LogFormat = "auto",
@@ -82,28 +132,34 @@ def configure(
     """Set up structlog for the process; safe to call again (e.g. on reload or in tests)."""
     out = stream if stream is not None else sys.stdout
     scrubber.register(*secrets)
-    if log_format == "auto":
-        log_format = "console" if out.isatty() else "json"
+    journal = is_journal_stream(out)
     renderer: Any
-    if log_format == "json":
+    if log_format == "auto" and journal:
+        renderer = EventFirstLogfmt()
+    elif log_format == "json" or (log_format == "auto" and not out.isatty()):
         renderer = structlog.processors.JSONRenderer(sort_keys=False)
     elif log_format == "logfmt":
-        renderer = structlog.processors.LogfmtRenderer(key_order=["timestamp", "level", "event"])
+        key_order = ["level", "event"] if journal else ["timestamp", "level", "event"]
+        renderer = structlog.processors.LogfmtRenderer(key_order=key_order)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     # Tracebacks become a string field (then scrubbed like any other); the console renderer
     # formats them itself.
     exceptions: list[Any] = (
-        [] if log_format == "console" else [structlog.processors.format_exc_info]
+        []
+        if isinstance(renderer, structlog.dev.ConsoleRenderer)
+        else [structlog.processors.format_exc_info]
     )
+    # The journal stamps each line itself: a second timestamp only costs width.
+    stamper = [] if journal else [structlog.processors.TimeStamper(fmt="iso", utc=True)]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *stamper,
             *exceptions,
             scrubber,
-            renderer,
+            JournalPrefix(renderer) if journal else renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]

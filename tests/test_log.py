@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -226,3 +227,73 @@ def test_throttled_logging_end_to_end() -> None:
         if allowed:
             logger.warning("payload_rejected", suppressed_since_last=suppressed)
     assert [e["suppressed_since_last"] for e in lines(stream)] == [0, 5, 5]
+
+
+# --------------------------------------------------------------------------- journald
+@pytest.fixture
+def journal_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A real file standing in for journald's stream: $JOURNAL_STREAM names its dev:inode."""
+    path = tmp_path / "journal"
+    with path.open("w+") as handle:
+        stat = os.fstat(handle.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+        yield handle
+
+
+def journal_lines(handle: Any) -> list[str]:
+    handle.flush()
+    handle.seek(0)
+    return handle.read().splitlines()
+
+
+def test_under_journald_lines_carry_priority_and_no_timestamp(journal_file: Any) -> None:
+    log.configure("debug", "auto", stream=journal_file, secrets=[SECRET])
+    logger = log.get_logger("flush")
+    logger.debug("probe_sent")
+    logger.info("back_online", backlog=12)
+    logger.warning("still_offline", failures=3, note=f"with {SECRET}")
+    logger.error("went_offline", kind="unreachable")
+    logger.critical("giving_up")
+    assert journal_lines(journal_file) == [
+        "<7>probe_sent component=flush",
+        "<6>back_online component=flush backlog=12",
+        '<4>still_offline component=flush failures=3 note="with ***"',
+        "<3>went_offline component=flush kind=unreachable",
+        "<2>giving_up component=flush",
+    ]
+
+
+def test_json_under_journald_keeps_fields_drops_timestamp(journal_file: Any) -> None:
+    log.configure("info", "json", stream=journal_file)
+    log.get_logger("x").warning("evt", n=1, token="abc")
+    (line,) = journal_lines(journal_file)
+    assert line.startswith("<4>{")
+    event = json.loads(line[3:])
+    assert event == {"component": "x", "event": "evt", "n": 1, "token": "***", "level": "warning"}
+
+
+def test_multi_line_output_under_journald_has_a_prefix_per_line(journal_file: Any) -> None:
+    """The console renderer prints tracebacks over several lines: each needs its priority."""
+    log.configure("info", "console", stream=journal_file)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.get_logger("x").exception("failed")
+    lines_out = journal_lines(journal_file)
+    assert len(lines_out) > 3
+    assert all(line.startswith("<3>") for line in lines_out)
+
+
+def test_journal_stream_of_another_file_is_not_journald(journal_file: Any, tmp_path: Any) -> None:
+    """A child whose stdout is a pipe or file inherits $JOURNAL_STREAM: it must not prefix."""
+    with (tmp_path / "other").open("w+") as other:
+        log.configure("info", "auto", stream=other)
+        log.get_logger("x").info("evt")
+        (line,) = journal_lines(other)
+    event = json.loads(line)
+    assert event["event"] == "evt"
+    assert "timestamp" in event
+
+
+def test_is_journal_stream_is_false_for_streams_without_a_file() -> None:
+    assert not log.is_journal_stream(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
