@@ -42,10 +42,16 @@ from gateway.aio import Notifier
 from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
-from gateway.store import deadletters, inspection, ledger, recovery, schema, streams
+from gateway.store import deadletters, ledger, recovery, schema, streams
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
-from gateway.store.deadletters import DeadLetter, RejectedPayload
+from gateway.store.deadletters import (
+    DeadLetterFilter,
+    RejectedPayload,
+    Retarget,
+    RetryResult,
+)
 from gateway.store.disk import DiskGuard, StoreFault, checkpoint_restart
+from gateway.store.inspection import ReadViews
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, is_corruption, store_error
 from gateway.store.schema import DEFAULT_PAGE_SIZE
@@ -83,7 +89,7 @@ class Lease:
     expired: int
 
 
-class Store:
+class Store(ReadViews):
     """Async facade over one SQLite connection; every operation is one transaction."""
 
     def __init__(
@@ -415,8 +421,37 @@ class Store:
     # ------------------------------------------------------------------ flush side
 
     async def pending_streams(self) -> list[StreamState]:
-        """Streams that have buffered readings, in a stable order (for round-robin)."""
-        return await self._read(lambda: streams.with_readings(self._db))
+        """Streams that have buffered readings, in a stable order (for round-robin).
+
+        Every flush pass asks, so this is also where the owner notices rows another process
+        committed (`blynk-gateway dead-letters retry`): they are counted and their new
+        streams learned here, so they are leased like any other.
+        """
+
+        async def read() -> list[StreamState]:
+            await self._adopt_external_commits()
+            return await streams.with_readings(self._db)
+
+        return await self._read(read)
+
+    async def _adopt_external_commits(self) -> None:
+        """Under the lock: recount and reload stream ids if another connection committed.
+
+        `PRAGMA data_version` changes only for other connections' commits, so the daemon's
+        own writes never cost a recount; it also makes the clean-shutdown count exact again.
+        """
+        (version,) = await fetch_one(self._db, "PRAGMA data_version")
+        if version == self._data_version:
+            return
+        self._stream_ids = await streams.load(self._db)
+        self._stream_keys = {stream_id: key for key, stream_id in self._stream_ids.items()}
+        (count,) = await fetch_one(self._db, "SELECT count(*) FROM readings")
+        grew = int(count) > self.pending_points
+        self.pending_points = int(count)
+        self.used_bytes = await used_bytes(self._db, self.page_size)
+        self._data_version = version
+        if grew:
+            self.new_rows.notify()
 
     async def lease(
         self,
@@ -585,22 +620,50 @@ class Store:
         """The cloud refused the device for its daily limit: do not try again that day."""
         await self._write(lambda: ledger.mark_exhausted(self._db, device_id, day))
 
-    # ------------------------------------------------------------------ inspection
+    # ------------------------------------------------------------------ dead letters
 
-    async def dead_letters(self, limit: int = 100, reason: str | None = None) -> list[DeadLetter]:
-        return await self._read(lambda: deadletters.read(self._db, limit, reason))
+    async def purge_dead_letters(self, selection: DeadLetterFilter) -> int:
+        async def work() -> tuple[int, None]:
+            return await deadletters.purge(self._db, selection), None
 
-    async def counts(self) -> dict[str, int]:
-        """Row counts the operator cares about (used by status and tests)."""
-        return await self._read(lambda: inspection.counts(self._db))
+        return await self._in_transaction(work)
 
-    async def capacity_drops(self) -> dict[int, tuple[int, int]]:
-        """Per device: (evicted by drop-oldest, refused by drop-newest), since the file began."""
-        return await self._read(lambda: inspection.capacity_drops(self._db))
+    async def retry_dead_letters(
+        self, selection: DeadLetterFilter, retarget: Retarget, oldest_sendable_ms: int
+    ) -> RetryResult:
+        """Put matching dead letters back in the buffer, EXPIRE_CHUNK per transaction.
 
-    async def buffered_points(self) -> list[tuple[int, int, int, str]]:
-        """Every buffered (device, datastream, ts, value) — for tests and the demo only."""
-        return await self._read(lambda: inspection.buffered_points(self._db))
+        They then take the normal path: the flush loop applies the age and quota rules when
+        it sends them. Not subject to the capacity policy: at most `max_dead_letters` rows.
+        """
+        total = RetryResult()
+        after_id: int | None = 0
+        while after_id is not None:
+
+            async def work(start: int = after_id) -> tuple[int | None, Callable[[], None]]:
+                result, last = await deadletters.retry_chunk(
+                    self._db,
+                    selection,
+                    start,
+                    EXPIRE_CHUNK,
+                    retarget=retarget,
+                    oldest_sendable_ms=oldest_sendable_ms,
+                    stream_ids=self._stream_ids,
+                )
+                total.add(result)
+
+                def on_commit() -> None:
+                    for key, stream_id in result.new_streams.items():
+                        self._stream_ids[key] = stream_id
+                        self._stream_keys[stream_id] = key
+                    self.pending_points += result.requeued
+                    if result.requeued:
+                        self.new_rows.notify()
+
+                return last, on_commit
+
+            after_id = await self._in_transaction(work)
+        return total
 
     # ------------------------------------------------------------------ integrity
 

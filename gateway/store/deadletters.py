@@ -4,20 +4,24 @@ A reading lands here when the cloud refuses it for good or it is too old to send
 message that cannot become a reading lands here at ingest. `reason` is a stable code
 (`expired`, `rejected`, `not_a_number`, ...), `detail` what was wrong with this one. The
 table keeps the newest `max_dead_letters`; what pruning removes is reported by
-`PruneReporter`, at most one line per interval.
+`PruneReporter`, at most one line per interval. The operator lists, retries (puts back in
+the buffer, ids fixed if need be) and purges them with `blynk-gateway dead-letters`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import aiosqlite
 
 from gateway.log import get_logger
 from gateway.models import StreamKey
-from gateway.store.sql import changes, fetch_one
+from gateway.store import streams
+from gateway.store.sql import changes, changes_many, fetch_one
 
 log = get_logger("store")
 
@@ -140,15 +144,151 @@ async def prune(db: aiosqlite.Connection, max_dead_letters: int) -> int:
     )
 
 
-async def read(db: aiosqlite.Connection, limit: int, reason: str | None) -> list[DeadLetter]:
-    """The oldest `limit` dead letters (of one reason, if given)."""
-    where, params = ("WHERE reason = ?", (reason, limit)) if reason else ("", (limit,))
+@dataclass(frozen=True, slots=True)
+class DeadLetterFilter:
+    """Which dead letters an operator means (`blynk-gateway dead-letters ... --device 101`).
+
+    Times are when the reading was dead-lettered (`dead_at_ms`), not its own timestamp:
+    "purge what has been lying there for a month" is the question operators ask.
+    """
+
+    device_id: int | None = None
+    datastream_id: int | None = None
+    reason: str | None = None
+    dead_before_ms: int | None = None  # dead-lettered before this (--older-than)
+    dead_after_ms: int | None = None  # dead-lettered at or after this (--newer-than)
+
+    def where(self) -> tuple[str, tuple[Any, ...]]:
+        """A WHERE clause (or "") and its parameters; only fixed column names go in the text."""
+        terms: list[tuple[str, Any]] = [
+            ("device_id = ?", self.device_id),
+            ("datastream_id = ?", self.datastream_id),
+            ("reason = ?", self.reason),
+            ("dead_at_ms < ?", self.dead_before_ms),
+            ("dead_at_ms >= ?", self.dead_after_ms),
+        ]
+        used = [(sql, value) for sql, value in terms if value is not None]
+        if not used:
+            return "", ()
+        return "WHERE " + " AND ".join(sql for sql, _ in used), tuple(v for _, v in used)
+
+
+ALL = DeadLetterFilter()
+
+_COLUMNS = "id, dead_at_ms, reason, device_id, datastream_id, ts_ms, value, topic, detail"
+
+
+async def read(
+    db: aiosqlite.Connection,
+    limit: int,
+    reason: str | None = None,
+    selection: DeadLetterFilter = ALL,
+) -> list[DeadLetter]:
+    """The oldest `limit` dead letters that match (and are of `reason`, if given)."""
+    if reason is not None:
+        selection = replace(selection, reason=reason)
+    where, params = selection.where()
     rows = await db.execute_fetchall(
-        "SELECT id, dead_at_ms, reason, device_id, datastream_id, ts_ms, value, topic, "
-        f"detail FROM dead_letters {where} ORDER BY id LIMIT ?",
-        params,
+        f"SELECT {_COLUMNS} FROM dead_letters {where} ORDER BY id LIMIT ?", (*params, limit)
     )
     return [DeadLetter(*row) for row in rows]
+
+
+async def count_by_reason(
+    db: aiosqlite.Connection, selection: DeadLetterFilter = ALL
+) -> dict[str, int]:
+    where, params = selection.where()
+    rows = await db.execute_fetchall(
+        f"SELECT reason, count(*) FROM dead_letters {where} GROUP BY reason ORDER BY reason",
+        params,
+    )
+    return {str(reason): int(count) for reason, count in rows}
+
+
+async def purge(db: aiosqlite.Connection, selection: DeadLetterFilter) -> int:
+    where, params = selection.where()
+    return await changes(db, f"DELETE FROM dead_letters {where}", params)
+
+
+@dataclass
+class RetryResult:
+    """What `retry` did with the dead letters it looked at."""
+
+    requeued: int = 0  # back in the buffer
+    already_buffered: int = 0  # the same (stream, ts, value) is buffered: letter removed
+    # older than the cloud's age limit now: it would only be dead-lettered again; left as is
+    too_old: int = 0
+    # raw payloads that never became a reading (no ts or value), by reason: left as is
+    not_retryable: Counter[str] = field(default_factory=Counter)
+    new_streams: dict[StreamKey, int] = field(default_factory=dict)
+
+    def add(self, other: RetryResult) -> None:
+        self.requeued += other.requeued
+        self.already_buffered += other.already_buffered
+        self.too_old += other.too_old
+        self.not_retryable.update(other.not_retryable)
+
+
+@dataclass(frozen=True, slots=True)
+class Retarget:
+    """Fix the ids while retrying (`--device-to`, `--datastream-to`): None keeps the row's."""
+
+    device_id: int | None = None
+    datastream_id: int | None = None
+
+
+async def retry_chunk(
+    db: aiosqlite.Connection,
+    selection: DeadLetterFilter,
+    after_id: int,
+    limit: int,
+    *,
+    retarget: Retarget,
+    oldest_sendable_ms: int,
+    stream_ids: Mapping[StreamKey, int],
+) -> tuple[RetryResult, int | None]:
+    """Inside a transaction: put up to `limit` matching letters with id > `after_id` back in
+    `readings`; returns what happened and the last id looked at (None when none was left).
+
+    Only letters with a timestamp, a value and both ids can go back; raw payload rejections
+    stay where they are, and so do readings the cloud would now refuse for age.
+    """
+    where, params = selection.where()
+    where = f"{where} AND id > ?" if where else "WHERE id > ?"
+    rows = list(
+        await db.execute_fetchall(
+            "SELECT id, reason, device_id, datastream_id, ts_ms, value FROM dead_letters "
+            f"{where} ORDER BY id LIMIT ?",
+            (*params, after_id, limit),
+        )
+    )
+    result = RetryResult()
+    if not rows:
+        return result, None
+    readings: list[tuple[int, int, str]] = []
+    moved: list[tuple[int]] = []
+    for letter_id, reason, device_id, datastream_id, ts_ms, value in rows:
+        device_id = device_id if retarget.device_id is None else retarget.device_id
+        datastream_id = datastream_id if retarget.datastream_id is None else retarget.datastream_id
+        if None in (device_id, datastream_id, ts_ms, value):
+            result.not_retryable[str(reason)] += 1
+            continue
+        if ts_ms < oldest_sendable_ms:
+            result.too_old += 1
+            continue
+        key = StreamKey(int(device_id), int(datastream_id))
+        stream_id = stream_ids.get(key) or result.new_streams.get(key)
+        if stream_id is None:
+            stream_id = result.new_streams[key] = await streams.create(db, key)
+        readings.append((stream_id, int(ts_ms), str(value)))
+        moved.append((int(letter_id),))
+    inserted = await changes_many(
+        db, "INSERT OR IGNORE INTO readings (stream_id, ts_ms, value) VALUES (?, ?, ?)", readings
+    )
+    await db.executemany("DELETE FROM dead_letters WHERE id = ?", moved)
+    result.requeued = inserted
+    result.already_buffered = len(readings) - inserted
+    return result, int(rows[-1][0])
 
 
 class PruneReporter:
