@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from datetime import UTC, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -168,13 +169,77 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console", "logfmt"] = "auto"
 
 
-class RouteSettings(_Section):
-    topic: str = Field(min_length=1)
-    device_id: Annotated[int, Field(ge=0)]
-    datastream_id: Annotated[int, Field(ge=0)]
+class MetricsSettings(_Section):
+    """Prometheus metrics (gateway/metrics.py): off unless one of the two is set."""
+
+    # host:port serving /metrics, e.g. "127.0.0.1:9108" or "[::1]:9108" (port 0: any free one).
+    listen: str | None = None
+    # node_exporter's textfile collector: rewritten atomically every textfile_interval_s.
+    # Each write wears an SD card: prefer a tmpfs directory, or a long interval.
+    textfile: Path | None = None
+    textfile_interval_s: Annotated[float, Field(ge=1, le=3600)] = 60.0
+
+    @field_validator("listen")
+    @classmethod
+    def _host_and_port(cls, listen: str | None) -> str | None:
+        if listen is None:
+            return None
+        host, _, port = listen.rpartition(":")
+        if not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+            raise ValueError("must be host:port, e.g. 127.0.0.1:9108")
+        return listen
+
+
+DatastreamType = Literal["double", "integer", "enum", "string", "boolean", "location"]
+BlynkId = Annotated[int, Field(ge=0)]
+# One topic level captured by a route template, e.g. `zigbee2mqtt/{device}`.
+TEMPLATE_LEVELS = ("{device}", "{stream}")
+
+
+class FieldSettings(_Section):
+    """A payload field (or a `{stream}` name) and the datastream it feeds."""
+
+    datastream: BlynkId
     # The datastream's type in Blynk, if known: values that do not fit are dead-lettered at
     # ingest with a reason instead of being silently ignored or cropped by the cloud.
-    type: Literal["double", "integer", "enum", "string", "boolean", "location"] | None = None
+    type: DatastreamType | None = None
+
+
+def _as_field(entry: int | FieldSettings) -> FieldSettings:
+    return entry if isinstance(entry, FieldSettings) else FieldSettings(datastream=entry)
+
+
+class RouteSettings(_Section):
+    """One `[[routes]]` entry: which messages, which device, which datastreams, which time.
+
+    The device comes from `device_id`, a `{device}` topic level or `device_field` (names
+    are looked up in `[devices]`); the datastream from `datastream_id`, a `{stream}` level
+    looked up in `streams`, or `fields` (payload paths). Every combination is checked here,
+    so a route that could never produce a reading stops start-up with its key named.
+    """
+
+    topic: str = Field(min_length=1)
+    device_id: BlynkId | None = None
+    datastream_id: BlynkId | None = None
+    type: DatastreamType | None = None
+    # JSON path in the payload (dots between keys, digits index lists) -> datastream
+    fields: dict[str, BlynkId | FieldSettings] | None = None
+    # `{stream}` topic level -> datastream
+    streams: dict[str, BlynkId | FieldSettings] | None = None
+    # JSON path of the device name in the payload (Shelly Gen2 `src`, OpenMQTTGateway `id`)
+    device_field: str | None = Field(default=None, min_length=1)
+    # JSON path of the reading's time; absent from a message -> the time it was received
+    timestamp: str | None = Field(default=None, min_length=1)
+    # For timestamps without an offset: an IANA zone or a fixed offset like "+01:00";
+    # None -> the host's local time.
+    timezone: str | None = None
+    format: Literal["auto", "senml", "array"] = "auto"
+    # Retained messages (the broker's replay of the last value on subscribe) carry no
+    # time of their own: skip their readings unless the payload dates them.
+    retained: Literal["skip", "accept"] = "skip"
+    # Payload timestamps further ahead than this, or before 2020, are not trusted.
+    max_future_s: Annotated[float, Field(ge=0, le=31 * 86_400)] = 300.0
+    bad_timestamp: Literal["replace", "reject"] = "replace"
 
     @field_validator("topic")
     @classmethod
@@ -185,7 +250,95 @@ class RouteSettings(_Section):
                 raise ValueError(f"'#' must be a whole last level: {topic!r}")
             if "+" in level and level != "+":
                 raise ValueError(f"'+' must be a whole level: {topic!r}")
+            if ("{" in level or "}" in level) and level not in TEMPLATE_LEVELS:
+                raise ValueError(
+                    f"{level!r}: a template must be a whole level, {{device}} or {{stream}}: "
+                    f"{topic!r}"
+                )
+            if level in TEMPLATE_LEVELS and levels.count(level) > 1:
+                raise ValueError(f"{level} appears more than once: {topic!r}")
         return topic
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, zone: str | None) -> str | None:
+        if zone is not None:
+            parse_timezone(zone)
+        return zone
+
+    @model_validator(mode="after")
+    def _one_device_and_datastream_source(self) -> RouteSettings:
+        levels = self.topic.split("/")
+        device_sources = [
+            name
+            for name, present in (
+                ("device_id", self.device_id is not None),
+                ("{device} in topic", "{device}" in levels),
+                ("device_field", self.device_field is not None),
+            )
+            if present
+        ]
+        if len(device_sources) != 1:
+            found = " and ".join(device_sources) if device_sources else "none"
+            raise ValueError(
+                "a route needs exactly one device source: device_id, a {device} topic level "
+                f"or device_field (found {found})"
+            )
+        has_stream_level = "{stream}" in levels
+        if self.streams is not None and not has_stream_level:
+            raise ValueError("streams needs a {stream} level in topic")
+        stream_sources = [
+            name
+            for name, present in (
+                ("datastream_id", self.datastream_id is not None),
+                ("{stream} in topic", has_stream_level),
+                ("fields", self.fields is not None),
+            )
+            if present
+        ]
+        if len(stream_sources) != 1:
+            found = " and ".join(stream_sources) if stream_sources else "none"
+            raise ValueError(
+                "a route needs exactly one datastream source: datastream_id, a {stream} topic "
+                f"level with streams, or fields (found {found})"
+            )
+        if self.fields is not None and not self.fields:
+            raise ValueError("fields is empty: list at least one payload field")
+        if self.type is not None and self.datastream_id is None:
+            raise ValueError("type applies to datastream_id; give each field its own type")
+        if self.format == "senml" and self.fields is None:
+            raise ValueError('format = "senml" needs fields (SenML names -> datastreams)')
+        if self.format == "senml" and self.timestamp is not None:
+            raise ValueError('format = "senml" takes its time from bt + t; drop timestamp')
+        return self
+
+    def field_map(self) -> dict[str, FieldSettings]:
+        return {path: _as_field(entry) for path, entry in (self.fields or {}).items()}
+
+    def stream_map(self) -> dict[str, FieldSettings]:
+        return {name: _as_field(entry) for name, entry in (self.streams or {}).items()}
+
+
+def parse_timezone(zone: str) -> tzinfo:
+    """An IANA name (`Europe/Berlin`) or a fixed offset (`+01:00`, `-0530`, `Z`)."""
+    text = zone.strip()
+    if text in ("Z", "UTC", "utc"):
+        return UTC
+    if text[:1] in ("+", "-"):
+        digits = text[1:].replace(":", "")
+        if len(digits) in (2, 4) and digits.isdigit():
+            hours, minutes = int(digits[:2]), int(digits[2:] or 0)
+            if hours <= 23 and minutes <= 59:
+                sign = 1 if text[0] == "+" else -1
+                return timezone(sign * timedelta(hours=hours, minutes=minutes))
+        raise ValueError(f"not a UTC offset like +01:00: {zone!r}")
+    try:
+        return ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown timezone {zone!r} (an IANA name or +HH:MM)") from exc
+
+
+DeviceName = Annotated[str, Field(min_length=1)]
 
 
 class Settings(BaseSettings):
@@ -201,6 +354,9 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     flush: FlushSettings = FlushSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    # Names seen in topics ({device}) or payloads (device_field) -> Blynk device ids.
+    devices: dict[DeviceName, BlynkId] = Field(default_factory=dict)
     routes: Annotated[list[RouteSettings], Field(min_length=1)]
 
     @classmethod
@@ -291,8 +447,22 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_settings(path: Path | None) -> Settings:
-    """The one way settings are built, shared by `run` and `check-config`."""
+    """The one way settings are built, shared by `run` and `check-config`.
+
+    The client secret may come from systemd's `LoadCredential=` ($CREDENTIALS_DIRECTORY),
+    or, for commands run by hand outside the service, from a `client_secret` file beside
+    the config (where the unit loads it from): either beats the file's value, and
+    BLYNK_GATEWAY_CLOUD__CLIENT_SECRET still beats both.
+    """
+    from gateway.systemd import CLIENT_SECRET_CREDENTIAL, read_credential
+
     file_values = read_toml(path) if path is not None else {}
+    secret = read_credential(CLIENT_SECRET_CREDENTIAL)
+    if secret is None and path is not None:
+        beside_config = {"CREDENTIALS_DIRECTORY": str(path.parent)}
+        secret = read_credential(CLIENT_SECRET_CREDENTIAL, beside_config)
+    if secret is not None and isinstance(file_values.setdefault("cloud", {}), dict):
+        file_values["cloud"]["client_secret"] = secret
     try:
         return Settings(**file_values)
     except SettingsError as exc:

@@ -175,7 +175,10 @@ def test_error_in_second_route_is_indexed(tmp_path: Path) -> None:
     text = MINIMAL + '\n[[routes]]\ntopic = "x/y"\ndevice_id = 1\ndatastream_idd = 2\n'
     message = config_error(write(tmp_path, text))
     assert "routes[1].datastream_idd: unknown key" in message
-    assert "routes[1].datastream_id: required key is missing" in message
+    # With the typo fixed by removal, the route's missing datastream is named instead.
+    text = MINIMAL + '\n[[routes]]\ntopic = "x/y"\ndevice_id = 1\n'
+    message = config_error(write(tmp_path, text))
+    assert "routes[1]: " in message and "exactly one datastream source" in message
     assert "routes[0]" not in message
 
 

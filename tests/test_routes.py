@@ -14,7 +14,7 @@ from gateway.config import RouteSettings
 from gateway.errors import PayloadError
 from gateway.ingest.routes import (
     MAX_SAFE_INTEGER,
-    Route,
+    Outcome,
     RouteTable,
     decode_value,
     encode_value,
@@ -346,17 +346,19 @@ TABLE = route_settings(
 )
 def test_first_matching_route_wins(topic: str, target: tuple[int, int] | None) -> None:
     table = RouteTable(TABLE)
-    route = table.match(topic)
-    found = None if route is None else (route.device_id, route.datastream_id)
+    readings = table.route(topic, b"1", RECEIVED_MS).readings
+    found = (readings[0].device_id, readings[0].datastream_id) if readings else None
     assert found == target
     # The cached answer is the same as the computed one.
-    assert table.match(topic) == route
+    assert table.match(topic) == table.match(topic)
 
 
 def test_no_route() -> None:
     table = RouteTable(route_settings(("a/b", 1, 1)))
     assert table.match("a/c") is None
     assert table.match("a/b/c") is None
+    outcome = table.route("a/c", b"1", RECEIVED_MS)
+    assert outcome.unmapped == "unmapped_topic" and not outcome.readings
 
 
 def test_subscriptions_are_unique_and_ordered() -> None:
@@ -368,30 +370,38 @@ def test_subscriptions_are_unique_and_ordered() -> None:
     ]
 
 
+def one_reading(outcome: Outcome) -> Reading:
+    assert not outcome.refusals and outcome.unmapped is None, outcome
+    [reading] = outcome.readings
+    return reading
+
+
+def refusal_of(outcome: Outcome) -> tuple[str, str | None]:
+    assert not outcome.readings, outcome
+    [refusal] = outcome.refusals
+    return refusal.code, refusal.detail
+
+
 def test_decode_builds_reading_for_route() -> None:
     table = RouteTable(TABLE)
-    route = table.match("sensors/kitchen/humidity")
-    assert route == Route("sensors/+/humidity", 102, 1)
-    reading = table.decode(route, b'{"value": 48.5, "ts": 1702656423136}', RECEIVED_MS)
-    assert reading == Reading(102, 1, TS_MS, "48.5")
-    assert table.decode(route, b"7", RECEIVED_MS) == Reading(102, 1, RECEIVED_MS, "7")
+    topic = "sensors/kitchen/humidity"
+    outcome = table.route(topic, b'{"value": 48.5, "ts": 1702656423136}', RECEIVED_MS)
+    assert one_reading(outcome) == Reading(102, 1, TS_MS, "48.5")
+    assert one_reading(table.route(topic, b"7", RECEIVED_MS)) == Reading(102, 1, RECEIVED_MS, "7")
 
 
 def test_decode_refuses_oversized_payload() -> None:
-    table = RouteTable(TABLE, max_payload_bytes=16)
-    route = Route("x", 1, 2)
-    assert table.decode(route, b"1" + b" " * 15, RECEIVED_MS).value_json == "1"  # 16 bytes
-    with pytest.raises(PayloadError, match="17 bytes exceeds max_payload_bytes=16") as info:
-        table.decode(route, b"1" + b" " * 16, RECEIVED_MS)
-    assert info.value.code == "payload_too_large"
+    table = RouteTable(route_settings(("x", 1, 2)), max_payload_bytes=16)
+    assert one_reading(table.route("x", b"1" + b" " * 15, RECEIVED_MS)).value_json == "1"
+    code, detail = refusal_of(table.route("x", b"1" + b" " * 16, RECEIVED_MS))
+    assert code == "payload_too_large" and detail == "17 bytes exceeds max_payload_bytes=16"
 
 
 def test_decode_default_limit_is_16k() -> None:
-    table = RouteTable(TABLE)
-    route = Route("x", 1, 2)
+    table = RouteTable(route_settings(("x", 1, 2)))
     big = json.dumps({"value": "a", "pad": "x" * 16_400}).encode()
-    with pytest.raises(PayloadError, match="max_payload_bytes=16384"):
-        table.decode(route, big, RECEIVED_MS)
+    code, detail = refusal_of(table.route("x", big, RECEIVED_MS))
+    assert code == "payload_too_large" and "max_payload_bytes=16384" in (detail or "")
 
 
 # --------------------------------------------------------------------------- properties
@@ -446,16 +456,18 @@ def test_receive_stamps_are_strictly_increasing_per_datastream() -> None:
             RouteSettings(topic="b", device_id=1, datastream_id=2),
         ]
     )
-    route_a, route_b = table.match("a"), table.match("b")
-    assert route_a is not None and route_b is not None
-    stamps = [table.decode(route_a, b"21.5", 1_700_000_000_000).ts_ms for _ in range(3)]
+
+    def stamp(topic: str, payload: bytes, received_ms: int) -> int:
+        return one_reading(table.route(topic, payload, received_ms)).ts_ms
+
+    stamps = [stamp("a", b"21.5", 1_700_000_000_000) for _ in range(3)]
     assert stamps == [1_700_000_000_000, 1_700_000_000_001, 1_700_000_000_002]
     # Another datastream has its own sequence; a payload's own ts is never moved.
-    assert table.decode(route_b, b"1", 1_700_000_000_000).ts_ms == 1_700_000_000_000
+    assert stamp("b", b"1", 1_700_000_000_000) == 1_700_000_000_000
     own = b'{"value": 1, "ts": 1700000000000}'
-    assert table.decode(route_a, own, 1_700_000_000_000).ts_ms == 1_700_000_000_000
+    assert stamp("a", own, 1_700_000_000_000) == 1_700_000_000_000
     # Time moving on is used as is.
-    assert table.decode(route_a, b"2", 1_700_000_000_500).ts_ms == 1_700_000_000_500
+    assert stamp("a", b"2", 1_700_000_000_500) == 1_700_000_000_500
 
 
 @pytest.mark.parametrize(
@@ -463,11 +475,15 @@ def test_receive_stamps_are_strictly_increasing_per_datastream() -> None:
     [
         ("double", b"21.5", "21.5"),
         ("double", b"21", "21"),
+        ("double", b'"21.5"', "21.5"),  # a numeric string is a number
+        ("double", b"true", "1"),  # a switch on a numeric datastream is 0/1
+        ("double", b"ON", "1"),
         ("integer", b"21.0", "21"),
         ("integer", b"-2147483648", "-2147483648"),
         ("enum", b"3", "3"),
         ("string", b'"on"', '"on"'),
         ("boolean", b"true", "true"),
+        ("boolean", b"OFF", "false"),
         ("location", b"[24.75, 59.43]", "[24.75,59.43]"),
     ],
 )
@@ -475,19 +491,16 @@ def test_declared_datastream_type_accepts_fitting_values(
     value_type: str, payload: bytes, expected_json: str
 ) -> None:
     table = RouteTable([RouteSettings(topic="t", device_id=1, datastream_id=1, type=value_type)])
-    route = table.match("t")
-    assert route is not None
-    assert table.decode(route, payload, 1_700_000_000_000).value_json == expected_json
+    assert one_reading(table.route("t", payload, 1_700_000_000_000)).value_json == expected_json
 
 
 @pytest.mark.parametrize(
     ("value_type", "payload", "code", "detail"),
     [
-        ("double", b"true", "type_mismatch", "does not fit a double"),
-        ("double", b'"21.5"', "type_mismatch", "does not fit a double"),
+        ("double", b'"warm"', "type_mismatch", "does not fit a double"),
         ("integer", b"21.5", "type_mismatch", "does not fit an integer"),
         ("integer", b"2147483648", "value_out_of_range", "outside the 32-bit range"),
-        ("enum", b"false", "type_mismatch", "does not fit an enum"),
+        ("enum", b'"x"', "type_mismatch", "does not fit an enum"),
         ("string", b"21", "type_mismatch", "does not fit a string"),
         ("boolean", b"1", "type_mismatch", "does not fit a boolean"),
         ("location", b"21", "type_mismatch", "does not fit a location"),
@@ -497,11 +510,8 @@ def test_declared_datastream_type_refuses_values_the_cloud_would_drop(
     value_type: str, payload: bytes, code: str, detail: str
 ) -> None:
     table = RouteTable([RouteSettings(topic="t", device_id=1, datastream_id=1, type=value_type)])
-    route = table.match("t")
-    assert route is not None
-    with pytest.raises(PayloadError) as info:
-        table.decode(route, payload, 1_700_000_000_000)
-    assert info.value.code == code and detail in info.value.detail
+    found_code, found_detail = refusal_of(table.route("t", payload, 1_700_000_000_000))
+    assert found_code == code and detail in (found_detail or "")
 
 
 def test_unknown_datastream_type_is_a_config_error() -> None:

@@ -4,7 +4,7 @@
 - mqtt_loop.py   `MqttConnection`: paho on the asyncio event loop, reconnects, the ack barrier
 - admission.py   what a message becomes: a reading, a dead letter (reason code), or nothing
 - redelivery.py  `RedeliveryFilter`: recognises the broker's redeliveries (pure, bounded LRU)
-- routes.py      topic → datastream, payload → value and timestamp (`PayloadError` codes)
+- routes/        topic → device and datastreams, payload → values and times (`Outcome`)
 """
 
 from gateway.ingest.admission import Admission, RefusalLog
@@ -12,7 +12,8 @@ from gateway.ingest.ingest import MqttIngest
 from gateway.ingest.mqtt_loop import MqttConnection
 from gateway.ingest.redelivery import LruCounter, RedeliveryFilter
 from gateway.ingest.routes import (
-    Route,
+    CompiledRoute,
+    Outcome,
     RouteTable,
     decode_value,
     encode_value,
@@ -23,13 +24,14 @@ from gateway.ingest.stats import IngestStats
 
 __all__ = [
     "Admission",
+    "CompiledRoute",
     "IngestStats",
     "LruCounter",
     "MqttConnection",
     "MqttIngest",
+    "Outcome",
     "RedeliveryFilter",
     "RefusalLog",
-    "Route",
     "RouteTable",
     "decode_value",
     "encode_value",

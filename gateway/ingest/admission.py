@@ -1,8 +1,10 @@
-"""What one MQTT message becomes: a reading, a dead letter with a reason code, or nothing.
+"""What one MQTT message becomes: readings, dead letters with a reason code, or nothing.
 
 Refusals can come by the thousand (a sensor sending seconds instead of milliseconds), so
-they are logged by their stable code, not by the value: the first of each code in an
-interval gets a line of its own, the rest are counted and summed up once per interval.
+they are logged by route and stable code, not by the value: the first of each (route, code)
+in an interval gets a line of its own, with the topic and a short excerpt; the rest are
+counted and summed up once per interval. An unknown device name gets its own line (once
+per name per interval) saying how to map it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from gateway.errors import PayloadError
-from gateway.ingest.routes import RouteTable, has_own_timestamp
-from gateway.ingest.stats import IngestStats
+from gateway.ingest.routes import Outcome, RouteTable
+from gateway.ingest.stats import MAX_UNMAPPED_NAMES, IngestStats
 from gateway.log import Throttle, get_logger
 from gateway.models import Reading
 from gateway.store import RejectedPayload
@@ -27,7 +28,7 @@ KEPT_PAYLOAD_BYTES = 1024
 
 
 class RefusalLog:
-    """One line per reason code per interval; what it held back is summed up separately."""
+    """One line per (route, reason) per interval; what it held back is summed up separately."""
 
     def __init__(
         self,
@@ -36,23 +37,35 @@ class RefusalLog:
     ) -> None:
         self.interval_s = interval_s
         self._throttle = Throttle(interval_s, clock=clock)
-        self._held_back: Counter[str] = Counter()
+        self._held_back: Counter[tuple[str, str]] = Counter()
 
-    def refused(self, event: str, code: str, **fields: Any) -> None:
-        allowed, _ = self._throttle.allow(code)  # what it held back is in the summary
+    def refused(
+        self, event: str, code: str, route: str = "", *, subject: str = "", **fields: Any
+    ) -> None:
+        """Log the first of each (route, code[, subject]) per interval; count the rest."""
+        allowed, _ = self._throttle.allow(f"{route}\0{code}\0{subject}")
         if allowed:
+            if route:
+                fields["route"] = route
             log.warning(event, reason=code, **fields)
         else:
-            self._held_back[code] += 1
+            self._held_back[route, code] += 1
 
     def summarise(self) -> None:
         """One line for everything held back since the last summary, if anything was."""
         if not self._held_back:
             return
+        by_reason: Counter[str] = Counter()
+        by_route: dict[str, dict[str, int]] = {}
+        for (route, code), count in self._held_back.items():
+            by_reason[code] += count
+            if route:
+                by_route.setdefault(route, {})[code] = count
         log.warning(
             "payload_rejected_summary",
             held_back=sum(self._held_back.values()),
-            by_reason=dict(self._held_back),
+            by_reason=dict(by_reason),
+            by_route=by_route,
             interval_s=self.interval_s,
         )
         self._held_back.clear()
@@ -70,7 +83,7 @@ class Admission:
         clock_ms: Callable[[], int],
         refusals: RefusalLog | None = None,
     ) -> None:
-        self._routes = routes
+        self.routes = routes
         self._stats = stats
         self._oldest_sendable_ms = oldest_sendable_ms
         self._clock_ms = clock_ms
@@ -78,69 +91,140 @@ class Admission:
 
     def admit(
         self, topic: str, payload: bytes, retained: bool
-    ) -> tuple[Reading | None, RejectedPayload | None]:
-        """The reading a message becomes, or why it is kept as a dead letter, or neither."""
+    ) -> tuple[list[Reading], list[RejectedPayload]]:
+        """The readings a message holds, and the dead letters for what it holds wrongly."""
         stats = self._stats
-        route = self._routes.match(topic)
-        if route is None:
-            stats.unmapped += 1
-            self.refusals.refused(
-                "payload_rejected",
-                "unmapped_topic",
-                detail="no route matches this topic",
-                topic=topic,
-                payload_bytes=len(payload),
-                rejected_total=stats.rejected + stats.unmapped,
-            )
-            return None, None
         now_ms = self._clock_ms()
-        try:
-            reading = self._routes.decode(route, payload, now_ms)
-        except PayloadError as exc:
+        outcome = self.routes.route(topic, payload, now_ms, retained=retained)
+        route_name = outcome.route.name if outcome.route is not None else ""
+        if outcome.unmapped is not None:
+            self._unmapped(outcome, route_name, topic, payload)
+        stats.no_reading += outcome.no_reading
+        if outcome.retained_skipped:
+            stats.retained_skipped += outcome.retained_skipped
+        if outcome.ts_replaced:
+            stats.ts_replaced += outcome.ts_replaced
+            self.refusals.refused(
+                "timestamp_replaced",
+                "ts_replaced",
+                route_name,
+                detail=outcome.ts_problem,
+                action="stamped with the receive time",
+                topic=topic,
+                ts_replaced_total=stats.ts_replaced,
+            )
+        dead: list[RejectedPayload] = []
+        kept_payload = payload[:KEPT_PAYLOAD_BYTES]
+        for refusal in outcome.refusals:
             stats.rejected += 1
-            stats.rejected_by_reason[exc.code] += 1
+            stats.rejected_by_reason[refusal.code] += 1
+            stats.rejected_by_route.setdefault(route_name, Counter())[refusal.code] += 1
             self.refusals.refused(
                 "payload_rejected",
-                exc.code,
-                detail=exc.detail,
+                refusal.code,
+                route_name,
+                detail=refusal.detail,
                 topic=topic,
+                excerpt=_excerpt(payload),
                 payload_bytes=len(payload),
                 rejected_total=stats.rejected + stats.unmapped,
             )
-            return None, RejectedPayload(
-                exc.code,
-                topic,
-                payload[:KEPT_PAYLOAD_BYTES],
-                route.device_id,
-                route.datastream_id,
-                exc.detail,
+            dead.append(
+                RejectedPayload(
+                    refusal.code,
+                    topic,
+                    kept_payload,
+                    refusal.device_id,
+                    refusal.datastream_id,
+                    refusal.detail,
+                )
             )
-        if retained and not has_own_timestamp(payload):
-            # A retained value was published at an unknown time; stamping it "now" would lie.
-            stats.retained_skipped += 1
-            return None, None
+        if not outcome.readings:
+            return outcome.readings, dead
+        return self._unexpired(outcome.readings, dead, topic, kept_payload, route_name, now_ms)
+
+    def _unexpired(
+        self,
+        readings: list[Reading],
+        dead: list[RejectedPayload],
+        topic: str,
+        kept_payload: bytes,
+        route_name: str,
+        now_ms: int,
+    ) -> tuple[list[Reading], list[RejectedPayload]]:
+        """The cloud would refuse too-old readings: they must not cost a row in the buffer."""
         cutoff_ms = self._oldest_sendable_ms(now_ms)
-        if reading.ts_ms < cutoff_ms:
-            # The cloud would refuse it for age: it must not cost a row in the buffer.
+        if all(reading.ts_ms >= cutoff_ms for reading in readings):
+            return readings, dead
+        stats = self._stats
+        fresh = []
+        for reading in readings:
+            if reading.ts_ms >= cutoff_ms:
+                fresh.append(reading)
+                continue
             stats.expired += 1
             detail = f"ts={reading.ts_ms} older than cutoff {cutoff_ms}"
             self.refusals.refused(
                 "reading_expired",
                 "expired",
+                route_name,
                 detail=detail,
                 topic=topic,
-                device_id=route.device_id,
-                datastream_id=route.datastream_id,
+                device_id=reading.device_id,
+                datastream_id=reading.datastream_id,
                 expired_total=stats.expired,
             )
-            return None, RejectedPayload(
-                "expired",
-                topic,
-                payload[:KEPT_PAYLOAD_BYTES],
-                route.device_id,
-                route.datastream_id,
-                detail,
-                ts_ms=reading.ts_ms,
-                value_json=reading.value_json,
+            dead.append(
+                RejectedPayload(
+                    "expired",
+                    topic,
+                    kept_payload,
+                    reading.device_id,
+                    reading.datastream_id,
+                    detail,
+                    ts_ms=reading.ts_ms,
+                    value_json=reading.value_json,
+                )
             )
-        return reading, None
+        return fresh, dead
+
+    def _unmapped(self, outcome: Outcome, route_name: str, topic: str, payload: bytes) -> None:
+        """Nothing in the message maps to a datastream: counted and logged, not stored."""
+        stats = self._stats
+        stats.unmapped += 1
+        code = outcome.unmapped or "unmapped_topic"
+        if route_name:
+            stats.rejected_by_route.setdefault(route_name, Counter())[code] += 1
+        name = outcome.unknown_device
+        if name is not None:
+            unknown = stats.unmapped_devices
+            tracked = name in unknown or len(unknown) < MAX_UNMAPPED_NAMES
+            if tracked:
+                unknown[name] += 1
+            self.refusals.refused(
+                "device_unmapped",
+                code,
+                route_name,
+                subject=name if tracked else "",  # one line per name, for a bounded set
+                name=name,
+                topic=topic,
+                hint=f'add it to [devices]: "{name}" = <Blynk device id>',
+                seen=unknown.get(name, 0),
+            )
+            return
+        self.refusals.refused(
+            "payload_rejected",
+            code,
+            route_name,
+            detail=outcome.unmapped_detail,
+            topic=topic,
+            payload_bytes=len(payload),
+            excerpt=_excerpt(payload),
+            rejected_total=stats.rejected + stats.unmapped,
+        )
+
+
+def _excerpt(payload: bytes, limit: int = 80) -> str:
+    """The start of a payload for a log line: enough to recognise it, never a flood."""
+    text = payload[: limit * 4].decode("utf-8", "replace")
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -64,8 +64,8 @@ class _Message:
     topic: str
     payload: bytes
     dup: bool
-    reading: Reading | None = None
-    rejected: RejectedPayload | None = None
+    readings: Sequence[Reading] = ()
+    rejected: Sequence[RejectedPayload] = ()
 
 
 @dataclass(slots=True)
@@ -83,11 +83,11 @@ class _PendingGroup:
 
     @property
     def readings(self) -> list[Reading]:
-        return [m.reading for m in self.messages if m.reading is not None]
+        return [reading for m in self.messages for reading in m.readings]
 
     @property
     def rejected(self) -> list[RejectedPayload]:
-        return [m.rejected for m in self.messages if m.rejected is not None]
+        return [rejected for m in self.messages for rejected in m.rejected]
 
     def split(self, count: int) -> tuple[_PendingGroup, _PendingGroup]:
         return (
@@ -206,7 +206,7 @@ class MqttIngest:
         if entry.dup and self._redelivery.is_redelivery(topic, payload):
             stats.redelivered_acked += 1
         else:
-            entry.reading, entry.rejected = self._admission.admit(topic, payload, message.retain)
+            entry.readings, entry.rejected = self._admission.admit(topic, payload, message.retain)
         group.messages.append(entry)
         if len(group) >= self._commit_max:
             self._group_full.set()
@@ -386,14 +386,14 @@ class MqttIngest:
             if self._mqtt.will_resend(message.generation, message.qos):
                 self.stats.resent_dropped += 1
                 continue
-            stored = message.reading is not None or message.rejected is not None
+            stored = bool(message.readings or message.rejected)
             if (
                 message.dup
                 and stored
                 and self._redelivery.is_redelivery(message.topic, message.payload)
             ):
                 self.stats.redelivered_acked += 1
-                message.reading = message.rejected = None
+                message.readings = message.rejected = ()
             kept.append(message)
         group.messages = kept
         return group

@@ -16,14 +16,16 @@ class IngestStats:
     # payloads that cannot become a reading (dead-lettered), by their PayloadError code
     rejected: int = 0
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
-    # the same, by the route's topic filter (one key per [[routes]] entry)
-    rejected_by_route: Counter[str] = field(default_factory=Counter)
+    # rejections and unmapped messages by route (its topic template), then reason code
+    rejected_by_route: dict[str, Counter[str]] = field(default_factory=dict)
     unmapped: int = 0
     # device names captured by a route ({device} or device_field) but missing from [devices],
     # with how often each was seen (bounded: see MAX_UNMAPPED_NAMES)
     unmapped_devices: Counter[str] = field(default_factory=Counter)
     # readings whose own timestamp was not trusted (future, before 2020) and got receive time
     ts_replaced: int = 0
+    # values that said "no reading now" (null, nan, unavailable): skipped, not errors
+    no_reading: int = 0
     # readings already too old for the cloud when they arrived (dead-lettered as `expired`)
     expired: int = 0
     retained_skipped: int = 0

@@ -82,6 +82,8 @@ def _plain(value: Any) -> Any:
         return os.fspath(value)
     if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
     raise TypeError(f"no TOML encoding for config value {value!r}")
 
 
@@ -92,7 +94,16 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return (
+            "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
     return json.dumps(value)  # a TOML basic string is a JSON string
+
+
+def _toml_key(key: str) -> str:
+    """Quoted, so dotted JSON paths (`AM2301.Temperature`) stay one key."""
+    return json.dumps(key)
 
 
 def write_config(path: Path, config: Mapping[str, Any]) -> Path:
@@ -112,11 +123,11 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
         if section == "routes":
             continue
         lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in values.items()]
         lines.append("")
     for route in plain.get("routes", []):
         lines.append("[[routes]]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in route.items()]
+        lines += [f"{_toml_key(key)} = {_toml_value(value)}" for key, value in route.items()]
         lines.append("")
     text = "\n".join(lines)
     if tomllib.loads(text) != {k: v for k, v in plain.items() if k != "routes" or v}:

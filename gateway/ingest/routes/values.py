@@ -1,23 +1,20 @@
-"""Topic → (device, datastream) mapping and payload decoding.
+"""Values: what a payload's value may be, and the JSON text Blynk will be sent.
 
-Decoding runs once per MQTT message, so the common cases are the fast ones: an exact topic
-is a dict hit, and a plain number payload is parsed without the JSON decoder. A payload
-that cannot become a valid point raises `PayloadError` with a stable code (the key for log
-throttling, counters and the dead-letter reason) and the offending value as its detail; the
-value is validated here, at ingest, so a bad point never poisons an upload later.
+A value that cannot become a valid point raises `PayloadError` with a stable code (the key
+for log throttling, counters and the dead-letter reason) and the offending value as its
+detail; it is validated here, at ingest, so a bad point never poisons an upload later.
+Publishers spell the same reading many ways (`"100.00"`, `ON`, `nan`, `unavailable`):
+`field_value_json` turns each into a number, a kept string, or "no reading this time".
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from gateway.config import RouteSettings
 from gateway.errors import PayloadError
-from gateway.models import Reading
 
 MAX_STRING_BYTES = 1024
 # Blynk's Integer datastream is 32-bit, but a Double takes any finite number; refuse only
@@ -26,82 +23,6 @@ MAX_SAFE_INTEGER = 2**53
 # Timestamps before 2001-09 or after 2286 are almost certainly seconds or µs, not ms.
 MIN_TS_MS = 1_000_000_000_000
 MAX_TS_MS = 9_999_999_999_999
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    topic_filter: str
-    device_id: int
-    datastream_id: int
-    value_type: str | None = None
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT filter matching (`+` one level, `#` the rest); `$` topics never match wildcards."""
-    if topic_filter == topic:
-        return True
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    filter_levels = topic_filter.split("/")
-    topic_levels = topic.split("/")
-    for index, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if index >= len(topic_levels):
-            return False
-        if level != "+" and level != topic_levels[index]:
-            return False
-    return len(filter_levels) == len(topic_levels)
-
-
-class RouteTable:
-    """Finds the route for a topic; remembers the answer because topics repeat forever."""
-
-    def __init__(self, routes: Sequence[RouteSettings], max_payload_bytes: int = 16_384) -> None:
-        self.routes = tuple(Route(r.topic, r.device_id, r.datastream_id, r.type) for r in routes)
-        self.max_payload_bytes = max_payload_bytes
-        self._by_topic: dict[str, Route | None] = {}
-        self._last_stamp: dict[tuple[int, int], int] = {}
-
-    @property
-    def subscriptions(self) -> list[str]:
-        return list(dict.fromkeys(route.topic_filter for route in self.routes))
-
-    def match(self, topic: str) -> Route | None:
-        try:
-            return self._by_topic[topic]
-        except KeyError:
-            pass
-        found = next((r for r in self.routes if topic_matches(r.topic_filter, topic)), None)
-        if len(self._by_topic) < 100_000:
-            self._by_topic[topic] = found
-        return found
-
-    def decode(self, route: Route, payload: bytes, received_ms: int) -> Reading:
-        if len(payload) > self.max_payload_bytes:
-            raise PayloadError(
-                "payload_too_large",
-                f"{len(payload)} bytes exceeds max_payload_bytes={self.max_payload_bytes}",
-            )
-        value_json, own_ts_ms = decode_value(payload)
-        if route.value_type is not None:
-            value_json = conform_to_type(route.value_type, value_json)
-        if own_ts_ms is None:
-            own_ts_ms = self._receive_stamp(route, received_ms)
-        return Reading(route.device_id, route.datastream_id, own_ts_ms, value_json)
-
-    def _receive_stamp(self, route: Route, received_ms: int) -> int:
-        """Receive time, made strictly increasing per datastream.
-
-        Two readings without their own `ts` that arrive in the same millisecond (a burst, or
-        the broker draining its queue after an outage) are still two readings: equal stamps
-        would make them one point, both here (the buffer keeps one row per stream, ts and
-        value) and in the cloud. Each later one is moved forward by a millisecond instead.
-        """
-        key = (route.device_id, route.datastream_id)
-        stamp = max(received_ms, self._last_stamp.get(key, 0) + 1)
-        self._last_stamp[key] = stamp
-        return stamp
 
 
 def decode_value(payload: bytes) -> tuple[str, int | None]:
@@ -127,14 +48,17 @@ def decode_value(payload: bytes) -> tuple[str, int | None]:
 
 
 def _plain_number(text: str) -> str:
+    return encode_value(plain_number(text))
+
+
+def plain_number(text: str) -> int | float:
     try:
-        number: int | float = int(text)
+        return int(text)
     except ValueError:
         try:
-            number = float(text)
+            return float(text)
         except ValueError as exc:
             raise PayloadError("not_a_number", _preview(text)) from exc
-    return encode_value(number)
 
 
 def _from_object(document: dict[str, Any]) -> tuple[str, int | None]:
@@ -239,3 +163,94 @@ def _preview(text: str, limit: int = 60) -> str:
 def has_own_timestamp(payload: bytes) -> bool:
     """Does the payload name its own `ts` (cheap test, no parsing)?"""
     return b'"ts"' in payload
+
+
+# Publishers' ways of saying "no reading now" (ESPHome `nan`, Home Assistant `unavailable`).
+_NO_READING = frozenset({"", "nan", "none", "null", "unavailable", "unknown", "n/a"})
+_SWITCH = {"on": 1, "off": 0, "true": 1, "false": 0}
+_NUMERIC_TYPES = (None, "double", "integer", "enum")
+
+
+def field_value_json(raw: Any, value_type: str | None) -> str | None:
+    """The JSON text of one published value, or None when it says "no reading".
+
+    Numeric strings are numbers and `true`/`ON`/`on` are 1 (`false`/`OFF` 0) unless the
+    datastream is declared `string` (text kept) or `boolean` (true/false): most Blynk
+    datastreams are numeric, and a switch's state is charted as 0/1.
+    """
+    if raw is None or (isinstance(raw, float) and math.isnan(raw)):
+        return None
+    if isinstance(raw, str):
+        text = raw.strip()
+        lowered = text.lower()
+        if lowered in _NO_READING:
+            return None
+        if value_type == "string":
+            return encode_value(raw)
+        if lowered in _SWITCH:
+            raw = _SWITCH[lowered] if value_type != "boolean" else bool(_SWITCH[lowered])
+        else:
+            raw = _number_or_text(text)
+    elif isinstance(raw, bool) and value_type in _NUMERIC_TYPES:
+        raw = int(raw)
+    value_json = encode_value(raw)
+    if value_type is not None:
+        value_json = conform_to_type(value_type, value_json)
+    return value_json
+
+
+def _number_or_text(text: str) -> int | float | str:
+    first = text[:1]
+    if first.isdigit() or (first in "-+." and len(text) > 1):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return text
+            if math.isfinite(number):
+                return number
+            return text
+    return text
+
+
+def bare_payload_value(payload: bytes) -> tuple[Any, bool]:
+    """A payload that is one value: (the value, parsed as JSON?); raises `PayloadError`.
+
+    Plain numbers skip the JSON decoder (the common case on the hot path); a bare word
+    (`ON`, `nan`, `unavailable`) is taken as text for `field_value_json` to judge.
+    """
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise PayloadError("not_utf8", f"invalid byte at {exc.start}") from exc
+    if not text:
+        raise PayloadError("empty")
+    first = text[0]
+    if first.isdigit() or first in "-.":
+        return plain_number(text), False
+    if first in '{["' or text in ("true", "false", "null"):
+        return parse_json(text), True
+    if text.lower() in _NO_READING or text.lower() in _SWITCH:
+        return text, False
+    raise PayloadError("not_json", f"neither a number nor JSON: {_preview(text)}")
+
+
+def parse_json(payload: str | bytes) -> Any:
+    """A JSON document from UTF-8 text (never guessed as UTF-16/32, as json.loads would)."""
+    try:
+        text = payload if isinstance(payload, str) else payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PayloadError("not_utf8", f"invalid byte at {exc.start}") from exc
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise PayloadError("not_json", f"not JSON: {_preview(text)}") from exc
+    except ValueError as exc:  # e.g. an integer beyond Python's 4300-digit conversion limit
+        raise PayloadError("value_out_of_range", f"unreadable number: {exc}") from exc
+
+
+def preview(text: str, limit: int = 60) -> str:
+    """A short, quoted excerpt of what was received, for logs and dead-letter details."""
+    return _preview(text, limit)

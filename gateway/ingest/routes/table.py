@@ -1,0 +1,419 @@
+"""`RouteTable`: one MQTT message in, the readings it holds (and what was wrong) out.
+
+Routes are compiled once (paths split, zones resolved, names looked up) and each topic's
+answer is cached, because topics repeat forever: per message the work is one dict hit, one
+JSON parse and one step per mapped field. Nothing here raises on input: every message ends
+as readings, refusals with a stable code, or a reason it maps to nothing (`Outcome`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import FieldSettings, RouteSettings, parse_timezone
+from gateway.errors import PayloadError
+from gateway.ingest.routes.payloads import MISSING, JsonPath, senml_records
+from gateway.ingest.routes.timestamps import TimestampReader, untrusted_reason
+from gateway.ingest.routes.topics import TopicTemplate
+from gateway.ingest.routes.values import (
+    bare_payload_value,
+    field_value_json,
+    parse_json,
+    preview,
+    validate_ts_ms,
+)
+from gateway.models import Reading
+
+# Topics remembered with their answer; beyond this (a publisher inventing topics) the
+# answer is computed each time instead of growing memory.
+MATCH_CACHE_MAX = 100_000
+DEFAULT_MAX_PAYLOAD_BYTES = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A datastream and its declared type (None: not declared, treated as numeric)."""
+
+    datastream_id: int
+    value_type: str | None = None
+
+    @classmethod
+    def of(cls, entry: FieldSettings) -> Target:
+        return cls(entry.datastream, entry.type)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    """A `[[routes]]` entry made ready for the hot path."""
+
+    topic: TopicTemplate
+    device_id: int | None
+    device_path: JsonPath | None
+    target: Target | None
+    fields: tuple[tuple[JsonPath, Target], ...]
+    fields_by_name: Mapping[str, Target]
+    streams: Mapping[str, Target]
+    ts_path: JsonPath | None
+    reader: TimestampReader
+    format: str
+    accept_retained: bool
+    max_future_ms: int
+    reject_bad_ts: bool
+
+    @property
+    def name(self) -> str:
+        """The route as the operator wrote it: its topic template."""
+        return self.topic.template
+
+    @classmethod
+    def compile(cls, settings: RouteSettings) -> CompiledRoute:
+        fields = settings.field_map()
+        return cls(
+            topic=TopicTemplate.parse(settings.topic),
+            device_id=settings.device_id,
+            device_path=JsonPath.parse(settings.device_field) if settings.device_field else None,
+            target=(
+                Target(settings.datastream_id, settings.type)
+                if settings.datastream_id is not None
+                else None
+            ),
+            fields=tuple(
+                (JsonPath.parse(path), Target.of(entry)) for path, entry in fields.items()
+            ),
+            fields_by_name={path: Target.of(entry) for path, entry in fields.items()},
+            streams={name: Target.of(entry) for name, entry in settings.stream_map().items()},
+            ts_path=JsonPath.parse(settings.timestamp) if settings.timestamp else None,
+            reader=TimestampReader(
+                parse_timezone(settings.timezone) if settings.timezone else None
+            ),
+            format=settings.format,
+            accept_retained=settings.retained == "accept",
+            max_future_ms=int(settings.max_future_s * 1000),
+            reject_bad_ts=settings.bad_timestamp == "reject",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why (part of) a message was not stored; becomes a dead letter."""
+
+    code: str
+    detail: str | None
+    device_id: int | None
+    datastream_id: int | None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one message became. `unmapped` names why it maps to nothing at all."""
+
+    route: CompiledRoute | None = None
+    readings: list[Reading] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    unmapped: str | None = None
+    unmapped_detail: str | None = None
+    unknown_device: str | None = None
+    retained_skipped: int = 0
+    ts_replaced: int = 0
+    ts_problem: str | None = None  # why the last replaced time was not trusted
+    no_reading: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    route: CompiledRoute
+    device_name: str | None
+    stream_name: str | None
+
+
+@dataclass(slots=True)
+class _Item:
+    """One value found in a payload, before its time is settled."""
+
+    target: Target
+    raw_value: Any
+    raw_ts: Any = MISSING
+    strict_ms: bool = False  # the legacy `{"value", "ts"}` form: ts must be epoch ms
+
+
+class RouteTable:
+    """Finds the route for a topic and turns its payload into readings."""
+
+    def __init__(
+        self,
+        routes: Sequence[RouteSettings],
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        devices: Mapping[str, int] | None = None,
+    ) -> None:
+        self.routes = tuple(CompiledRoute.compile(route) for route in routes)
+        self.max_payload_bytes = max_payload_bytes
+        self.devices = dict(devices or {})
+        self._by_topic: dict[str, _Match | None] = {}
+        self._last_stamp: dict[tuple[int, int], int] = {}
+
+    @property
+    def subscriptions(self) -> list[str]:
+        return list(dict.fromkeys(route.topic.subscription for route in self.routes))
+
+    def match(self, topic: str) -> CompiledRoute | None:
+        found = self._match(topic)
+        return None if found is None else found.route
+
+    def _match(self, topic: str) -> _Match | None:
+        try:
+            return self._by_topic[topic]
+        except KeyError:
+            pass
+        found = None
+        for route in self.routes:
+            captured = route.topic.capture(topic)
+            if captured is not None:
+                found = _Match(route, *captured)
+                break
+        if len(self._by_topic) < MATCH_CACHE_MAX:
+            self._by_topic[topic] = found
+        return found
+
+    def device_for(self, name: str) -> int | None:
+        """A device name's id: `[devices]` first, then a name that is itself an id."""
+        device_id = self.devices.get(name)
+        if device_id is None and name.isascii() and name.isdigit():
+            return int(name)
+        return device_id
+
+    # ------------------------------------------------------------------ one message
+
+    def route(
+        self, topic: str, payload: bytes, received_ms: int, *, retained: bool = False
+    ) -> Outcome:
+        matched = self._match(topic)
+        if matched is None:
+            return Outcome(unmapped="unmapped_topic", unmapped_detail="no route matches this topic")
+        route = matched.route
+        outcome = Outcome(route)
+        device_id = route.device_id
+        if matched.device_name is not None:
+            device_id = self._named_device(matched.device_name, outcome)
+            if device_id is None:
+                return outcome
+        target = route.target
+        if matched.stream_name is not None:
+            target = self._named_stream(route, matched.stream_name, outcome)
+            if target is None:
+                return outcome
+        if len(payload) > self.max_payload_bytes:
+            detail = f"{len(payload)} bytes exceeds max_payload_bytes={self.max_payload_bytes}"
+            self._refuse(outcome, "payload_too_large", detail, device_id, target)
+            return outcome
+        try:
+            device_id, items = self._items(route, target, device_id, payload, received_ms, outcome)
+        except PayloadError as exc:
+            self._refuse(outcome, exc.code, exc.detail, device_id, target)
+            return outcome
+        if device_id is None:
+            return outcome
+        if not items:
+            outcome.unmapped = "no_mapped_fields"
+            outcome.unmapped_detail = "none of this route's fields is in the message"
+        for item in items:
+            self._add_reading(route, device_id, item, received_ms, retained, outcome)
+        return outcome
+
+    def _named_device(self, name: str, outcome: Outcome) -> int | None:
+        device_id = self.device_for(name)
+        if device_id is None:
+            outcome.unmapped = "device_unmapped"
+            outcome.unknown_device = name
+            outcome.unmapped_detail = f"device name {name!r} is not in [devices]"
+        return device_id
+
+    def _named_stream(self, route: CompiledRoute, name: str, outcome: Outcome) -> Target | None:
+        target = route.streams.get(name)
+        if target is None and not route.streams and name.isascii() and name.isdigit():
+            target = Target(int(name))
+        if target is None:
+            outcome.unmapped = "stream_unmapped"
+            outcome.unmapped_detail = f"stream name {name!r} is not in this route's streams"
+        return target
+
+    def _items(
+        self,
+        route: CompiledRoute,
+        target: Target | None,
+        device_id: int | None,
+        payload: bytes,
+        now_ms: int,
+        outcome: Outcome,
+    ) -> tuple[int | None, list[_Item]]:
+        """The device (it may come from the payload) and the values the payload holds."""
+        if route.format == "auto" and not route.fields:
+            value, is_json = bare_payload_value(payload)
+            if not (is_json and isinstance(value, dict)):
+                assert target is not None  # config: a route without fields has a datastream
+                return device_id, [_Item(target, value)]
+            document: Any = value
+        else:
+            document = parse_json(payload)
+        if route.device_path is not None:
+            device_id = self._payload_device(route, document, outcome)
+        if route.format == "senml":
+            return device_id, self._senml_items(route, document, now_ms, outcome)
+        if route.format == "array":
+            if not isinstance(document, list):
+                raise PayloadError("not_an_array", f"format = array, got {_kind(document)}")
+            items: list[_Item] = []
+            for element in document:
+                items += self._element_items(route, target, element, in_array=True)
+            return device_id, items
+        return device_id, self._element_items(route, target, document, in_array=False)
+
+    def _payload_device(self, route: CompiledRoute, document: Any, outcome: Outcome) -> int | None:
+        assert route.device_path is not None
+        if route.format == "senml" and route.device_path.text == "bn":
+            names = [r.get("bn") for r in _as_list(document) if isinstance(r, dict)]
+            raw: Any = next((name for name in names if name), MISSING)
+            if isinstance(raw, str):
+                raw = raw.rstrip(":/-_.")
+        else:
+            raw = route.device_path.get(document)
+        if raw is MISSING or raw is None or isinstance(raw, dict | list | bool):
+            outcome.unmapped = "no_device_field"
+            outcome.unmapped_detail = f"no device name at {route.device_path.text!r}"
+            return None
+        if isinstance(raw, int) and raw >= 0:
+            return self.devices.get(str(raw), raw)
+        return self._named_device(str(raw), outcome)
+
+    def _element_items(
+        self, route: CompiledRoute, target: Target | None, element: Any, *, in_array: bool
+    ) -> list[_Item]:
+        """A JSON object (fields, or `{"value", "ts"}`) or, in an array, `[ts, value]`."""
+        if route.fields:
+            if not isinstance(element, dict):
+                raise PayloadError(
+                    "not_an_object", f"fields need a JSON object, got {_kind(element)}"
+                )
+            raw_ts = route.ts_path.get(element) if route.ts_path else MISSING
+            if in_array and route.ts_path is None:
+                raw_ts = element.get("ts", MISSING)
+            return [
+                _Item(field_target, value, raw_ts)
+                for path, field_target in route.fields
+                if (value := path.get(element)) is not MISSING
+            ]
+        assert target is not None
+        if in_array and isinstance(element, list) and len(element) == 2:
+            return [_Item(target, element[1], element[0])]
+        if not isinstance(element, dict):
+            if in_array:
+                raise PayloadError(
+                    "not_an_object",
+                    f"array items are {{value, ts}} or [ts, value], got {_kind(element)}",
+                )
+            return [_Item(target, element)]
+        if "value" not in element:
+            raise PayloadError("no_value_key", f"keys: {preview(str(sorted(element)[:8]))}")
+        if route.ts_path is not None:
+            return [_Item(target, element["value"], route.ts_path.get(element))]
+        raw_ts = element.get("ts", MISSING)
+        return [_Item(target, element["value"], raw_ts, strict_ms=not in_array)]
+
+    def _senml_items(
+        self, route: CompiledRoute, document: Any, now_ms: int, outcome: Outcome
+    ) -> list[_Item]:
+        items = []
+        for record in senml_records(document, now_ms):
+            target = route.fields_by_name.get(record.name) or route.fields_by_name.get(
+                record.short_name
+            )
+            if target is not None:
+                raw_ts = MISSING if record.ts_ms is None else record.ts_ms
+                items.append(_Item(target, record.value, raw_ts))
+        return items
+
+    # ------------------------------------------------------------------ one reading
+
+    def _add_reading(
+        self,
+        route: CompiledRoute,
+        device_id: int,
+        item: _Item,
+        received_ms: int,
+        retained: bool,
+        outcome: Outcome,
+    ) -> None:
+        target = item.target
+        try:
+            value_json = field_value_json(item.raw_value, target.value_type)
+            ts_ms = self._payload_time(route, item, received_ms, outcome)
+        except PayloadError as exc:
+            self._refuse(outcome, exc.code, exc.detail, device_id, target)
+            return
+        if value_json is None:
+            outcome.no_reading += 1
+            return
+        if ts_ms is None:
+            if retained and not route.accept_retained:
+                # A replay of the last value, published at an unknown time: "now" would lie.
+                outcome.retained_skipped += 1
+                return
+            ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
+        outcome.readings.append(Reading(device_id, target.datastream_id, ts_ms, value_json))
+
+    def _payload_time(
+        self, route: CompiledRoute, item: _Item, now_ms: int, outcome: Outcome
+    ) -> int | None:
+        """The payload's own time in ms, None to use the receive time; raises if refused."""
+        raw_ts = item.raw_ts
+        if raw_ts is MISSING or raw_ts is None:
+            return None
+        if item.strict_ms:
+            ts_ms = validate_ts_ms(raw_ts)
+            problem = untrusted_reason(ts_ms, now_ms, route.max_future_ms)
+        else:
+            try:
+                ts_ms = route.reader.to_ms(raw_ts)
+                problem = untrusted_reason(ts_ms, now_ms, route.max_future_ms)
+            except PayloadError as exc:
+                problem = exc.detail
+        if problem is None:
+            return ts_ms
+        if route.reject_bad_ts:
+            raise PayloadError("bad_timestamp", problem)
+        outcome.ts_replaced += 1
+        outcome.ts_problem = problem
+        return None
+
+    def _receive_stamp(self, device_id: int, datastream_id: int, received_ms: int) -> int:
+        """Receive time, made strictly increasing per datastream.
+
+        Two readings without their own time that arrive in the same millisecond (a burst, or
+        the broker draining its queue after an outage) are still two readings: equal stamps
+        would make them one point, both here (the buffer keeps one row per stream, ts and
+        value) and in the cloud. Each later one is moved forward by a millisecond instead.
+        """
+        key = (device_id, datastream_id)
+        stamp = max(received_ms, self._last_stamp.get(key, 0) + 1)
+        self._last_stamp[key] = stamp
+        return stamp
+
+    @staticmethod
+    def _refuse(
+        outcome: Outcome,
+        code: str,
+        detail: str | None,
+        device_id: int | None,
+        target: Target | None,
+    ) -> None:
+        datastream_id = target.datastream_id if target is not None else None
+        outcome.refusals.append(Refusal(code, detail, device_id, datastream_id))
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _as_list(document: Any) -> Iterable[Any]:
+    return document if isinstance(document, list) else [document]
