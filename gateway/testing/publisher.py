@@ -187,7 +187,9 @@ class AckedPublisher:
             if not self._changed.wait_for(lambda: self._connected, timeout=timeout):
                 raise TimeoutError(f"not reconnected to {self.host}:{self.port} within {timeout}s")
 
-    def publish(self, topic: str, payload: str | bytes, qos: int = 1) -> None:
+    def publish(
+        self, topic: str, payload: str | bytes, qos: int = 1, *, retain: bool = False
+    ) -> None:
         """Queue one message (non-blocking; only blocks if >50k messages are unacked).
 
         Works while disconnected too: paho keeps QoS>0 messages and sends them after the
@@ -203,7 +205,7 @@ class AckedPublisher:
                 # Don't let paho run out of 16-bit message ids.
                 while len(self._pending) >= _MAX_PENDING:
                     self._changed.wait(timeout=1.0)
-            info = self._client.publish(topic, data, qos=qos)
+            info = self._client.publish(topic, data, qos=qos, retain=retain)
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 raise RuntimeError(
                     f"paho refused publish to {topic!r}: {mqtt.error_string(info.rc)}"
