@@ -8,8 +8,15 @@
 
 from gateway.store.buffer import EXPIRE_CHUNK, AppendResult, Lease, Store
 from gateway.store.capacity import Capacity, FullPolicy
-from gateway.store.deadletters import DeadLetter, RejectedPayload
+from gateway.store.deadletters import (
+    DeadLetter,
+    DeadLetterFilter,
+    RejectedPayload,
+    Retarget,
+    RetryResult,
+)
 from gateway.store.disk import StoreFault
+from gateway.store.inspection import StreamHead
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, quick_check
 from gateway.store.schema import DEFAULT_PAGE_SIZE, SCHEMA_VERSION, create_schema, migrate
@@ -22,12 +29,16 @@ __all__ = [
     "AppendResult",
     "Capacity",
     "DeadLetter",
+    "DeadLetterFilter",
     "FullPolicy",
     "Lease",
     "RejectedPayload",
+    "Retarget",
+    "RetryResult",
     "SalvageReport",
     "Store",
     "StoreFault",
+    "StreamHead",
     "StreamState",
     "check_header",
     "create_schema",

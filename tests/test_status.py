@@ -1,0 +1,201 @@
+"""`blynk-gateway status` against the daemon as a subprocess, fed over MQTT.
+
+The CLI runs as a process of its own too, as an operator would run it: it asks the daemon
+over the status socket and reads the buffer on its own connection, while the daemon keeps
+writing. The quota is set small so a backlog stays, and some readings are published so
+close to the age limit that they must expire before the next quota day: the forecast
+must say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.config import CloudSettings
+from gateway.quota import DailyQuota
+from gateway.status_socket import socket_path
+from gateway.testing.process import GatewayProcess
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
+from harness import publish, ts_payload, wait_until
+
+TOPIC = "sensors/boiler/temperature"
+HUMIDITY = "sensors/cellar/humidity"
+LIMIT = 40
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def status_json(config: Path) -> dict[str, Any]:
+    result = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+async def test_status_reports_a_running_daemon_and_forecasts_expiry(
+    make_gateway_process: Callable[..., GatewayProcess],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    tmp_path: Path,
+) -> None:
+    gateway = make_gateway_process(cloud={"daily_points_limit": LIMIT})
+    gateway.start()
+    await asyncio.to_thread(gateway.wait_for_event, "mqtt_connected")
+    now_ms = int(time.time() * 1000)
+    # Fresh readings first: device 101 spends its whole day's quota on them.
+    fresh = [(TOPIC, ts_payload(float(i), now_ms - 60_000 + i)) for i in range(LIMIT + 25)]
+    assert await publish(publisher, fresh) == len(fresh)
+    await asyncio.to_thread(gateway.wait_for_event, "quota_exhausted")
+    await wait_until(lambda: sandbox.accepted_count(101) == LIMIT, message="a day's quota")
+    # Then readings only minutes younger than the age limit: held back by the quota, they
+    # will be too old before the next quota day begins.
+    cloud = CloudSettings(client_id="x", client_secret="x")  # the defaults the daemon uses
+    reset_ms = DailyQuota(LIMIT).next_reset_ms(now_ms)
+    margin_ms = min(15 * 60_000, (reset_ms - now_ms) // 2)
+    doomed_ts = cloud.oldest_sendable_ms(now_ms) + margin_ms
+    doomed = [(TOPIC, ts_payload(100.0 + i, doomed_ts + i)) for i in range(10)]
+    humid = [(HUMIDITY, ts_payload(50.0 + i, now_ms - 1000 + i)) for i in range(5)]
+    assert await publish(publisher, doomed + humid) == 15
+    await wait_until(lambda: sandbox.accepted_count(102) == 5, message="device 102's readings")
+
+    report = await status_json(gateway.config_path)
+
+    assert report["daemon"]["running"] is True
+    assert report["daemon"]["pid"] == gateway.pid
+    assert report["cloud"]["online"] is True
+    assert report["cloud"]["last_upload_ok"] is not None
+    assert report["cloud"]["uploads"]["ok"] >= 2
+    assert report["mqtt"]["connected"] is True
+    backlog = report["backlog"]
+    assert backlog["readings"] == 25 + 10
+    assert [(s["device_id"], s["datastream_id"], s["readings"]) for s in backlog["streams"]] == [
+        (101, 5, 35)
+    ]
+    assert backlog["oldest_age_s"] > 29 * 86_400
+    quota = {d["device_id"]: d for d in report["quota"]["devices"]}
+    assert (quota[101]["used"], quota[101]["left"]) == (LIMIT, 0)
+    assert quota[102]["used"] == 5
+    (forecast,) = report["forecast"]["devices"]
+    assert forecast == forecast | {"device_id": 101, "backlog": 35, "will_expire": 10}
+    assert forecast["will_send"] == 25
+    assert report["forecast"]["will_expire"] == 10
+    assert report["ingest"]["readings"]["stored"] == len(fresh) + 15
+    assert report["dead_letters"] == {"total": 0, "by_reason": {}}
+    assert report["database"]["file_bytes"] > 0
+    assert "sandbox-secret" not in json.dumps(report)
+
+    table = await asyncio.to_thread(cli, "status", "--config", str(gateway.config_path))
+    assert table.returncode == 0, table.stderr
+    assert "10 readings WILL EXPIRE" in table.stdout
+    assert "running, pid" in table.stdout and "online since" in table.stdout
+
+    # Stopped: the database still answers, and the report says the daemon is not running.
+    assert await asyncio.to_thread(gateway.terminate) == 0
+    assert not socket_path(tmp_path / "buffer.db", runtime_dir="").exists()
+    report = await status_json(gateway.config_path)
+    assert report["daemon"] == {"running": False}
+    assert report["cloud"]["online"] is None
+    assert report["backlog"]["readings"] == 35
+    assert report["forecast"]["will_expire"] == 10
+    table = await asyncio.to_thread(cli, "status", "--config", str(gateway.config_path))
+    assert "NOT RUNNING" in table.stdout
+
+
+async def test_dead_letters_listed_retried_with_a_fixed_datastream_and_purged(
+    make_gateway_process: Callable[..., GatewayProcess],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+) -> None:
+    """Text sent to a Double datastream is refused by the cloud and dead-lettered; fixed
+    to the String datastream 7 by `retry --datastream-to 7` while the daemon runs, it
+    arrives. A payload that never became a reading cannot be retried."""
+    routes = [
+        {"topic": "sensors/boiler/temperature", "device_id": 101, "datastream_id": 5},
+        {"topic": "sensors/boiler/state", "device_id": 101, "datastream_id": 5},
+    ]
+    gateway = make_gateway_process(routes)
+    gateway.start()
+    await asyncio.to_thread(gateway.wait_for_event, "mqtt_connected")
+    now_ms = int(time.time() * 1000)
+    states = [
+        ("sensors/boiler/state", ts_payload(f"state-{i}", now_ms - 5000 + i)) for i in range(3)
+    ]
+    garbage = [("sensors/boiler/temperature", b"\xff\xfe")]
+    good = [("sensors/boiler/temperature", ts_payload(21.5, now_ms - 4000))]
+    assert await publish(publisher, [*states, *garbage, *good]) == 5
+    await asyncio.to_thread(gateway.wait_for_event, "points_dead_lettered")
+    await wait_until(lambda: sandbox.accepted_count(101) == 1, message="the good reading")
+    config = str(gateway.config_path)
+
+    listing = await asyncio.to_thread(cli, "dead-letters", "list", "--config", config, "--json")
+    assert listing.returncode == 0, listing.stderr
+    letters = [json.loads(line) for line in listing.stdout.splitlines()]
+    by_reason: dict[str, list[dict[str, Any]]] = {}
+    for letter in letters:
+        by_reason.setdefault(letter["reason"], []).append(letter)
+    assert sorted(by_reason) == ["not_utf8", "rejected"]
+    assert sorted(json.loads(letter["value"]) for letter in by_reason["rejected"]) == [
+        "state-0",
+        "state-1",
+        "state-2",
+    ]
+    # No verb is `list`, and the filters narrow it.
+    plain = await asyncio.to_thread(
+        cli, "dead-letters", "--config", config, "--reason", "not_utf8", "--newer-than", "1h"
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert "not_utf8" in plain.stdout and "rejected" not in plain.stdout
+    none = await asyncio.to_thread(
+        cli, "dead-letters", "list", "--config", config, "--older-than", "1h"
+    )
+    assert "-- 0 dead letters" in none.stdout
+
+    raw = await asyncio.to_thread(
+        cli, "dead-letters", "retry", "--config", config, "--reason", "not_utf8"
+    )
+    assert raw.returncode == 0, raw.stderr
+    assert "requeued 0 readings" in raw.stdout
+    assert "1 left as they are: raw payloads that never became a reading (not_utf8 1)" in (
+        raw.stdout
+    )
+
+    retry = await asyncio.to_thread(
+        cli, "dead-letters", "retry", "--config", config, "--reason", "rejected",
+        "--device", "101", "--datastream-to", "7",
+    )  # fmt: skip
+    assert retry.returncode == 0, retry.stderr
+    assert "requeued 3 readings" in retry.stdout
+    # The running daemon notices rows another process committed, and sends them.
+    await wait_until(
+        lambda: (
+            sorted(p.value for p in sandbox.accepted if p.datastream_id == 7)
+            == ["state-0", "state-1", "state-2"]
+        ),
+        message="the retried readings in datastream 7",
+    )
+
+    refused = await asyncio.to_thread(cli, "dead-letters", "purge", "--config", config)
+    assert refused.returncode == 1 and "--all" in refused.stderr
+    purge = await asyncio.to_thread(
+        cli, "dead-letters", "purge", "--config", config, "--reason", "not_utf8"
+    )
+    assert "purged 1 dead letters" in purge.stdout
+    report = await status_json(gateway.config_path)
+    while report["backlog"]["readings"]:  # acknowledged in the store at the end of a pass
+        await asyncio.sleep(0.1)
+        report = await status_json(gateway.config_path)
+    assert report["dead_letters"]["total"] == 0
+    assert report["cloud"]["uploads"]["rejected"] >= 1
+    assert await asyncio.to_thread(gateway.terminate) == 0
