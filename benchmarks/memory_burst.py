@@ -1,10 +1,17 @@
-"""Memory under a live burst: the daemon's RSS while the broker pushes N readings at it.
+"""Memory under a burst: the daemon's RSS while the broker pushes N readings at it.
 
 A Pi Zero has 512 MB of RAM, and a broker replaying a long outage must not multiply the
-gateway's memory (issue #11). The daemon (`python -m gateway run`, a subprocess) is
-connected to a private Mosquitto with the cloud down, so every reading is only buffered;
-a publisher in this process sends N QoS 1 readings as fast as the broker takes them
-(20 sensors, each reading with its own `ts`). Measured, from `/proc/<pid>/status`:
+gateway's memory (issue #11). The daemon (`python -m gateway run`, a subprocess) runs
+against a private Mosquitto with the cloud down, so every reading is only buffered; a
+publisher (its own process, raw paho, 1000 in flight) sends N QoS 1 readings over 20
+sensors, each with its own `ts`. Two modes:
+
+* ``live``    the daemon is connected while they are published (on 2 vCPU the publisher
+              cannot outrun the daemon by much: it shares the cores with it and the broker)
+* ``replay``  the daemon is stopped while they are published (its session stays), then
+              started: the broker pushes its whole queue at once, the gateway's worst case
+
+Measured, from `/proc/<pid>/status`:
 
 * ``peak``    VmHWM of the daemon once every reading is committed (the high-water mark)
 * ``steady``  VmRSS `--settle` seconds after the last commit (what the box keeps paying)
@@ -19,7 +26,7 @@ right after the burst and one at steady state, printing the top allocation sites
 `--trim` calls malloc_trim(0) in the daemon at steady state and reports the RSS it gives
 back (heap that was free but kept by the allocator).
 
-    .venv/bin/python benchmarks/memory_burst.py --readings 1000000 --repeats 3
+    .venv/bin/python benchmarks/memory_burst.py --readings 1000000 --repeats 3 --mode replay
 """
 
 from __future__ import annotations
@@ -43,7 +50,6 @@ from typing import Any
 
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, daemon_config, write_config
-from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from gateway.testing.sandbox_run import SandboxThread
 
@@ -144,12 +150,60 @@ def stored_readings(db: Path) -> int:
         connection.close()
 
 
-def _payloads(n: int, base_ts: int) -> Any:
+def fast_publish(host: str, port: int, client_id: str, n: int, base_ts: int) -> None:
+    """Publish n QoS 1 readings as fast as paho can and wait for every PUBACK.
+
+    Runs in its own process (`publish_process`): `AckedPublisher` keeps a record of every
+    message and tops out at a few thousand a second here, too slow to outrun the daemon,
+    which is the situation this benchmark is about.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    acked = 0
+    connected = threading.Event()
+    done = threading.Event()
+
+    def on_connect(*args: Any) -> None:
+        connected.set()
+
+    def on_publish(*args: Any) -> None:
+        nonlocal acked
+        acked += 1
+        if acked >= n:
+            done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    client.connect(host, port)
+    client.loop_start()
+    if not connected.wait(10):
+        raise SystemExit("publisher could not connect")
     for i in range(n):
-        yield (
-            f"burst/s{i % SENSORS}",
-            b'{"value": %.1f, "ts": %d}' % (20 + (i % 50) / 10, base_ts + i),
-        )
+        payload = b'{"value": %.1f, "ts": %d}' % (20 + (i % 50) / 10, base_ts + i)
+        client.publish(f"burst/s{i % SENSORS}", payload, qos=1)
+        if i % 5000 == 4999:
+            while i - acked > 50_000:  # keep paho's own queue (and our RSS) bounded
+                time.sleep(0.01)
+    if not done.wait(600):
+        raise SystemExit(f"only {acked} of {n} PUBACKed")
+    client.disconnect()
+    client.loop_stop()
+
+
+def publish_process(broker: MosquittoBroker, client_id: str, n: int, base_ts: int) -> None:
+    """`fast_publish` in a child process; returns once the broker acknowledged all n."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import memory_burst; "
+        "memory_burst.fast_publish(sys.argv[2], int(sys.argv[3]), sys.argv[4], "
+        "int(sys.argv[5]), int(sys.argv[6]))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    argv = [here, broker.host, str(broker.port), client_id, str(n), str(base_ts)]
+    subprocess.run([sys.executable, "-c", code, *argv], check=True, timeout=900)
 
 
 def burst(
@@ -161,11 +215,16 @@ def burst(
     env: dict[str, str] | None = None,
     tracemalloc_frames: int = 0,
     trim: bool = False,
+    mode: str = "live",
 ) -> BurstResult:
-    """One live burst of `readings` with the cloud down; the daemon's peak and steady RSS.
+    """One burst of `readings` with the cloud down; the daemon's peak and steady RSS.
 
-    `broker` must queue at least `readings` messages per session (max_queued_messages),
-    or Mosquitto drops what the daemon has not taken yet and the run never completes.
+    ``live``: the daemon is connected while a publisher (its own process) sends as fast
+    as the broker takes them. ``replay``: the daemon's session exists but the daemon is
+    stopped while they are published, then it starts and the broker replays its queue
+    (the gateway coming back after being down). `broker` must queue at least `readings`
+    messages per session (max_queued_messages), or Mosquitto drops what the daemon has
+    not taken yet and the run never completes.
     """
     run_dir = Path(tempfile.mkdtemp(prefix="burst-", dir=workdir))
     db = run_dir / "buffer.db"
@@ -179,9 +238,8 @@ def burst(
     )
     config_path = write_config(run_dir / "gateway.toml", config)
     daemon_env = dict(env or {})
-    probes = tracemalloc_frames > 0 or trim
     trace_dir = run_dir / "memtrace"
-    if probes:
+    if tracemalloc_frames > 0 or trim:
         trace_dir.mkdir()
         inherited = daemon_env.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
         daemon_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MEMTRACE_DIR), inherited) if p)
@@ -189,23 +247,25 @@ def burst(
         daemon_env["BENCH_TRACEMALLOC_FRAMES"] = str(tracemalloc_frames)
     sandbox.call(lambda cloud: cloud.set_fault("down"))
     base_ts = int(time.time() * 1000) - readings - 60_000
+    publisher_id = f"pub-{run_dir.name}"
     sites: list[str] = []
     trimmed: tuple[float, float] | None = None
     try:
         with GatewayProcess(config_path, env=daemon_env) as process:
             process.start()
             process.wait_for_event("mqtt_connected", 30.0)
-            with (
-                _Sampler(process.pid) as sampler,
-                AckedPublisher(
-                    broker.host, broker.port, f"pub-{run_dir.name}", max_inflight=1000
-                ) as publisher,
-            ):
-                publisher.connect()
-                started = time.monotonic()
-                publisher.publish_many(_payloads(readings, base_ts), timeout=600)
-                published = time.monotonic()
-                deadline = published + 600
+            if mode == "replay":
+                process.stop(30.0)  # the session stays: the broker queues for it
+                published_at = time.monotonic()
+                publish_process(broker, publisher_id, readings, base_ts)
+                publish_s = time.monotonic() - published_at
+                process.start()
+            started = time.monotonic()
+            with _Sampler(process.pid) as sampler:
+                if mode == "live":
+                    publish_process(broker, publisher_id, readings, base_ts)
+                    publish_s = time.monotonic() - started
+                deadline = time.monotonic() + 600
                 while stored_readings(db) < readings:
                     if time.monotonic() > deadline or not process.running:
                         raise RuntimeError(f"burst not stored in time:\n{process.tail(20)}")
@@ -232,7 +292,7 @@ def burst(
         peak,
         steady,
         done - started,
-        published - started,
+        publish_s,
         sampler.samples,
         sites,
         trimmed,
@@ -276,6 +336,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readings", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mode", choices=("live", "replay"), default="live")
     parser.add_argument("--settle", type=float, default=5.0, help="s after the last commit")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES")
@@ -306,6 +367,7 @@ def main() -> int:
                 env,
                 tracemalloc_frames=args.tracemalloc,
                 trim=args.trim,
+                mode=args.mode,
             )
             results.append(result)
             print(
@@ -315,7 +377,8 @@ def main() -> int:
                 flush=True,
             )
             if args.timeline:
-                print("    " + " ".join(f"{t:.1f}s:{m:.0f}" for t, m in result.timeline))
+                step = max(1, len(result.timeline) // 40)
+                print("    " + " ".join(f"{t:.0f}s:{m:.0f}" for t, m in result.timeline[::step]))
             for sites in result.sites:
                 print(sites)
             if result.trimmed:
@@ -329,7 +392,7 @@ def main() -> int:
     peak = median([r.peak_mib for r in results])
     steady = median([r.steady_mib for r in results])
     print(
-        f"\n{args.readings:,} readings, env {env or '-'}: floor {floor:.1f} MiB; "
+        f"\n{args.readings:,} readings, {args.mode}, env {env or '-'}: floor {floor:.1f} MiB; "
         f"peak {peak:.1f} MiB (floor + {peak - floor:.1f}); "
         f"steady {steady:.1f} MiB (floor + {steady - floor:.1f})"
     )

@@ -1,0 +1,213 @@
+"""Upload drain rate: points/s the daemon uploads from a buffered backlog, against raw httpx.
+
+The gateway spends most of an outage's aftermath draining its buffer, so how close its
+upload path comes to the HTTP client it is built on matters. A buffer of N readings over
+20 datastreams is built with the store's own schema (`startup_backlog.build`); the daemon
+(`python -m gateway run`, a subprocess, default flush settings) starts on a copy of it with
+the sandbox cloud up. **The baseline, in the same run against the same sandbox:** a bare
+`httpx.Client` in its own process posting the very same batches (the daemon's batch size,
+the daemon's round-robin order over datastreams, the same JSON) one after another, with a
+token fetched once and the bodies built before timing. Both are timed the same way, from
+this process: from the first point the sandbox accepts to the last, so neither pays for
+its start-up; the difference is what reading, leasing, acknowledging and deleting in
+SQLite, plus the flush loop's bookkeeping, cost per point.
+
+    .venv/bin/python benchmarks/drain_cloud.py --readings 200000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import startup_backlog
+from startup_backlog import DEVICES, STREAMS, build
+
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.process import (
+    SANDBOX_CLIENT_ID,
+    SANDBOX_CLIENT_SECRET,
+    GatewayProcess,
+    daemon_config,
+    write_config,
+)
+from gateway.testing.sandbox import IMPORT_PATH, TOKEN_PATH, SandboxCloud
+from gateway.testing.sandbox_run import SandboxThread
+
+REPO = Path(__file__).resolve().parent.parent
+BATCH_SIZE = 1000  # the daemon's default flush.batch_size
+DRAIN_TIMEOUT_S = 600.0
+
+
+def bodies(readings: int, base_ts: int, batch_size: int = BATCH_SIZE) -> list[bytes]:
+    """The import/batch bodies the daemon sends for `startup_backlog.build`'s rows, in its
+    order: one batch per datastream per pass, oldest first, `gateway.cloud.build_body`'s
+    JSON."""
+    per_stream: list[list[str]] = [[] for _ in range(STREAMS)]
+    for stream_id, ts_ms, value in startup_backlog.rows(readings, base_ts):
+        per_stream[stream_id - 1].append(f'{{"value":{value},"ts":{ts_ms}}}')
+    out: list[bytes] = []
+    for offset in range(0, max(map(len, per_stream)), batch_size):
+        for index, points in enumerate(per_stream):
+            chunk = points[offset : offset + batch_size]
+            if chunk:
+                device = 300 + index
+                out.append(
+                    f'{{"deviceId":{device},"dataStreamId":1,"values":[{",".join(chunk)}]}}'.encode()
+                )
+    return out
+
+
+def post_all(base_url: str, readings: int, base_ts: int, batch_size: int) -> None:
+    """The baseline client (runs in its own process): token once, then POST every batch."""
+    import httpx
+
+    payloads = bodies(readings, base_ts, batch_size)
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        token = client.post(
+            TOKEN_PATH,
+            params={"grant_type": "client_credentials"},
+            auth=(SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET),
+        ).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        for body in payloads:
+            response = client.post(IMPORT_PATH, content=body, headers=headers)
+            if response.status_code != 204:
+                raise SystemExit(f"sandbox answered {response.status_code}: {response.text}")
+
+
+def _timed_until(sandbox: SandboxThread, target: int, alive: object) -> float:
+    """Points/s from the first accepted point to `target` points, polled every 10 ms."""
+    start_count = sandbox.call(lambda cloud: cloud.accepted_count())
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    first_at, first_count = None, 0
+    while True:
+        count = sandbox.call(lambda cloud: cloud.accepted_count())
+        now = time.perf_counter()
+        if first_at is None and count > start_count:
+            first_at, first_count = now, count
+        if count >= start_count + target:
+            break
+        if time.monotonic() > deadline or not alive():  # type: ignore[operator]
+            raise RuntimeError(f"drain stopped at {count - start_count} of {target} points")
+        time.sleep(0.01)
+    assert first_at is not None
+    return (start_count + target - first_count) / max(now - first_at, 1e-6)
+
+
+def daemon_drain(
+    db: Path, readings: int, broker: MosquittoBroker, sandbox: SandboxThread, workdir: Path
+) -> float:
+    """Points/s the daemon uploads from the buffer `db` (which it consumes)."""
+    config = daemon_config(
+        broker.port,
+        sandbox.base_url,
+        db,
+        [
+            {"topic": f"bench/{device}", "device_id": device, "datastream_id": 1}
+            for device in DEVICES
+        ],
+        mqtt={"host": broker.host, "client_id": f"drain-{time.time_ns()}"},
+        cloud={"daily_points_limit": 10_000_000},
+        flush={"batch_size": BATCH_SIZE},
+        log={"level": "warning"},
+    )
+    config_path = write_config(workdir / "drain.toml", config)
+    with GatewayProcess(config_path) as process:
+        process.start()
+        try:
+            return _timed_until(sandbox, readings, lambda: process.running)
+        finally:
+            process.stop(30.0)
+
+
+def httpx_drain(readings: int, base_ts: int, sandbox: SandboxThread) -> float:
+    """Points/s of the baseline client, a subprocess running `post_all`."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import drain_cloud; "
+        "drain_cloud.post_all(sys.argv[2], *map(int, sys.argv[3:]))"
+    )
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(Path(__file__).resolve().parent),
+            sandbox.base_url,
+            str(readings),
+            str(base_ts),
+            str(BATCH_SIZE),
+        ]
+    )
+    try:
+        return _timed_until(sandbox, readings, lambda: process.poll() in (None, 0))
+    finally:
+        if process.wait(60) != 0:
+            raise RuntimeError(f"raw httpx poster exited with {process.returncode}")
+
+
+def measure(
+    source: Path,
+    readings: int,
+    base_ts: int,
+    broker: MosquittoBroker,
+    sandbox: SandboxThread,
+    workdir: Path,
+) -> tuple[float, float]:
+    """(daemon points/s, raw httpx points/s) for one repeat, the sandbox up."""
+    sandbox.call(lambda cloud: cloud.set_fault("none"))
+    copy = workdir / "drain-run.db"
+    shutil.copyfile(source, copy)
+    try:
+        daemon = daemon_drain(copy, readings, broker, sandbox, workdir)
+    finally:
+        for suffix in ("", "-wal", "-shm", ".reserve"):
+            Path(f"{copy}{suffix}").unlink(missing_ok=True)
+    return daemon, httpx_drain(readings, base_ts, sandbox)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readings", type=int, default=200_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix=".bench-drain-", dir=args.workdir or REPO))
+    broker = MosquittoBroker(workdir / "broker", persistence=False)
+    sandbox = SandboxThread(SandboxCloud(DEVICES, daily_points_limit=10_000_000))
+    try:
+        base_ts = int(time.time() * 1000) - 3_600_000
+        source = workdir / "backlog.db"
+        build(source, args.readings, base_ts)
+        broker.start()
+        sandbox.start()
+        results = [
+            measure(source, args.readings, base_ts, broker, sandbox, workdir)
+            for _ in range(args.repeats)
+        ]
+    finally:
+        sandbox.stop()
+        broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    daemon = statistics.median(r[0] for r in results)
+    raw = statistics.median(r[1] for r in results)
+    print(
+        json.dumps(
+            {"daemon_points_per_s": [r[0] for r in results], "httpx": [r[1] for r in results]}
+        )
+    )
+    print(
+        f"drain: daemon {daemon:,.0f} points/s, raw httpx {raw:,.0f} points/s: {daemon / raw:.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
