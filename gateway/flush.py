@@ -16,7 +16,12 @@ after sending), it backs off exponentially and obeys Retry-After.
 
 The loop waits on (stop, tick, new rows, backoff expiry), like litestream's replica loop;
 failures are logged once per state change, and a streak of them is closed by one
-`back_online` line that says how many there were.
+`back_online` line that says how many there were. While a large backlog drains, a
+`draining` line every 30 s tells the operator how fast and how long.
+
+The loop beats a `Heartbeat` on every iteration, every request and before every wait
+(naming the wait's bound), so systemd's watchdog can tell a loop that waits from one
+that is stuck.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from gateway.log import get_logger
 from gateway.models import Batch, StreamKey
 from gateway.quota import DailyQuota
 from gateway.store import Store, StreamState
+from gateway.systemd import Heartbeat, format_duration
 from gateway.uplink import Uplink
 
 log = get_logger("flush")
@@ -55,6 +61,13 @@ STORE_RETRY_MAX_S = 30.0
 # Accepted batches are deleted from the buffer together, one transaction per pass (fewer
 # fsyncs, less SD wear), but never held longer than this: a crash re-sends what was held.
 ACK_HOLD_MAX_S = 1.0
+# The watchdog's budget between two heartbeats: a cloud exchange (a token request and the
+# upload, each up to connect + write + read timeouts) plus store calls.
+HEARTBEAT_REQUEST_TIMEOUTS = 6
+HEARTBEAT_MARGIN_S = 10.0
+# `draining` lines: at most one per interval, only for a backlog of more than a few batches.
+DRAIN_LOG_INTERVAL_S = 30.0
+DRAIN_MIN_BATCHES = 5
 
 
 class PassOutcome(enum.Enum):
@@ -72,7 +85,56 @@ class FlushStats:
     expired: int = 0
 
 
+class DrainProgress:
+    """`draining backlog=… rate_per_s=… eta=…` while a large backlog shrinks.
+
+    Quiet for small backlogs (a few batches drain before anyone reads the line) and while
+    nothing is delivered (offline or over quota: those states have lines of their own).
+    """
+
+    def __init__(
+        self,
+        min_backlog: int,
+        interval_s: float = DRAIN_LOG_INTERVAL_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.min_backlog = min_backlog
+        self.interval_s = interval_s
+        self._clock = clock
+        self._window_start: float | None = None
+        self._delivered_at_start = 0
+
+    def update(self, backlog: int, delivered_total: int) -> None:
+        now = self._clock()
+        if backlog <= self.min_backlog:
+            self._window_start = None
+            return
+        if self._window_start is None:
+            self._window_start, self._delivered_at_start = now, delivered_total
+            return
+        elapsed_s = now - self._window_start
+        if elapsed_s < self.interval_s:
+            return
+        delivered = delivered_total - self._delivered_at_start
+        self._window_start, self._delivered_at_start = now, delivered_total
+        if delivered <= 0:
+            return
+        rate_per_s = delivered / elapsed_s
+        eta_s = backlog / rate_per_s
+        log.info(
+            "draining",
+            backlog=backlog,
+            rate_per_s=round(rate_per_s, 1),
+            eta=format_duration(eta_s),
+            eta_s=round(eta_s),
+        )
+
+
 class FlushLoop:
+    # Told of every upload attempt (batch, seconds, the error or None): `status`, metrics.
+    upload_observer: Callable[[Batch, float, BaseException | None], None] | None = None
+
     def __init__(
         self,
         store: Store,
@@ -112,6 +174,10 @@ class FlushLoop:
         # has not deleted yet (held for one transaction per pass, or the store failed).
         self._unacked: list[tuple[Batch, str]] = []
         self._unacked_since = 0.0
+        self.heartbeat = Heartbeat(
+            HEARTBEAT_MARGIN_S + HEARTBEAT_REQUEST_TIMEOUTS * cloud_settings.timeout_s
+        )
+        self.drain = DrainProgress(DRAIN_MIN_BATCHES * settings.batch_size)
 
     def stop(self) -> None:
         self._stop.set()
@@ -126,15 +192,18 @@ class FlushLoop:
 
     async def run(self) -> None:
         while not self._stop.is_set():
+            self.heartbeat.beat()
             try:
                 outcome = await self.run_pass()
             except StoreError as exc:
                 await self._store_unavailable(exc)
                 continue
             self._store_available()
+            self.drain.update(self._store.pending_points, self.stats.delivered)
             if outcome is PassOutcome.SENT:
                 continue
             if outcome is PassOutcome.BACKOFF:
+                self.heartbeat.beat_while(self.uplink.in_backoff)
                 await self.uplink.wait_out_backoff()
                 continue
             await self._wait(self._settings.interval_s, wake_on_new_rows=True)
@@ -172,6 +241,7 @@ class FlushLoop:
 
     async def _wait(self, timeout_s: float, *, wake_on_new_rows: bool) -> bool:
         """Until stop (True), new rows if asked, or the timeout."""
+        self.heartbeat.beat(timeout_s)
         events = [self._stop]
         if wake_on_new_rows:
             events.append(self._new_rows)
@@ -230,6 +300,7 @@ class FlushLoop:
         for stream in streams[start:] + streams[:start]:
             if self._stop.is_set() and not self._final_flush_active:
                 break
+            self.heartbeat.beat()
             if not await self._sendable(stream):
                 continue
             outcome = await self._send_stream(stream)
@@ -295,9 +366,10 @@ class FlushLoop:
         batch = await self._without_expired(batch)
         if not batch.points:
             return PassOutcome.SENT
+        self.heartbeat.beat()
         self.stats.requests += 1
         try:
-            await self._cloud.upload(batch)
+            await self._timed_upload(batch)
         except RetryableCloudError as exc:
             self.uplink.failed(exc)
             return PassOutcome.BACKOFF
@@ -325,6 +397,18 @@ class FlushLoop:
         if self.uplink.succeeded():
             self._recovering = True
         return PassOutcome.SENT
+
+    async def _timed_upload(self, batch: Batch) -> None:
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            await self._cloud.upload(batch)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if self.upload_observer is not None:
+                self.upload_observer(batch, time.perf_counter() - started, error)
 
     def _accepted(self, batch: Batch, day: str) -> None:
         if not self._unacked:
