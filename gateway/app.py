@@ -25,12 +25,17 @@ from gateway.flush import FlushLoop
 from gateway.ingest import MqttIngest, RouteTable
 from gateway.log import get_logger
 from gateway.netwatch import NetworkWatcher
+from gateway.quota import DailyQuota
 from gateway.store import Capacity, Store
+from gateway.systemd import ProgressWatch, ServiceMonitor, ServiceNotifier, status_line
 
 log = get_logger("app")
 
 # The full integrity check reads the whole file: let the first uploads go out before it.
 VERIFY_DELAY_S = 2.0
+# The watchdog's patience with ingest: messages waiting and not one commit attempt finished.
+# Covers the commit interval, a resync reconnect and the store's busy and retry waits.
+INGEST_STALL_BUDGET_S = 60.0
 
 
 class Gateway:
@@ -42,8 +47,11 @@ class Gateway:
         *,
         clock_ms: Callable[[], int] | None = None,
         cloud_transport: httpx.AsyncBaseTransport | None = None,
+        notifier: ServiceNotifier | None = None,
     ) -> None:
         self.settings = settings
+        # sd_notify; disabled unless given (run_until_signalled reads $NOTIFY_SOCKET).
+        self.notifier = notifier or ServiceNotifier(None)
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._cloud_transport = cloud_transport
         self._stop_requested = asyncio.Event()
@@ -121,9 +129,14 @@ class Gateway:
                 ingest_task = tasks.create_task(ingest.run(), name="ingest")
                 flush_task = tasks.create_task(flush.run(), name="flush")
                 verify_task = tasks.create_task(self._verify(store), name="store-verify")
+                notify_task = tasks.create_task(self._service_monitor().run(), name="sd-notify")
+                await asyncio.sleep(0)  # let ingest start before telling systemd we are up
+                self.notifier.ready(self._status_now())
                 self.started.set()
                 await self._stop_requested.wait()
                 verify_task.cancel()
+                self.notifier.stopping(f"stopping, backlog {store.pending_points:,}")
+                notify_task.cancel()
                 await self._shutdown(ingest_task, flush_task)
         finally:
             network.close()
@@ -150,6 +163,51 @@ class Gateway:
         except StoreError as exc:
             log.error("integrity_check_failed", error=str(exc))
 
+    # ------------------------------------------------------------------ systemd
+
+    def _service_monitor(self) -> ServiceMonitor:
+        """WATCHDOG=1 only while both loops live, and STATUS= for `systemctl status`.
+
+        Ingest may idle for hours without messages, so it is watched from outside: stalled
+        when messages wait and no commit (or refused attempt) completes for
+        INGEST_STALL_BUDGET_S. The flush loop beats its own heartbeat.
+        """
+        ingest, flush = self.ingest, self.flush
+        assert ingest is not None and flush is not None
+        ingest_watch = ProgressWatch(
+            busy=lambda: ingest.held_messages > 0,
+            progress=lambda: ingest.stats.commits + ingest.stats.held_commits,
+            budget_s=INGEST_STALL_BUDGET_S,
+        )
+        return ServiceMonitor(
+            self.notifier,
+            {"ingest": ingest_watch.stalled_s, "flush": flush.heartbeat.stalled_s},
+            self._status_with_quota,
+        )
+
+    def _status_now(self) -> str:
+        assert self.store is not None and self.ingest is not None and self.flush is not None
+        return status_line(
+            cloud_online=self.flush.uplink.online,
+            mqtt_connected=self.ingest.connected.is_set(),
+            backlog=self.store.pending_points,
+        )
+
+    async def _status_with_quota(self) -> str:
+        """The one-line summary, with today's quota of the busiest device that has a backlog."""
+        assert self.store is not None and self.ingest is not None and self.flush is not None
+        cloud = self.settings.cloud
+        day = DailyQuota(cloud.daily_points_limit, cloud.day_timezone).day_of(self._clock_ms())
+        devices = sorted({s.key.device_id for s in await self.store.pending_streams()})
+        used = [(await self.store.points_sent(device, day))[0] for device in devices[:50]]
+        return status_line(
+            cloud_online=self.flush.uplink.online,
+            mqtt_connected=self.ingest.connected.is_set(),
+            backlog=self.store.pending_points,
+            quota_used=max(used) if used else None,
+            quota_limit=cloud.daily_points_limit,
+        )
+
     async def _shutdown(
         self, ingest_task: asyncio.Task[None], flush_task: asyncio.Task[None]
     ) -> None:
@@ -170,7 +228,7 @@ class Gateway:
 
 async def run_until_signalled(settings: Settings) -> int:
     """`blynk-gateway run`: first SIGTERM/SIGINT stops gracefully, a second exits at once."""
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, notifier=ServiceNotifier.from_environment())
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
