@@ -245,6 +245,7 @@ class ServiceMonitor:
         self._status = status
         self._status_interval_s = status_interval_s
         self._last_status: str | None = None
+        self._status_failing = False
         self._withheld: dict[str, float] = {}
         self.pings = 0
 
@@ -292,11 +293,19 @@ class ServiceMonitor:
 
     async def _status_loop(self, status: Callable[[], Awaitable[str]]) -> None:
         while True:
+            text: str | None = None
             try:
                 async with asyncio.timeout(STATUS_QUERY_TIMEOUT_S):
                     text = await status()
             except TimeoutError:
-                text = None  # the store is busy or stuck: the watchdog deals with stuck
+                pass  # the store is busy or stuck: the watchdog deals with stuck
+            except Exception as exc:
+                # A summary for systemctl must never take the daemon down with it.
+                if not self._status_failing:
+                    log.warning("service_status_failed", error=f"{type(exc).__name__}: {exc}")
+                self._status_failing = True
+            else:
+                self._status_failing = False
             if text is not None and text != self._last_status:
                 self._last_status = text
                 self._notifier.status(text)
