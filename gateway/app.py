@@ -24,8 +24,11 @@ from gateway.errors import StoreError
 from gateway.flush import FlushLoop
 from gateway.ingest import MqttIngest, RouteTable
 from gateway.log import get_logger
+from gateway.metrics import MetricsExporter
 from gateway.netwatch import NetworkWatcher
+from gateway.observe import Observer
 from gateway.quota import DailyQuota
+from gateway.status_socket import StatusServer, socket_path
 from gateway.store import Capacity, Store
 from gateway.systemd import ProgressWatch, ServiceMonitor, ServiceNotifier, status_line
 
@@ -61,6 +64,9 @@ class Gateway:
         self.flush: FlushLoop | None = None
         self.cloud: BlynkCloud | None = None
         self.network: NetworkWatcher | None = None
+        # `status` and metrics read the gateway through these (see _start_observers).
+        self.observer: Observer | None = None
+        self.metrics: MetricsExporter | None = None
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -91,7 +97,9 @@ class Gateway:
             timeout_s=settings.cloud.timeout_s,
             transport=self._cloud_transport,
         )
-        routes = RouteTable(settings.routes, settings.mqtt.max_payload_bytes)
+        routes = RouteTable(
+            settings.routes, settings.mqtt.max_payload_bytes, devices=settings.devices
+        )
         self.ingest = ingest = MqttIngest(
             settings.mqtt,
             routes,
@@ -129,12 +137,15 @@ class Gateway:
                 ingest_task = tasks.create_task(ingest.run(), name="ingest")
                 flush_task = tasks.create_task(flush.run(), name="flush")
                 verify_task = tasks.create_task(self._verify(store), name="store-verify")
+                observers = self._start_observers(tasks)
                 notify_task = tasks.create_task(self._service_monitor().run(), name="sd-notify")
                 await asyncio.sleep(0)  # let ingest start before telling systemd we are up
                 self.notifier.ready(self._status_now())
                 self.started.set()
                 await self._stop_requested.wait()
                 verify_task.cancel()
+                for task in observers:
+                    task.cancel()
                 self.notifier.stopping(f"stopping, backlog {store.pending_points:,}")
                 notify_task.cancel()
                 await self._shutdown(ingest_task, flush_task)
@@ -162,6 +173,28 @@ class Gateway:
             await store.verify()
         except StoreError as exc:
             log.error("integrity_check_failed", error=str(exc))
+
+    def _start_observers(self, tasks: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
+        """The status socket, the rate sampler and (if configured) the metrics exporter.
+
+        They only read the gateway; shutdown cancels them first, so `status` then reports
+        "not running" from the database alone.
+        """
+        assert self.flush is not None
+        self.observer = observer = Observer(self, clock_ms=self._clock_ms)
+        self.flush.upload_observer = observer.uploads
+        server = StatusServer(
+            socket_path(self.settings.store.path), lambda: observer.live().to_json()
+        )
+        started = [
+            tasks.create_task(server.serve(), name="status-socket"),
+            tasks.create_task(observer.sample_forever(), name="observe-rates"),
+        ]
+        metrics = self.settings.metrics
+        if metrics.listen is not None or metrics.textfile is not None:
+            self.metrics = MetricsExporter(metrics, observer)
+            started.append(tasks.create_task(self.metrics.run(), name="metrics"))
+        return started
 
     # ------------------------------------------------------------------ systemd
 

@@ -176,7 +176,8 @@ class MetricsExporter:
             registry.register(SnapshotCollector(lambda: self._scrape(loop)))
             server, _thread = start_http_server(port, host, registry=registry)
             self.address = (host, int(server.server_address[1]))
-            log.info("metrics_listening", url=f"http://{self._settings.listen}/metrics")
+            shown = f"[{host}]" if ":" in host else host
+            log.info("metrics_listening", url=f"http://{shown}:{self.address[1]}/metrics")
         textfile = self._settings.textfile
         try:
             if textfile is None:
