@@ -66,16 +66,25 @@ def test_example_config_loads() -> None:
     assert settings.cloud.server == "https://fra1.blynk.cloud"
     assert settings.cloud.client_id == "oauth-client-id"
     assert settings.mqtt.port == 1883
-    assert [(r.topic, r.device_id, r.datastream_id) for r in settings.routes] == [
-        ("sensors/boiler/temperature", 101, 5),
-        ("sensors/livingroom/humidity", 102, 1),
+    assert [r.topic for r in settings.routes] == [
+        "zigbee2mqtt/{device}",
+        "tele/{device}/SENSOR",
+        "stat/{device}/POWER",
+        "{device}/sensor/{stream}/state",
+        "shellies/shelly1-AB12CD/relay/0/power",
+        "+/events/rpc",
+        "senml/{device}",
+        "home/OpenMQTTGateway/BTtoMQTT/+",
+        "custom/{device}/batch",
+        "sensors/boiler/temperature",
     ]
+    assert settings.devices["0x00158d0001a2b3c4"] == 102
 
 
 def test_example_config_passes_check_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "--config", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
-    assert "OK (2 routes" in out
+    assert "OK (10 routes" in out
     assert "127.0.0.1:1883" in out
     assert err == ""
     # check-config prints a summary, never the secret from the file.

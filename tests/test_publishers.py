@@ -543,3 +543,62 @@ def test_routing_never_raises_and_accounts_for_every_message(
 
 
 ROUTING_TABLE = table()
+
+
+# --------------------------------------------------------------------------- the example
+EXAMPLE_MESSAGES = [
+    (
+        "zigbee2mqtt/0x00158d0001a2b3c4",
+        '{"temperature":22.75,"humidity":55.43,"battery":86,'
+        '"linkquality":97,"last_seen":"2023-12-15T17:06:58+01:00"}',
+        3,
+    ),
+    (
+        "tele/tasmota_ABC123/SENSOR",
+        '{"Time":"2023-12-15T17:07:03","AM2301":{"Temperature":22.8,'
+        '"Humidity":48.2},"DS18B20-2":{"Temperature":21.1},"TempUnit":"C"}',
+        3,
+    ),
+    ("stat/tasmota_ABC123/POWER", "ON", 1),
+    ("living_room/sensor/temperature/state", "22.50", 1),
+    ("shellies/shelly1-AB12CD/relay/0/power", "12.5", 1),
+    (
+        "shellyplus1pm-a8032ab12345/events/rpc",
+        '{"src":"shellyplus1pm-a8032ab12345",'
+        '"method":"NotifyStatus","params":{"ts":1702656420.52,"switch:0":{"apower":12.5}}}',
+        1,
+    ),
+    (
+        "senml/living_room",
+        '[{"bn":"urn:dev:ow:10e2073a01080063:","bt":1.70265642e9,"n":"temp",'
+        '"u":"Cel","v":23.1},{"n":"hum","u":"%RH","v":48.2,"t":2}]',
+        2,
+    ),
+    (
+        "home/OpenMQTTGateway/BTtoMQTT/A4C138AABBCC",
+        '{"id":"A4:C1:38:AA:BB:CC","tempc":22.4,"hum":45}',
+        2,
+    ),
+    (
+        "custom/living_room/batch",
+        '[{"value":21.5,"ts":1702656400000},{"value":21.7,"ts":1702656410}]',
+        2,
+    ),
+    ("sensors/boiler/temperature", "21.5", 1),
+]
+
+
+@pytest.mark.parametrize(("topic", "payload", "count"), EXAMPLE_MESSAGES)
+def test_each_example_route_routes_its_documented_message(
+    topic: str, payload: str, count: int
+) -> None:
+    """config.example.toml's sample messages (in its comments) give readings as shown."""
+    import tomllib
+    from pathlib import Path
+
+    example = tomllib.loads((Path(__file__).parent.parent / "config.example.toml").read_text())
+    settings = Settings(**{**example, "cloud": {"client_id": "c", "client_secret": "s"}})
+    example_table = RouteTable(settings.routes, devices=settings.devices)
+    outcome = example_table.route(topic, payload.encode(), NOW_MS)
+    assert len(outcome.readings) == count and not outcome.refusals, outcome
+    assert outcome.ts_replaced == 0
