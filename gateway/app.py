@@ -227,17 +227,21 @@ class Gateway:
         )
 
     async def _status_with_quota(self) -> str:
-        """The one-line summary, with today's quota of the busiest device that has a backlog."""
+        """The one-line summary: the cloud link, the backlog and the age of its oldest
+        reading, today's quota of the busiest device (two index reads, every few seconds)."""
         assert self.store is not None and self.ingest is not None and self.flush is not None
         cloud = self.settings.cloud
-        day = DailyQuota(cloud.daily_points_limit, cloud.day_timezone).day_of(self._clock_ms())
-        devices = sorted({s.key.device_id for s in await self.store.pending_streams()})
-        used = [(await self.store.points_sent(device, day))[0] for device in devices[:50]]
+        now_ms = self._clock_ms()
+        day = DailyQuota(cloud.daily_points_limit, cloud.day_timezone).day_of(now_ms)
+        heads = await self.store.stream_heads()
+        oldest_ms = min((head.oldest_ts_ms for head in heads), default=None)
+        used_today = [points for points, _ in (await self.store.quota_day(day)).values()]
         return status_line(
             cloud_online=self.flush.uplink.online,
             mqtt_connected=self.ingest.connected.is_set(),
             backlog=self.store.pending_points,
-            quota_used=max(used) if used else None,
+            oldest_age_s=None if oldest_ms is None else (now_ms - oldest_ms) / 1000,
+            quota_used=max(used_today, default=None),
             quota_limit=cloud.daily_points_limit,
         )
 

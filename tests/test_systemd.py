@@ -36,7 +36,7 @@ from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, publish, settings_dict, wait_until
+from harness import InProcessGateway, publish, settings_dict, ts_payload, wait_until
 
 WATCHDOG_USEC = 1_000_000  # pings expected every 0.5 s
 
@@ -472,3 +472,29 @@ async def test_daemon_uploads_with_the_secret_from_credentials_directory(
         await wait_until(lambda: sandbox.accepted_count() == 1, message="the reading accepted")
         assert await asyncio.to_thread(gateway.terminate) == 0
     assert "sandbox-secret" not in (tmp_path / "gw.log").read_text()
+
+
+async def test_status_tells_offline_backlog_oldest_and_quota(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    abstract_listener: NotifyListener,
+) -> None:
+    notifier = ServiceNotifier(abstract_listener.address)
+    now_ms = int(time.time() * 1000)
+    topic = "sensors/boiler/temperature"
+    try:
+        async with InProcessGateway(make_settings(), notifier=notifier):
+            await publish(publisher, [(topic, ts_payload(i, now_ms - 100 + i)) for i in range(10)])
+            await wait_until(lambda: sandbox.accepted_count() == 10, message="10 accepted")
+            await sandbox.set_fault("down")
+            two_hours_ago = now_ms - 2 * 3600 * 1000 - 5 * 60 * 1000
+            await publish(publisher, [(topic, ts_payload(i, two_hours_ago + i)) for i in range(5)])
+            status = await wait_notify(
+                abstract_listener, lambda m: m.get("STATUS", "").startswith("offline")
+            )
+    finally:
+        notifier.close()
+    assert status["STATUS"] == (
+        "offline (buffering), backlog 5 (oldest 2h05m), quota 10/10,000 today"
+    )
