@@ -19,8 +19,11 @@ from gateway.ingest.routes.timestamps import TimestampReader, untrusted_reason
 from gateway.ingest.routes.topics import TopicTemplate
 from gateway.ingest.routes.values import (
     bare_payload_value,
+    conform_to_type,
+    encode_value,
     field_value_json,
     parse_json,
+    plain_number,
     preview,
     validate_ts_ms,
 )
@@ -61,6 +64,8 @@ class CompiledRoute:
     accept_retained: bool
     max_future_ms: int
     reject_bad_ts: bool
+    # a single datastream, no payload paths: a bare number can take the fast path
+    plain: bool = False
 
     @property
     def name(self) -> str:
@@ -92,6 +97,12 @@ class CompiledRoute:
             accept_retained=settings.retained == "accept",
             max_future_ms=int(settings.max_future_s * 1000),
             reject_bad_ts=settings.bad_timestamp == "reject",
+            plain=(
+                settings.format == "auto"
+                and settings.fields is None
+                and settings.device_field is None
+                and settings.timestamp is None
+            ),
         )
 
 
@@ -207,6 +218,11 @@ class RouteTable:
             detail = f"{len(payload)} bytes exceeds max_payload_bytes={self.max_payload_bytes}"
             self._refuse(outcome, "payload_too_large", detail, device_id, target)
             return outcome
+        if route.plain and target is not None and device_id is not None:
+            reading = self._plain_reading(route, device_id, target, payload, received_ms, retained)
+            if reading is not None:
+                outcome.readings.append(reading)
+                return outcome
         try:
             device_id, items = self._items(route, target, device_id, payload, received_ms, outcome)
         except PayloadError as exc:
@@ -220,6 +236,31 @@ class RouteTable:
         for item in items:
             self._add_reading(route, device_id, item, received_ms, retained, outcome)
         return outcome
+
+    def _plain_reading(
+        self,
+        route: CompiledRoute,
+        device_id: int,
+        target: Target,
+        payload: bytes,
+        received_ms: int,
+        retained: bool,
+    ) -> Reading | None:
+        """The hot path: a bare number on a single-datastream route, without the JSON
+        decoder or the general machinery. None hands the payload to the general path."""
+        if not payload[:1].isdigit() or (retained and not route.accept_retained):
+            return None
+        try:
+            value_json = encode_value(plain_number(payload.decode("ascii")))
+        except (PayloadError, UnicodeDecodeError):
+            return None  # the general path says what is wrong
+        if target.value_type is not None:
+            try:
+                value_json = conform_to_type(target.value_type, value_json)
+            except PayloadError:
+                return None
+        ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
+        return Reading(device_id, target.datastream_id, ts_ms, value_json)
 
     def _named_device(self, name: str, outcome: Outcome) -> int | None:
         device_id = self.device_for(name)
