@@ -174,10 +174,15 @@ class MetricsExporter:
             host, port = parse_listen(self._settings.listen)
             registry = CollectorRegistry(auto_describe=False)
             registry.register(SnapshotCollector(lambda: self._scrape(loop)))
-            server, _thread = start_http_server(port, host, registry=registry)
-            self.address = (host, int(server.server_address[1]))
-            shown = f"[{host}]" if ":" in host else host
-            log.info("metrics_listening", url=f"http://{shown}:{self.address[1]}/metrics")
+            try:
+                server, _thread = start_http_server(port, host, registry=registry)
+            except OSError as exc:
+                # Metrics are for watching the gateway, never a reason to stop buffering.
+                log.error("metrics_listen_failed", listen=self._settings.listen, error=str(exc))
+            else:
+                self.address = (host, int(server.server_address[1]))
+                shown = f"[{host}]" if ":" in host else host
+                log.info("metrics_listening", url=f"http://{shown}:{self.address[1]}/metrics")
         textfile = self._settings.textfile
         try:
             if textfile is None:

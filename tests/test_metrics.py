@@ -4,6 +4,8 @@ and the textfile for node_exporter, from the same snapshot as `blynk-gateway sta
 from __future__ import annotations
 
 import asyncio
+import io
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from gateway.config import Settings
 from gateway.status_socket import query, socket_path
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, publish, ts_payload, wait_for_passes, wait_until
+from harness import InProcessGateway, events, publish, ts_payload, wait_for_passes, wait_until
 
 TOPIC = "sensors/boiler/temperature"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -132,3 +134,24 @@ async def test_metrics_are_off_unless_configured(
     async with InProcessGateway(make_settings()) as gateway:
         assert gateway.metrics is None
         assert [t for t in asyncio.all_tasks() if t.get_name() == "metrics"] == []
+
+
+async def test_a_busy_metrics_port_does_not_stop_the_gateway(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = make_settings(metrics={"listen": f"127.0.0.1:{port}"})
+        async with InProcessGateway(settings) as gateway:
+            assert (
+                await publish(publisher, [(TOPIC, ts_payload(1.5, int(time.time() * 1000)))]) == 1
+            )
+            await wait_until(lambda: sandbox.accepted_count(101) == 1, message="the reading")
+            assert gateway.metrics is not None and gateway.metrics.address is None
+    (failed,) = events(log_output, "metrics_listen_failed")
+    assert failed["listen"] == f"127.0.0.1:{port}"
