@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import os
 import signal
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from gateway import app
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
 from gateway.systemd import (
@@ -36,7 +38,7 @@ from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, publish, settings_dict, ts_payload, wait_until
+from harness import InProcessGateway, events, publish, settings_dict, ts_payload, wait_until
 
 WATCHDOG_USEC = 1_000_000  # pings expected every 0.5 s
 
@@ -498,3 +500,41 @@ async def test_status_tells_offline_backlog_oldest_and_quota(
     assert status["STATUS"] == (
         "offline (buffering), backlog 5 (oldest 2h05m), quota 10/10,000 today"
     )
+
+
+async def test_no_watchdog_while_a_commit_hangs_and_pings_resume_after(
+    make_settings: Callable[..., Settings],
+    publisher: AckedPublisher,
+    abstract_listener: NotifyListener,
+    log_output: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ingest stuck for real: SQLite's worker thread blocks inside the INSERT of a commit."""
+    monkeypatch.setattr(app, "INGEST_STALL_BUDGET_S", 1.0)  # the daemon's is 60 s
+    release = threading.Event()
+
+    def hang_in_insert(sql: str) -> None:
+        if "INTO readings" in sql:
+            release.wait(60)
+
+    notifier = ServiceNotifier(abstract_listener.address, watchdog_usec=WATCHDOG_USEC)
+    try:
+        async with InProcessGateway(make_settings(), notifier=notifier) as gateway:
+            store = gateway.store
+            assert store is not None
+            await wait_until(lambda: len(abstract_listener.with_key("WATCHDOG")) >= 2)
+            await store.set_trace_callback(hang_in_insert)
+            await publish(publisher, [("sensors/boiler/temperature", "21.5")])
+            await wait_until(lambda: bool(events(log_output, "watchdog_withheld")), 30)
+            (withheld,) = events(log_output, "watchdog_withheld")
+            assert withheld["loop"] == "ingest"
+            pings = len(abstract_listener.with_key("WATCHDOG"))
+            await asyncio.sleep(2.0)  # four watchdog intervals
+            assert len(abstract_listener.with_key("WATCHDOG")) == pings
+            release.set()
+            await wait_until(lambda: bool(events(log_output, "watchdog_resumed")), 30)
+            await wait_until(lambda: len(abstract_listener.with_key("WATCHDOG")) > pings, 30)
+            await store.set_trace_callback(None)
+    finally:
+        release.set()
+        notifier.close()
