@@ -192,6 +192,7 @@ class FlushLoop:
 
     async def run(self) -> None:
         while not self._stop.is_set():
+            self._follow_settings()
             self.heartbeat.beat()
             try:
                 outcome = await self.run_pass()
@@ -211,6 +212,13 @@ class FlushLoop:
                 # Let a trickle of new readings gather into one request and one delete
                 # transaction (fewer requests, less SD wear) instead of one per commit.
                 await self._wait(self._settings.linger_s, wake_on_new_rows=False)
+
+    def _follow_settings(self) -> None:
+        """A reload may change the cloud timeout and the batch size: the watchdog's budget
+        and the `draining` threshold follow them."""
+        timeout_s = self._cloud_settings.timeout_s
+        self.heartbeat.budget_s = HEARTBEAT_MARGIN_S + HEARTBEAT_REQUEST_TIMEOUTS * timeout_s
+        self.drain.min_backlog = DRAIN_MIN_BATCHES * self._settings.batch_size
 
     async def _store_unavailable(self, exc: StoreError) -> None:
         """The buffer cannot be written (full disk, read-only): keep trying, log once."""
