@@ -152,16 +152,14 @@ class RateMeter:
         self._samples.append((time.monotonic() if now is None else now, dict(counters)))
 
     def rates(self) -> dict[str, float]:
-        """Per second, for every counter seen in both the oldest and newest sample."""
+        """Per second, for every counter in the newest sample (absent before: it was 0)."""
         if len(self._samples) < 2:
             return {}
         (t0, first), (t1, last) = self._samples[0], self._samples[-1]
         if t1 <= t0:
             return {}
         return {
-            name: round(max(0, last[name] - first[name]) / (t1 - t0), 3)
-            for name in last
-            if name in first
+            name: round(max(0, last[name] - first.get(name, 0)) / (t1 - t0), 3) for name in last
         }
 
 

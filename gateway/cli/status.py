@@ -93,17 +93,19 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
     forecasts = []
     for device, streams in sorted(per_device_hist.items()):
         sent, exhausted = ledger.get(device, (0, False))
+        # A device whose quota is spent sends nothing until the reset, whatever it did before.
+        allowance = quota.allowance(sent, exhausted)
         result = forecast_device(
             list(streams.values()),
             bucket_ms=BUCKET_MS,
             now_ms=now_ms,
-            allowance_today=quota.allowance(sent, exhausted),
+            allowance_today=allowance,
             daily_limit=cloud.daily_points_limit,
             next_reset_ms=quota.next_reset_ms(now_ms),
             max_age_ms=max_age_ms,
             newest_first=settings.flush.order == "newest",
         )
-        rate = rates.get(f"delivered_device_{device}")
+        rate = rates.get(f"delivered_device_{device}") if allowance else 0.0
         forecasts.append(
             {
                 "device_id": device,
@@ -345,15 +347,17 @@ def render(report: dict[str, Any]) -> str:
                 _n(f["will_send"]),
                 _n(f["will_expire"]),
                 f"{f['clears_at']} ({f['quota_days']} quota days)",
-                _dur(f["eta_at_observed_rate_s"]) if f["observed_rate_per_s"] else "-",
+                _dur(f["eta_at_observed_rate_s"])
+                if f["observed_rate_per_s"]
+                else ("quota spent" if f["observed_rate_per_s"] == 0 else "-"),
             ]
             for f in forecast["devices"]
         ]
         lines += _table(rows)
     if drain["observed_out_per_s"] is not None:
         lines.append(
-            f"drain       observed {drain['observed_out_per_s']:g}/s out, "
-            f"{drain['observed_in_per_s'] or 0:g}/s in: "
+            f"drain       {drain['observed_out_per_s']:.1f}/s sent, "
+            f"{drain['observed_in_per_s'] or 0:.1f}/s stored over the last minutes: "
             + (
                 f"empty in {_dur(drain['eta_s'])}"
                 if drain["eta_s"] is not None
