@@ -201,6 +201,11 @@ class BlynkCloud:
     def forget_token(self) -> None:
         self._token = None
 
+    def set_credentials(self, client_id: str, client_secret: str) -> None:
+        """New OAuth client credentials (a reload): the next request fetches a new token."""
+        self._auth = httpx.BasicAuth(client_id, client_secret)
+        self._token = None
+
     async def _send(self, request: httpx.Request, auth: httpx.Auth | None = None) -> httpx.Response:
         try:
             if auth is None:

@@ -80,6 +80,10 @@ class Uplink:
         # The last failure was "cannot connect": probing may end the backoff early.
         self._unreachable = False
 
+    def reconfigure(self, settings: FlushSettings) -> None:
+        """New backoff and probe timings (a reload); a wait under way keeps its deadline."""
+        self._settings = settings
+
     def in_backoff(self) -> bool:
         return time.monotonic() < self._backoff_until
 

@@ -92,7 +92,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         settings = load_settings(args.config)
         log.configure(settings.log.level, settings.log.format, secrets=settings.secret_values())
-        return asyncio.run(run_until_signalled(settings))
+        return asyncio.run(run_until_signalled(settings, args.config))
     if args.command == "status":
         return status_command.run(args)
     if args.command == "dead-letters":

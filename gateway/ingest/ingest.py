@@ -151,6 +151,16 @@ class MqttIngest:
         return self._mqtt.connected
 
     @property
+    def routes(self) -> RouteTable:
+        return self._admission.routes
+
+    def replace_routes(self, routes: RouteTable) -> tuple[list[str], list[str]]:
+        """Route from now on with `routes` (a reload): messages already received keep what
+        they became; subscriptions change on the same session. Returns (added, removed)."""
+        self._admission.routes = routes
+        return self._mqtt.set_subscriptions(routes.subscriptions)
+
+    @property
     def held_messages(self) -> int:
         """Messages received but neither committed nor acknowledged yet."""
         return len(self._pending) + self._committing

@@ -401,16 +401,7 @@ class MqttConnection:
             self._session_first_generation = self._generation
             self._session_lost()
         missing = [topic for topic in self._subscriptions if topic not in self._subscribed]
-        if missing:
-            if self._settings.protocol == "5":
-                # Retained messages only on a brand-new subscription, never on a resumed one.
-                options = SubscribeOptions(
-                    qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
-                )
-                client.subscribe([(topic, options) for topic in missing])
-            else:
-                client.subscribe([(topic, 1) for topic in missing])
-            self._subscribed.update(missing)
+        self._subscribe(client, missing)
         self.connected.set()
         log.info(
             "mqtt_connected",
@@ -420,6 +411,38 @@ class MqttConnection:
             session_present=session_present,
             subscribed=len(missing),
         )
+
+    def _subscribe(self, client: mqtt.Client, topics: list[str]) -> None:
+        if not topics:
+            return
+        if self._settings.protocol == "5":
+            # Retained messages only on a brand-new subscription, never on a resumed one.
+            options = SubscribeOptions(
+                qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+            )
+            client.subscribe([(topic, options) for topic in topics])
+        else:
+            client.subscribe([(topic, 1) for topic in topics])
+        self._subscribed.update(topics)
+
+    def set_subscriptions(self, subscriptions: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Subscribe what is new and unsubscribe what is gone, keeping the session.
+
+        Returns (added, removed). While disconnected only the list changes: the next
+        connect subscribes what is missing. A removed filter is unsubscribed from the
+        broker's session too, or the broker would keep queueing its messages for us.
+        """
+        wanted = list(dict.fromkeys(subscriptions))
+        added = [topic for topic in wanted if topic not in self._subscriptions]
+        removed = [topic for topic in self._subscriptions if topic not in wanted]
+        self._subscriptions = wanted
+        client = self._client
+        if client is not None and self.is_up():
+            if removed:
+                client.unsubscribe(removed)
+                self._subscribed.difference_update(removed)
+            self._subscribe(client, [t for t in wanted if t not in self._subscribed])
+        return added, removed
 
     def _on_subscribe(
         self,
