@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -28,6 +29,7 @@ from gateway.metrics import MetricsExporter
 from gateway.netwatch import NetworkWatcher
 from gateway.observe import Observer
 from gateway.quota import DailyQuota
+from gateway.reload import serve_reloads
 from gateway.status_socket import StatusServer, socket_path
 from gateway.store import Capacity, Store
 from gateway.systemd import ProgressWatch, ServiceMonitor, ServiceNotifier, status_line
@@ -51,8 +53,12 @@ class Gateway:
         clock_ms: Callable[[], int] | None = None,
         cloud_transport: httpx.AsyncBaseTransport | None = None,
         notifier: ServiceNotifier | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.settings = settings
+        # SIGHUP re-reads this file (see reload.py); None: reload is not offered.
+        self.config_path = config_path
+        self._reload_requested = asyncio.Event()
         # sd_notify; disabled unless given (run_until_signalled reads $NOTIFY_SOCKET).
         self.notifier = notifier or ServiceNotifier(None)
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
@@ -70,6 +76,9 @@ class Gateway:
 
     def request_stop(self) -> None:
         self._stop_requested.set()
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
 
     async def run(self) -> None:
         settings = self.settings
@@ -137,6 +146,7 @@ class Gateway:
                 ingest_task = tasks.create_task(ingest.run(), name="ingest")
                 flush_task = tasks.create_task(flush.run(), name="flush")
                 verify_task = tasks.create_task(self._verify(store), name="store-verify")
+                reload_task = tasks.create_task(self._serve_reloads(), name="reload")
                 observers = self._start_observers(tasks)
                 notify_task = tasks.create_task(self._service_monitor().run(), name="sd-notify")
                 await asyncio.sleep(0)  # let ingest start before telling systemd we are up
@@ -144,6 +154,7 @@ class Gateway:
                 self.started.set()
                 await self._stop_requested.wait()
                 verify_task.cancel()
+                reload_task.cancel()
                 for task in observers:
                     task.cancel()
                 self.notifier.stopping(f"stopping, backlog {store.pending_points:,}")
@@ -159,6 +170,10 @@ class Gateway:
                 received=ingest.stats.received,
                 delivered=flush.stats.delivered,
             )
+
+    async def _serve_reloads(self) -> None:
+        if self.config_path is not None:
+            await serve_reloads(self, self.config_path, self._reload_requested)
 
     async def _verify(self, store: Store) -> None:
         """The full integrity check, once, in the background (start-up only probes the file).
@@ -263,9 +278,12 @@ class Gateway:
         await self.flush.final_flush(max(0.0, deadline - time.monotonic()))
 
 
-async def run_until_signalled(settings: Settings) -> int:
-    """`blynk-gateway run`: first SIGTERM/SIGINT stops gracefully, a second exits at once."""
-    gateway = Gateway(settings, notifier=ServiceNotifier.from_environment())
+async def run_until_signalled(settings: Settings, config_path: Path | None = None) -> int:
+    """`blynk-gateway run`: first SIGTERM/SIGINT stops gracefully, a second exits at once;
+    SIGHUP reloads the configuration file."""
+    gateway = Gateway(
+        settings, notifier=ServiceNotifier.from_environment(), config_path=config_path
+    )
     loop = asyncio.get_running_loop()
     signals_seen = 0
 
@@ -281,5 +299,6 @@ async def run_until_signalled(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     await gateway.run()
     return 0

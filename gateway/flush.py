@@ -182,6 +182,14 @@ class FlushLoop:
     def stop(self) -> None:
         self._stop.set()
 
+    def reconfigure(self, settings: FlushSettings, cloud_settings: CloudSettings) -> None:
+        """New flush and cloud settings (a reload), in force from the next pass."""
+        self._settings = settings
+        self._cloud_settings = cloud_settings
+        self._quota = DailyQuota(cloud_settings.daily_points_limit, cloud_settings.day_timezone)
+        self.uplink.reconfigure(settings)
+        self._new_rows.set()
+
     async def unpark_all(self) -> None:
         """Retry every parked stream now: after a config reload the ids may have been fixed."""
         await self._store.unpark()
