@@ -263,7 +263,7 @@ def _dur(seconds: float | None) -> str:
 def _table(rows: list[list[str]], indent: str = "    ") -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
-        indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        (indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip()
         for row in rows
     ]
 
