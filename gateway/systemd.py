@@ -73,6 +73,8 @@ class ServiceNotifier:
     def __init__(self, address: str | None, *, watchdog_usec: int | None = None) -> None:
         self.address = address or None
         self.dropped = 0
+        # The STATUS= text the manager shows now, whoever sent it (the monitor, a reload).
+        self.last_status: str | None = None
         self._sock: socket.socket | None = None
         self._target: str | bytes | None = None
         if self.address is not None:
@@ -113,6 +115,9 @@ class ServiceNotifier:
         message = "\n".join(assignments).encode()
         try:
             self._sock.sendto(message, self._target)
+            for assignment in assignments:
+                if assignment.startswith("STATUS="):
+                    self.last_status = assignment.removeprefix("STATUS=")
         except (BlockingIOError, InterruptedError):
             self.dropped += 1
             return False
@@ -244,7 +249,6 @@ class ServiceMonitor:
         self._checks = dict(checks)
         self._status = status
         self._status_interval_s = status_interval_s
-        self._last_status: str | None = None
         self._status_failing = False
         self._withheld: dict[str, float] = {}
         self.pings = 0
@@ -306,8 +310,8 @@ class ServiceMonitor:
                 self._status_failing = True
             else:
                 self._status_failing = False
-            if text is not None and text != self._last_status:
-                self._last_status = text
+            # Compared with what the manager shows, so a reload's own STATUS= is replaced.
+            if text is not None and text != self._notifier.last_status:
                 self._notifier.status(text)
             await asyncio.sleep(self._status_interval_s)
 
