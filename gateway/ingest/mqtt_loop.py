@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -82,6 +81,7 @@ class MqttConnection:
         self._subscribed: set[str] = set()
         self._barrier_mid: int | None = None
         self._barrier_done = asyncio.Event()
+        self._messages_read = 0  # PUBLISH packets paho handed us (ends read batches)
 
     @property
     def generation(self) -> int:
@@ -341,15 +341,20 @@ class MqttConnection:
 
         paho's `loop_read` handles one packet; going back to the event loop between packets
         of a burst costs more than the packet itself (the ingest benchmark measured +12 % to
-        +30 % readings/s with a batch), so keep reading while the socket has bytes.
+        +30 % readings/s with a batch), so keep reading while packets keep coming. A read
+        that delivered no message ends the batch: it found the socket drained (paho reports
+        that as success too) or read a control packet; either way the event loop calls us
+        again if more bytes are waiting. This replaced a MSG_PEEK syscall per packet, 14 %
+        of the main thread's samples in a drain profile.
         """
         try:
             for _ in range(READ_BATCH_PACKETS):
+                delivered_before = self._messages_read
                 rc = client.loop_read()
                 if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                     self._disconnected.set()
                     return
-                if not self._reading or not _has_unread_bytes(client.socket()):
+                if not self._reading or self._messages_read == delivered_before:
                     return
         except Exception as exc:  # a bug in a callback must not kill the daemon
             log.exception("mqtt_read_failed", error=f"{type(exc).__name__}: {exc}")
@@ -491,16 +496,6 @@ class MqttConnection:
             )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._messages_read += 1
         if self._reading:  # else: left unacknowledged, the broker resends it next session
             self._handle_message(message, self._generation)
-
-
-def _has_unread_bytes(sock: Any) -> bool:
-    if not isinstance(sock, socket.socket):
-        return False
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, InterruptedError, ValueError):  # ValueError: TLS socket, no peek
-        return False
-    except OSError:
-        return True  # let loop_read meet the error and report the disconnect
