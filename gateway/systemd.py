@@ -284,7 +284,7 @@ class ServiceMonitor:
                     log.error(
                         "watchdog_withheld",
                         loop=name,
-                        stalled_s=round(stalled_s, 1),
+                        overdue_s=round(stalled_s, 1),
                         action="no WATCHDOG=1 until it moves again; systemd restarts the "
                         "service at WatchdogSec",
                     )
