@@ -42,6 +42,7 @@ async def scrape(client: httpx.AsyncClient, gateway: Gateway) -> Samples:
     response = await client.get(f"http://{host}:{port}/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
+    assert "sandbox-secret" not in response.text
     return parse(response.text)
 
 
