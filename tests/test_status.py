@@ -91,7 +91,7 @@ async def test_status_reports_a_running_daemon_and_forecasts_expiry(
     assert forecast == forecast | {"device_id": 101, "backlog": 35, "will_expire": 10}
     assert forecast["will_send"] == 25
     assert report["forecast"]["will_expire"] == 10
-    assert report["ingest"]["readings"]["stored"] == len(fresh) + 15
+    assert report["ingest"]["readings"]["received"] == len(fresh) + 15
     assert report["dead_letters"] == {"total": 0, "by_reason": {}}
     assert report["database"]["file_bytes"] > 0
     assert "sandbox-secret" not in json.dumps(report)
