@@ -115,6 +115,9 @@ class Gateway:
             store,
             commit_interval_s=settings.store.commit_interval_ms / 1000,
             commit_max_readings=settings.commit_max_readings(),
+            pass_through_wait_s=(
+                settings.flush.pass_through_wait_s if settings.flush.pass_through else 0.0
+            ),
             oldest_sendable_ms=settings.cloud.oldest_sendable_ms,
             clock_ms=self._clock_ms,
         )

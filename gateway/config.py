@@ -157,6 +157,12 @@ class FlushSettings(_Section):
     auth_retry_s: PositiveFloat = 300.0
     parked_retry_s: PositiveFloat = 600.0
     shutdown_flush_s: Annotated[float, Field(ge=0, le=600)] = 10.0
+    # Pass-through: while the cloud is reachable and nothing is buffered, upload a group of
+    # readings first and PUBACK what the cloud accepted without writing it (the broker keeps
+    # every reading until its PUBACK, so a crash loses nothing); what is not accepted within
+    # pass_through_wait_s is written as usual. false: every reading is written first.
+    pass_through: bool = True
+    pass_through_wait_s: Annotated[float, Field(gt=0, le=60)] = 2.0
 
     @model_validator(mode="after")
     def _backoff_order(self) -> FlushSettings:

@@ -48,6 +48,7 @@ from gateway.errors import (
 )
 from gateway.log import get_logger
 from gateway.models import Batch, StreamKey
+from gateway.passthrough import PassThrough
 from gateway.quota import DailyQuota
 from gateway.store import Store, StreamState
 from gateway.systemd import Heartbeat, format_duration
@@ -178,9 +179,19 @@ class FlushLoop:
             HEARTBEAT_MARGIN_S + HEARTBEAT_REQUEST_TIMEOUTS * cloud_settings.timeout_s
         )
         self.drain = DrainProgress(DRAIN_MIN_BATCHES * settings.batch_size)
+        # Upload-before-write while the cloud is reachable and nothing is buffered.
+        self.pass_through = PassThrough(
+            store,
+            upload=self._timed_upload,
+            quota=lambda: self._quota,
+            clock_ms=self._clock_ms,
+            cutoff_ms=self._cutoff_ms,
+        )
+        self._staged = store.staging.offered.listen()
 
     def stop(self) -> None:
         self._stop.set()
+        self.pass_through.close()
 
     def reconfigure(self, settings: FlushSettings, cloud_settings: CloudSettings) -> None:
         """New flush and cloud settings (a reload), in force from the next pass."""
@@ -210,16 +221,53 @@ class FlushLoop:
             self._store_available()
             self.drain.update(self._store.pending_points, self.stats.delivered)
             if outcome is PassOutcome.SENT:
+                self.pass_through.close()
                 continue
             if outcome is PassOutcome.BACKOFF:
+                self.pass_through.close()
                 self.heartbeat.beat_while(self.uplink.in_backoff)
                 await self.uplink.wait_out_backoff()
                 continue
-            await self._wait(self._settings.interval_s, wake_on_new_rows=True)
+            if self._pass_through_allowed():
+                self.pass_through.open()
+            else:
+                self.pass_through.close()
+            await self._wait(self._settings.interval_s, wake_on_new_rows=True, wake_on_staged=True)
+            if self._staged.is_set():
+                self._staged.clear()
+                await self._send_staged()
+                continue
             if self._new_rows.is_set() and self._store.pending_points < self._settings.batch_size:
                 # Let a trickle of new readings gather into one request and one delete
                 # transaction (fewer requests, less SD wear) instead of one per commit.
                 await self._wait(self._settings.linger_s, wake_on_new_rows=False)
+
+    def _pass_through_allowed(self) -> bool:
+        return (
+            self._settings.pass_through
+            and self.uplink.online
+            and self._store.pending_points == 0
+            and not self._unacked
+            and not self._stop.is_set()
+        )
+
+    async def _send_staged(self) -> None:
+        """Upload what ingest offered before writing it (see passthrough.py)."""
+        stats = self.pass_through.stats
+        requests, delivered = stats.requests, stats.delivered
+        error = await self.pass_through.send_queued()
+        self.stats.requests += stats.requests - requests
+        self.stats.delivered += stats.delivered - delivered
+        if self.uplink.online and stats.delivered > delivered:
+            self.uplink.succeeded()
+        if isinstance(error, RetryableCloudError | WrongRegion):
+            # The same failure the buffered path would have met: the same backoff or
+            # probing, then the buffered path retries what ingest wrote meanwhile.
+            self.uplink.failed(error, slow=isinstance(error, WrongRegion))
+            self.heartbeat.beat_while(self.uplink.in_backoff)
+            await self.uplink.wait_out_backoff()
+        # Any other refusal (unknown datastream, quota, age, a bad point) is met again by
+        # the buffered path, which parks, counts or dead-letters as it always does.
 
     def _follow_settings(self) -> None:
         """A reload may change the cloud timeout and the batch size: the watchdog's budget
@@ -255,12 +303,16 @@ class FlushLoop:
             await self._store.ack_many(self._unacked)
             self._unacked.clear()
 
-    async def _wait(self, timeout_s: float, *, wake_on_new_rows: bool) -> bool:
-        """Until stop (True), new rows if asked, or the timeout."""
+    async def _wait(
+        self, timeout_s: float, *, wake_on_new_rows: bool, wake_on_staged: bool = False
+    ) -> bool:
+        """Until stop (True), new rows or staged readings if asked, or the timeout."""
         self.heartbeat.beat(timeout_s)
         events = [self._stop]
         if wake_on_new_rows:
             events.append(self._new_rows)
+        if wake_on_staged:
+            events.append(self._staged)
         await wait_any(*events, timeout_s=timeout_s)
         return self._stop.is_set()
 

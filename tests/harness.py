@@ -51,6 +51,9 @@ def settings_dict(
             "auth_retry_s": 0.5,
             "parked_retry_s": 60.0,
             "shutdown_flush_s": 2.0,
+            # The buffered path, which most tests are about; test_pass_through.py turns
+            # upload-before-write on (the daemon's default).
+            "pass_through": False,
         },
     }
     for name, values in sections.items():

@@ -108,12 +108,15 @@ class MqttIngest:
         commit_interval_s: float,
         commit_max_readings: int,
         oldest_sendable_ms: Callable[[int], int],
+        pass_through_wait_s: float = 0.0,
         clock_ms: Callable[[], int] | None = None,
     ) -> None:
         self._store = store
         self._space_freed = store.space_freed.listen()
         self._commit_interval_s = commit_interval_s
         self._commit_max = commit_max_readings
+        # 0: every reading is written before its PUBACK (see _pass_through)
+        self._pass_through_wait_s = pass_through_wait_s
         self.stats = IngestStats()
         self._admission = Admission(
             routes,
@@ -231,7 +234,13 @@ class MqttIngest:
                 continue
             self._committing = len(group)
             try:
-                result = await self._store.append(group.readings, group.rejected)
+                if self._pass_through_wait_s and not self.holding:
+                    await self._pass_through(group)
+                readings, rejected = group.readings, group.rejected
+                if readings or rejected:
+                    result = await self._store.append(readings, rejected)
+                else:
+                    result = AppendResult(inserted=0, duplicates=0)  # all passed through
             except BufferFull as full:
                 self._committing = 0
                 await self._buffer_full(full, group)
@@ -245,6 +254,34 @@ class MqttIngest:
             self._committed(group, result)
             if self._deferred_since_resync and not self.holding:
                 await self._resync()
+
+    async def _pass_through(self, group: _PendingGroup) -> None:
+        """Offer the group's readings for upload before writing them (store/staging.py);
+        what the cloud accepted leaves the group, so it is acknowledged without a write.
+
+        Only while nothing is buffered: a reading must never overtake an older one of its
+        stream that waits in the buffer.
+        """
+        staging = self._store.staging
+        if self._store.pending_points or not staging.open:
+            return
+        staged = staging.offer(group.readings)
+        if staged is None:
+            return
+        try:
+            async with asyncio.timeout(self._pass_through_wait_s):
+                await staged.settled.wait()
+        except TimeoutError:
+            if not staging.reclaim(staged):
+                await staged.settled.wait()  # an upload is under way: its answer decides
+        passed = sum(staged.delivered)
+        if not passed:
+            return
+        self.stats.passed_through += passed
+        flags = iter(staged.delivered)
+        for message in group.messages:
+            if message.readings:
+                message.readings = [r for r in message.readings if not next(flags)]
 
     async def _next_group(self) -> _PendingGroup | None:
         """The group to commit now, once it is full or old enough; None if there is none."""

@@ -12,6 +12,8 @@ MAX_UNMAPPED_NAMES = 1000
 class IngestStats:
     received: int = 0
     stored: int = 0
+    # accepted by the cloud before any write (pass-through), acknowledged without a commit
+    passed_through: int = 0
     duplicates: int = 0
     # payloads that cannot become a reading (dead-lettered), by their PayloadError code
     rejected: int = 0

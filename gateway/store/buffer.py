@@ -54,8 +54,10 @@ from gateway.store.disk import DiskGuard, StoreFault, checkpoint_restart
 from gateway.store.inspection import ReadViews
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, is_corruption, store_error
+from gateway.store.reservations import QuotaReservations
 from gateway.store.schema import DEFAULT_PAGE_SIZE
 from gateway.store.sql import changes_many, fetch_one, used_bytes
+from gateway.store.staging import Staging
 from gateway.store.streams import StreamState
 
 log = get_logger("store")
@@ -124,6 +126,9 @@ class Store(ReadViews):
         self._pruned_log = deadletters.PruneReporter(capacity.max_dead_letters, clock=monotonic)
         self._pruned = 0  # dead letters pruned by the transaction under way
         self._ledger_day: str | None = None  # quota days were last pruned on this one
+        # Pass-through: readings offered for upload before any write (see staging.py).
+        self.staging = Staging()
+        self._reservations = QuotaReservations()
         self._disk = DiskGuard(path, capacity.disk_reserve_bytes)
         self._clean_record = False
         self._data_version = 0
@@ -226,10 +231,24 @@ class Store(ReadViews):
             self._pruned_log.flush()
             if self._owner:
                 with contextlib.suppress(sqlite3.Error):
+                    await self._give_back_reservations()
+                with contextlib.suppress(sqlite3.Error):
                     await self._db.execute("PRAGMA optimize")
                 with contextlib.suppress(sqlite3.Error):
                     await self._write_clean_record()
             await self._db.close()
+
+    async def _give_back_reservations(self) -> None:
+        """Uncount reserved quota that no upload used (the lock is held: raw transaction)."""
+        if not self._reservations.outstanding:
+            return
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._reservations.give_back(self._db)
+        except BaseException:
+            await self._db.rollback()
+            raise
+        await self._db.commit()
 
     async def _write_clean_record(self) -> None:
         """Remember the exact row count, so the next start need not count a big backlog.
@@ -614,7 +633,31 @@ class Store(ReadViews):
 
     async def points_sent(self, device_id: int, day: str) -> tuple[int, bool]:
         """(points the cloud accepted for the device on `day`, whether it refused more)."""
-        return await self._read(lambda: ledger.points_sent(self._db, device_id, day))
+        counted, exhausted = await self._read(lambda: ledger.points_sent(self._db, device_id, day))
+        return counted - self.reserved_quota(device_id, day), exhausted
+
+    async def reserve_quota(self, device_id: int, day: str, points: int, limit: int) -> bool:
+        """Count `points` against the day before a pass-through upload (a ledger write
+        only when the reserved chunk runs out); False if the quota cannot cover them."""
+        if self._reservations.left(device_id, day) >= points:
+            return True
+
+        reservations = self._reservations
+
+        async def work() -> tuple[bool, Callable[[], None] | None]:
+            grant = await reservations.reserve(self._db, device_id, day, points, limit)
+            if not grant:
+                return grant == 0, None
+            return True, lambda: reservations.granted(device_id, day, grant)
+
+        return await self._in_transaction(work)
+
+    def reserved_quota(self, device_id: int, day: str) -> int:
+        return self._reservations.left(device_id, day)
+
+    def use_reserved_quota(self, device_id: int, day: str, points: int) -> None:
+        """The cloud accepted `points` sent through pass-through."""
+        self._reservations.use(device_id, day, points)
 
     async def mark_exhausted(self, device_id: int, day: str) -> None:
         """The cloud refused the device for its daily limit: do not try again that day."""

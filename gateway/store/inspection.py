@@ -140,7 +140,16 @@ class ReadViews:
 
     async def quota_day(self, day: str) -> dict[int, tuple[int, bool]]:
         """Per device: (points accepted on `day`, refused for the daily limit)."""
-        return await self._read(lambda: quota_day(self._db, day))
+        rows = await self._read(lambda: quota_day(self._db, day))
+        return {
+            device: (points - self.reserved_quota(device, day), exhausted)
+            for device, (points, exhausted) in rows.items()
+        }
+
+    def reserved_quota(self, device_id: int, day: str) -> int:
+        """Points the ledger counts ahead for pass-through uploads and no upload used yet
+        (only the daemon's own store knows; see reservations.py)."""
+        return 0
 
     def file_bytes(self) -> int:
         """The database, its WAL and shared-memory files, as they take space on the disk."""

@@ -1,0 +1,101 @@
+"""Pass-through: readings offered for upload before anything is written.
+
+A reading the broker has not had a PUBACK for is still the broker's: if the gateway dies,
+the broker sends it again. So while the cloud is reachable and nothing is buffered, ingest
+offers each group here first, the flush loop uploads it, and ingest acknowledges what the
+cloud accepted without writing it at all; whatever is not accepted in time is committed to
+the buffer as usual (and follows the usual rules from there: park, dead letter, retry).
+Writing nothing for a reading the cloud takes a second later is what saves the SD card.
+
+A group is claimed by exactly one side: the flush loop (`take`, while it is queued) or
+ingest (`reclaim`, when its wait runs out). Everything runs on the event loop, so plain
+attributes are enough; `settled` wakes the ingest side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gateway.aio import Notifier
+from gateway.models import Reading
+
+
+@dataclass(eq=False)
+class StagedGroup:
+    """Readings of one ingest group, waiting for (or in) an upload."""
+
+    readings: Sequence[Reading]
+    delivered: list[bool] = field(init=False)
+    sending: bool = False
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    claimed_by_ingest: bool = False
+
+    def __post_init__(self) -> None:
+        self.delivered = [False] * len(self.readings)
+
+    def undelivered(self) -> list[Reading]:
+        return [r for r, done in zip(self.readings, self.delivered, strict=True) if not done]
+
+
+class Staging:
+    """The hand-over between ingest and the flush loop for pass-through uploads."""
+
+    def __init__(self) -> None:
+        self._queued: deque[StagedGroup] = deque()
+        self.offered = Notifier()  # the flush loop listens: a group waits for it
+        # Set by the flush loop while it can upload at once (online, nothing buffered).
+        self.open = False
+        self.passed = 0  # readings delivered without being written
+        self.returned = 0  # readings handed back to be written
+
+    def offer(self, readings: Sequence[Reading]) -> StagedGroup | None:
+        """Queue readings for upload; None when pass-through is closed (write them)."""
+        if not self.open or not readings:
+            return None
+        group = StagedGroup(readings)
+        self._queued.append(group)
+        self.offered.notify()
+        return group
+
+    def take(self) -> StagedGroup | None:
+        """The oldest queued group, now being sent (flush loop side)."""
+        while self._queued:
+            group = self._queued.popleft()
+            if not group.claimed_by_ingest:
+                group.sending = True
+                return group
+        return None
+
+    def finish(self, group: StagedGroup) -> None:
+        """The flush loop is done with the group: what it did not deliver goes back."""
+        group.sending = False
+        passed = sum(group.delivered)
+        self.passed += passed
+        self.returned += len(group.readings) - passed
+        group.settled.set()
+
+    def give_back_all(self) -> None:
+        """Pass-through closes (offline, shutting down): every queued group goes back."""
+        self.open = False
+        while self._queued:
+            group = self._queued.popleft()
+            if not group.claimed_by_ingest:
+                self.returned += len(group.readings)
+                group.settled.set()
+
+    def reclaim(self, group: StagedGroup) -> bool:
+        """Ingest's wait ran out: take the group back unless an upload is under way."""
+        if group.sending:
+            return False
+        if not group.settled.is_set():
+            group.claimed_by_ingest = True
+            self.returned += len(group.readings)
+            group.settled.set()
+        return True
+
+    @property
+    def queued(self) -> int:
+        return len(self._queued)
