@@ -17,8 +17,9 @@ Measured, from `/proc/<pid>/status`:
 * ``steady``  VmRSS `--settle` seconds after the last commit (what the box keeps paying)
 
 against the **floor**, measured in the same run: a Python process that has only imported
-the daemon's runtime dependencies (paho, aiosqlite, httpx, pydantic, pydantic-settings,
-structlog) and nothing of ours. `--env` passes extra environment to the daemon, e.g.
+the daemon's runtime dependencies (those `pyproject.toml` lists: paho, aiosqlite, httpx,
+pydantic, pydantic-settings, structlog, prometheus-client at the time of writing) and
+nothing of ours. `--env` passes extra environment to the daemon, e.g.
 `--env MALLOC_ARENA_MAX=2`. Probes inside the daemon (`memtrace/sitecustomize.py`, put on
 its PYTHONPATH): `--tracemalloc N` traces allocations with N frames and takes a snapshot
 right after the burst and one at steady state, printing the top allocation sites of each
@@ -32,8 +33,10 @@ back (heap that was free but kept by the allocator).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -43,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +64,8 @@ DEVICES = {400 + i: {1: "double"} for i in range(SENSORS)}
 ROUTES = [
     {"topic": f"burst/s{i}", "device_id": 400 + i, "datastream_id": 1} for i in range(SENSORS)
 ]
-RUNTIME_DEPS = (
-    "paho.mqtt.client",
-    "aiosqlite",
-    "httpx",
-    "pydantic",
-    "pydantic_settings",
-    "structlog",
-)
+# Modules to import for a distribution whose top-level package imports little by itself.
+_ENTRY_MODULES = {"paho": "paho.mqtt.client"}
 # What the floor process prints: its own VmRSS after the imports, in KiB.
 _FLOOR_CODE = """
 import asyncio, json, sqlite3, ssl
@@ -85,10 +83,28 @@ def proc_status_kib(pid: int, field_name: str) -> int:
     return 0
 
 
+def runtime_modules() -> list[str]:
+    """The modules of the daemon's runtime dependencies, read from the `pyproject.toml`
+    next to the `gateway` package being measured (others add dependencies: the floor must
+    follow), mapped to import names through the installed distributions."""
+    import gateway
+
+    pyproject = Path(gateway.__file__).resolve().parent.parent / "pyproject.toml"
+    requirements = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    wanted = {
+        re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements
+    }
+    modules = []
+    for top, dists in importlib.metadata.packages_distributions().items():
+        if any(d.lower().replace("_", "-") in wanted for d in dists) and top.isidentifier():
+            modules.append(_ENTRY_MODULES.get(top, top))
+    return sorted(modules)
+
+
 def floor_rss_mib(python: list[str] | None = None) -> float:
     """RSS of a Python that imported only the daemon's runtime dependencies: what no
     change in our code can go below, so the targets are stated above it."""
-    code = _FLOOR_CODE.format(imports="\n".join(f"import {m}" for m in RUNTIME_DEPS))
+    code = _FLOOR_CODE.format(imports="\n".join(f"import {m}" for m in runtime_modules()))
     out = subprocess.run(
         [*(python or [sys.executable]), "-c", code], capture_output=True, text=True, check=True
     )
@@ -104,7 +120,8 @@ class BurstResult:
     publish_s: float
     timeline: list[tuple[float, float]] = field(default_factory=list)  # (s, MiB)
     sites: list[str] = field(default_factory=list)  # top tracemalloc sites, if traced
-    trimmed: tuple[float, float] | None = None  # steady RSS before/after malloc_trim, MiB
+    # MiB at steady state: RSS before and after malloc_trim(0), SQLite's heap, its peak.
+    trimmed: tuple[float, ...] | None = None
 
     @property
     def rate(self) -> float:
@@ -216,6 +233,7 @@ def burst(
     tracemalloc_frames: int = 0,
     trim: bool = False,
     mode: str = "live",
+    snapshot_every_s: float = 0.0,
 ) -> BurstResult:
     """One burst of `readings` with the cloud down; the daemon's peak and steady RSS.
 
@@ -249,7 +267,7 @@ def burst(
     base_ts = int(time.time() * 1000) - readings - 60_000
     publisher_id = f"pub-{run_dir.name}"
     sites: list[str] = []
-    trimmed: tuple[float, float] | None = None
+    trimmed: tuple[float, ...] | None = None
     try:
         with GatewayProcess(config_path, env=daemon_env) as process:
             process.start()
@@ -265,13 +283,21 @@ def burst(
                 if mode == "live":
                     publish_process(broker, publisher_id, readings, base_ts)
                     publish_s = time.monotonic() - started
-                deadline = time.monotonic() + 600
+                deadline = time.monotonic() + 1800
+                during: list[tuple[Path, float]] = []  # snapshots while it ingests, RSS
+                next_snapshot = time.monotonic() + snapshot_every_s
                 while stored_readings(db) < readings:
                     if time.monotonic() > deadline or not process.running:
                         raise RuntimeError(f"burst not stored in time:\n{process.tail(20)}")
+                    if tracemalloc_frames and snapshot_every_s and time.monotonic() > next_snapshot:
+                        rss = proc_status_kib(process.pid, "VmRSS") / 1024
+                        during.append((_probe(process, trace_dir, signal.SIGUSR1, "*.snap"), rss))
+                        next_snapshot = time.monotonic() + snapshot_every_s
                     time.sleep(0.5 if readings > 50_000 else 0.1)
                 done = time.monotonic()
                 peak = proc_status_kib(process.pid, "VmHWM") / 1024
+                if during:
+                    sites.append(_biggest(during))
                 if tracemalloc_frames:
                     sites.append(top_sites(_probe(process, trace_dir, signal.SIGUSR1, "*.snap")))
                 time.sleep(settle_s)
@@ -279,10 +305,10 @@ def burst(
                 if tracemalloc_frames:
                     sites.append(top_sites(_probe(process, trace_dir, signal.SIGUSR1, "*.snap")))
                 if trim:
-                    before, after = (
-                        _probe(process, trace_dir, signal.SIGUSR2, "*.txt").read_text().split()
-                    )
-                    trimmed = (int(before) / 1024, int(after) / 1024)
+                    text = _probe(process, trace_dir, signal.SIGUSR2, "*.txt").read_text()
+                    numbers, *details = text.splitlines()
+                    trimmed = tuple(int(kib) / 1024 for kib in numbers.split())
+                    sites.extend(details)
             process.stop(30.0)
     finally:
         sandbox.call(lambda cloud: cloud.set_fault("none"))
@@ -313,6 +339,21 @@ def _probe(process: GatewayProcess, trace_dir: Path, signum: int, pattern: str) 
         time.sleep(0.2)
 
 
+def _biggest(snapshots: list[tuple[Path, float]]) -> str:
+    """The traced total of every snapshot taken during the burst (with the RSS at that
+    moment), and the top sites of the biggest one."""
+    totals = []
+    for path, rss in snapshots:
+        snapshot = tracemalloc.Snapshot.load(str(path))
+        totals.append((sum(t.size for t in snapshot.traces) / 2**20, rss, path))
+    timeline = ", ".join(f"{traced:.0f}/{rss:.0f}" for traced, rss, _ in totals)
+    biggest = max(totals, key=lambda item: item[0])
+    return (
+        f"during the burst, traced/RSS MiB per snapshot: {timeline}\n"
+        f"biggest (RSS then {biggest[1]:.0f} MiB): {top_sites(biggest[2])}"
+    )
+
+
 def top_sites(snapshot_path: Path, limit: int = 15, frames: int = 4) -> str:
     """The biggest allocation sites of a snapshot (grouped by `frames` innermost frames)."""
     snapshot = tracemalloc.Snapshot.load(str(snapshot_path)).filter_traces(
@@ -340,6 +381,9 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=5.0, help="s after the last commit")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES")
+    parser.add_argument(
+        "--snapshot-every", type=float, default=0.0, metavar="S", help="also while ingesting"
+    )
     parser.add_argument("--trim", action="store_true", help="malloc_trim(0) at steady state")
     parser.add_argument("--timeline", action="store_true", help="print RSS every 0.25 s")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -368,6 +412,7 @@ def main() -> int:
                 tracemalloc_frames=args.tracemalloc,
                 trim=args.trim,
                 mode=args.mode,
+                snapshot_every_s=args.snapshot_every,
             )
             results.append(result)
             print(
@@ -382,8 +427,11 @@ def main() -> int:
             for sites in result.sites:
                 print(sites)
             if result.trimmed:
-                before, after = result.trimmed
-                print(f"    malloc_trim(0) at steady state: {before:.1f} -> {after:.1f} MiB")
+                before, after, sqlite_now, sqlite_peak = result.trimmed
+                print(
+                    f"    malloc_trim(0) at steady state: {before:.1f} -> {after:.1f} MiB; "
+                    f"SQLite heap {sqlite_now:.1f} MiB (peak {sqlite_peak:.1f})"
+                )
     finally:
         sandbox.stop()
         broker.stop()
