@@ -12,7 +12,10 @@ repository).
 Variants, each on a fresh database, in one run so the machine's drift hits all alike:
 
 * ``commit-per-message``  the naive baseline: one transaction (one fsync) per reading
-* ``default``             WAL, synchronous=FULL, group commit 200 ms, cloud reachable
+                          (pass-through off, as in every write-first variant)
+* ``default``             the daemon's defaults, cloud reachable: pass-through (upload
+                          first, PUBACK on the cloud's 204, write only what is not taken)
+* ``write-first``         pass-through off: WAL, synchronous=FULL, group commit 200 ms
                           (steady state: every reading inserted, uploaded, deleted)
 * ``default-offline``     the same while the cloud is down (readings only inserted)
 * ``offline-then-drain``  the window offline, then the cloud returns and the backlog is
@@ -44,7 +47,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +68,19 @@ DEVICES = {200 + i: {1: "double"} for i in range(SENSORS)}
 class Variant:
     name: str
     store: dict[str, Any]
+    flush: dict[str, Any] = field(default_factory=dict)
     cloud_up: bool = True
 
 
+WRITE_FIRST = {"pass_through": False}
 VARIANTS = [
-    Variant("commit-per-message", {"commit_interval_ms": 1, "commit_max_readings": 1}),
+    Variant("commit-per-message", {"commit_interval_ms": 1, "commit_max_readings": 1}, WRITE_FIRST),
     Variant("default", {}),
+    Variant("write-first", {}, WRITE_FIRST),
     Variant("default-offline", {}, cloud_up=False),
     Variant("offline-then-drain", {}, cloud_up=False),
-    Variant("sync-normal", {"synchronous": "NORMAL"}),
-    Variant("commit-1s", {"commit_interval_ms": 1000}),
+    Variant("sync-normal", {"synchronous": "NORMAL"}, WRITE_FIRST),
+    Variant("commit-1s", {"commit_interval_ms": 1000}, WRITE_FIRST),
 ]
 
 
@@ -142,7 +148,7 @@ def measure(
         ],
         mqtt={"host": broker.host, "client_id": f"wear-{run_dir.name}"},
         store=variant.store,
-        flush={"interval_s": 1.0},
+        flush={"interval_s": 1.0, **variant.flush},
     )
     config_path = write_config(run_dir / "gateway.toml", config)
     sandbox.call(lambda cloud: cloud.set_fault("none" if variant.cloud_up else "down"))
