@@ -45,13 +45,12 @@ from gateway.models import Batch, Point, Reading, StreamKey
 from gateway.store import deadletters, ledger, recovery, schema, streams
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
-    DeadLetterFilter,
+    DeadLetterOps,
     RejectedPayload,
-    Retarget,
-    RetryResult,
 )
 from gateway.store.disk import DiskGuard, StoreFault, checkpoint_restart
 from gateway.store.inspection import ReadViews
+from gateway.store.ledger import QuotaLedger
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, is_corruption, store_error
 from gateway.store.reservations import QuotaReservations
@@ -91,7 +90,7 @@ class Lease:
     expired: int
 
 
-class Store(ReadViews):
+class Store(QuotaLedger, DeadLetterOps, ReadViews):
     """Async facade over one SQLite connection; every operation is one transaction."""
 
     def __init__(
@@ -237,18 +236,6 @@ class Store(ReadViews):
                 with contextlib.suppress(sqlite3.Error):
                     await self._write_clean_record()
             await self._db.close()
-
-    async def _give_back_reservations(self) -> None:
-        """Uncount reserved quota that no upload used (the lock is held: raw transaction)."""
-        if not self._reservations.outstanding:
-            return
-        await self._db.execute("BEGIN IMMEDIATE")
-        try:
-            await self._reservations.give_back(self._db)
-        except BaseException:
-            await self._db.rollback()
-            raise
-        await self._db.commit()
 
     async def _write_clean_record(self) -> None:
         """Remember the exact row count, so the next start need not count a big backlog.
@@ -628,85 +615,6 @@ class Store(ReadViews):
     async def unpark(self, stream: StreamKey | None = None) -> None:
         """Release one parked stream, or all of them (after a config reload)."""
         await self._write(lambda: streams.unpark(self._db, stream))
-
-    # ------------------------------------------------------------------ quota ledger
-
-    async def points_sent(self, device_id: int, day: str) -> tuple[int, bool]:
-        """(points the cloud accepted for the device on `day`, whether it refused more)."""
-        counted, exhausted = await self._read(lambda: ledger.points_sent(self._db, device_id, day))
-        return counted - self.reserved_quota(device_id, day), exhausted
-
-    async def reserve_quota(self, device_id: int, day: str, points: int, limit: int) -> bool:
-        """Count `points` against the day before a pass-through upload (a ledger write
-        only when the reserved chunk runs out); False if the quota cannot cover them."""
-        if self._reservations.left(device_id, day) >= points:
-            return True
-
-        reservations = self._reservations
-
-        async def work() -> tuple[bool, Callable[[], None] | None]:
-            grant = await reservations.reserve(self._db, device_id, day, points, limit)
-            if not grant:
-                return grant == 0, None
-            return True, lambda: reservations.granted(device_id, day, grant)
-
-        return await self._in_transaction(work)
-
-    def reserved_quota(self, device_id: int, day: str) -> int:
-        return self._reservations.left(device_id, day)
-
-    def use_reserved_quota(self, device_id: int, day: str, points: int) -> None:
-        """The cloud accepted `points` sent through pass-through."""
-        self._reservations.use(device_id, day, points)
-
-    async def mark_exhausted(self, device_id: int, day: str) -> None:
-        """The cloud refused the device for its daily limit: do not try again that day."""
-        await self._write(lambda: ledger.mark_exhausted(self._db, device_id, day))
-
-    # ------------------------------------------------------------------ dead letters
-
-    async def purge_dead_letters(self, selection: DeadLetterFilter) -> int:
-        async def work() -> tuple[int, None]:
-            return await deadletters.purge(self._db, selection), None
-
-        return await self._in_transaction(work)
-
-    async def retry_dead_letters(
-        self, selection: DeadLetterFilter, retarget: Retarget, oldest_sendable_ms: int
-    ) -> RetryResult:
-        """Put matching dead letters back in the buffer, EXPIRE_CHUNK per transaction.
-
-        They then take the normal path: the flush loop applies the age and quota rules when
-        it sends them. Not subject to the capacity policy: at most `max_dead_letters` rows.
-        """
-        total = RetryResult()
-        after_id: int | None = 0
-        while after_id is not None:
-
-            async def work(start: int = after_id) -> tuple[int | None, Callable[[], None]]:
-                result, last = await deadletters.retry_chunk(
-                    self._db,
-                    selection,
-                    start,
-                    EXPIRE_CHUNK,
-                    retarget=retarget,
-                    oldest_sendable_ms=oldest_sendable_ms,
-                    stream_ids=self._stream_ids,
-                )
-                total.add(result)
-
-                def on_commit() -> None:
-                    for key, stream_id in result.new_streams.items():
-                        self._stream_ids[key] = stream_id
-                        self._stream_keys[stream_id] = key
-                    self.pending_points += result.requeued
-                    if result.requeued:
-                        self.new_rows.notify()
-
-                return last, on_commit
-
-            after_id = await self._in_transaction(work)
-        return total
 
     # ------------------------------------------------------------------ integrity
 

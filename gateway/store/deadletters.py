@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
+from gateway.aio import Notifier
 from gateway.log import get_logger
 from gateway.models import StreamKey
 from gateway.store import streams
@@ -25,6 +26,9 @@ from gateway.store.sql import changes, changes_many, fetch_one
 
 log = get_logger("store")
 
+T = TypeVar("T")
+# Dead letters put back per transaction by `retry`.
+RETRY_CHUNK = 5000
 # One `dead_letters_pruned` line per interval while the table is at its limit.
 PRUNE_LOG_INTERVAL_S = 60.0
 
@@ -329,3 +333,62 @@ class PruneReporter:
         )
         self._last_line = self._clock()
         self._unreported = 0
+
+
+class DeadLetterOps:
+    """The store's dead-letter commands (`blynk-gateway dead-letters purge|retry`), mixed
+    into `Store`; each runs in the store's transactions, safe beside the running daemon."""
+
+    _db: aiosqlite.Connection
+    _stream_ids: dict[StreamKey, int]
+    _stream_keys: dict[int, StreamKey]
+    pending_points: int
+    new_rows: Notifier
+
+    async def _in_transaction(
+        self, work: Callable[[], Awaitable[tuple[T, Callable[[], None] | None]]]
+    ) -> T:
+        raise NotImplementedError  # pragma: no cover - Store provides it
+
+    async def purge_dead_letters(self, selection: DeadLetterFilter) -> int:
+        async def work() -> tuple[int, None]:
+            return await purge(self._db, selection), None
+
+        return await self._in_transaction(work)
+
+    async def retry_dead_letters(
+        self, selection: DeadLetterFilter, retarget: Retarget, oldest_sendable_ms: int
+    ) -> RetryResult:
+        """Put matching dead letters back in the buffer, RETRY_CHUNK per transaction.
+
+        They then take the normal path: the flush loop applies the age and quota rules when
+        it sends them. Not subject to the capacity policy: at most `max_dead_letters` rows.
+        """
+        total = RetryResult()
+        after_id: int | None = 0
+        while after_id is not None:
+
+            async def work(start: int = after_id) -> tuple[int | None, Callable[[], None]]:
+                result, last = await retry_chunk(
+                    self._db,
+                    selection,
+                    start,
+                    RETRY_CHUNK,
+                    retarget=retarget,
+                    oldest_sendable_ms=oldest_sendable_ms,
+                    stream_ids=self._stream_ids,
+                )
+                total.add(result)
+
+                def on_commit() -> None:
+                    for key, stream_id in result.new_streams.items():
+                        self._stream_ids[key] = stream_id
+                        self._stream_keys[stream_id] = key
+                    self.pending_points += result.requeued
+                    if result.requeued:
+                        self.new_rows.notify()
+
+                return last, on_commit
+
+            after_id = await self._in_transaction(work)
+        return total

@@ -147,9 +147,7 @@ class ReadViews:
         }
 
     def reserved_quota(self, device_id: int, day: str) -> int:
-        """Points the ledger counts ahead for pass-through uploads and no upload used yet
-        (only the daemon's own store knows; see reservations.py)."""
-        return 0
+        raise NotImplementedError  # pragma: no cover - Store provides it (ledger.py)
 
     def file_bytes(self) -> int:
         """The database, its WAL and shared-memory files, as they take space on the disk."""

@@ -2,13 +2,23 @@
 
 The day is the quota day in the configured zone (an ISO date, `DailyQuota.day_of`). The
 flush loop only asks about today, so only the newest QUOTA_DAYS_KEPT days are kept.
+Pass-through uploads count their points ahead, in chunks (reservations.py); what the ledger
+reports as sent leaves out what is reserved and not used yet.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
 import aiosqlite
 
 from gateway.store.sql import changes
+
+if TYPE_CHECKING:
+    from gateway.store.reservations import QuotaReservations
+
+T = TypeVar("T")
 
 # Distinct days kept: today and a margin for clock steps and zone changes.
 QUOTA_DAYS_KEPT = 7
@@ -49,3 +59,65 @@ async def prune_days(db: aiosqlite.Connection, keep: int = QUOTA_DAYS_KEPT) -> i
         "(SELECT DISTINCT day FROM quota_days ORDER BY day DESC LIMIT 1 OFFSET ?))",
         (keep - 1,),
     )
+
+
+class QuotaLedger:
+    """The store's quota methods, mixed into `Store` (kept here so buffer.py stays about
+    moving rows); they run under the store's lock like every read and write."""
+
+    _db: aiosqlite.Connection
+    _reservations: QuotaReservations
+
+    async def _read(self, work: Callable[[], Awaitable[T]]) -> T:
+        raise NotImplementedError  # pragma: no cover - Store provides it
+
+    async def _write(self, work: Callable[[], Awaitable[object]]) -> None:
+        raise NotImplementedError  # pragma: no cover - Store provides it
+
+    async def _in_transaction(
+        self, work: Callable[[], Awaitable[tuple[T, Callable[[], None] | None]]]
+    ) -> T:
+        raise NotImplementedError  # pragma: no cover - Store provides it
+
+    async def points_sent(self, device_id: int, day: str) -> tuple[int, bool]:
+        """(points the cloud accepted for the device on `day`, whether it refused more)."""
+        counted, exhausted = await self._read(lambda: points_sent(self._db, device_id, day))
+        return counted - self.reserved_quota(device_id, day), exhausted
+
+    async def mark_exhausted(self, device_id: int, day: str) -> None:
+        """The cloud refused the device for its daily limit: do not try again that day."""
+        await self._write(lambda: mark_exhausted(self._db, device_id, day))
+
+    async def reserve_quota(self, device_id: int, day: str, points: int, limit: int) -> bool:
+        """Count `points` against the day before a pass-through upload (a ledger write
+        only when the reserved chunk runs out); False if the quota cannot cover them."""
+        reservations = self._reservations
+        if reservations.left(device_id, day) >= points:
+            return True
+
+        async def work() -> tuple[bool, Callable[[], None] | None]:
+            grant = await reservations.reserve(self._db, device_id, day, points, limit)
+            if not grant:
+                return grant == 0, None
+            return True, lambda: reservations.granted(device_id, day, grant)
+
+        return await self._in_transaction(work)
+
+    def reserved_quota(self, device_id: int, day: str) -> int:
+        return self._reservations.left(device_id, day)
+
+    def use_reserved_quota(self, device_id: int, day: str, points: int) -> None:
+        """The cloud accepted `points` sent through pass-through."""
+        self._reservations.use(device_id, day, points)
+
+    async def _give_back_reservations(self) -> None:
+        """At close, with the store's lock held: uncount reserved quota no upload used."""
+        if not self._reservations.outstanding:
+            return
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            await self._reservations.give_back(self._db)
+        except BaseException:
+            await self._db.rollback()
+            raise
+        await self._db.commit()
