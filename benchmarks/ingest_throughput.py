@@ -22,6 +22,9 @@ Variants (``--only PREFIX`` keeps some; the baselines always run):
                      with ``max_inflight_messages 20`` (so commit_max = 16). Timed until every
                      reading is committed (``store.pending_points == N``).
 * ``ingest-v5``      the same over MQTT 5 with Receive Maximum 1000 (commit_max = 800).
+* ``ingest-311 fields``  a 6-key zigbee2mqtt object per message, 3 keys mapped through a
+                     ``fields`` route with a ``last_seen`` time: 3 readings per message; the
+                     table's last line gives its readings/s against the plain-value variant.
 * ``gateway-*``      the whole ``Gateway`` in-process, sandbox cloud on the same event loop:
                      timed until the cloud has accepted every reading.
 
@@ -74,7 +77,10 @@ from gateway.testing.sandbox import SandboxCloud
 from gateway.testing.sandbox_run import SandboxThread
 
 Protocol = Literal["3.1.1", "5"]
-PayloadKind = Literal["json", "plain"]
+PayloadKind = Literal["json", "plain", "fields"]
+# Readings one message becomes: a zigbee2mqtt-style object maps 3 of its 6 keys.
+READINGS_PER_MESSAGE: dict[str, int] = {"json": 1, "plain": 1, "fields": 3}
+FIELDS_ROUTE = {"temperature": 5, "humidity": 6, "battery": 7}
 Driver = Literal["bare-paho", "bare-paho-manual", "bare-asyncio", "ingest", "gateway"]
 
 DEVICE_ID = 101
@@ -114,6 +120,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("bare-asyncio json", "bare-asyncio", "json"),
     Variant("ingest-311 json", "ingest", "json"),
     Variant("ingest-311 plain", "ingest", "plain"),
+    Variant("bare-paho fields", "bare-paho", "fields"),
+    Variant("ingest-311 fields", "ingest", "fields"),
     Variant("ingest-v5 json", "ingest", "json", "5", V5_RECEIVE_MAXIMUM),
     Variant("ingest-v5 plain", "ingest", "plain", "5", V5_RECEIVE_MAXIMUM),
     Variant("gateway-311 json", "gateway", "json"),
@@ -184,6 +192,21 @@ def make_payloads(kind: PayloadKind, count: int, now_ms: int) -> list[bytes]:
     time, many per millisecond during a drain, so their values must be distinct or they
     would be counted as duplicates and the run would never reach N rows.
     """
+    if kind == "fields":
+        first_ts = now_ms - count - 60_000
+        return [
+            b'{"temperature":%.2f,"humidity":%.2f,"battery":%d,"linkquality":%d,'
+            b'"voltage":%d,"last_seen":%d}'
+            % (
+                20 + (i % 50) / 10,
+                40 + (i % 30),
+                50 + i % 50,
+                90 + i % 10,
+                3000 + i % 9,
+                first_ts + i,
+            )
+            for i in range(count)
+        ]
     if kind == "json":
         first_ts = now_ms - count - 60_000
         return [
@@ -429,7 +452,18 @@ def gateway_settings(
             "store": {"path": db_path},
             "log": {"level": "warning"},
             "routes": [
-                {"topic": variant.topic, "device_id": DEVICE_ID, "datastream_id": DATASTREAM_ID}
+                {
+                    "topic": variant.topic,
+                    "device_id": DEVICE_ID,
+                    "fields": FIELDS_ROUTE,
+                    "timestamp": "last_seen",
+                }
+                if variant.payload == "fields"
+                else {
+                    "topic": variant.topic,
+                    "device_id": DEVICE_ID,
+                    "datastream_id": DATASTREAM_ID,
+                }
             ],
         }
     )
@@ -484,7 +518,7 @@ async def drain_ingest(
     watch.start()
     task = asyncio.create_task(ingest.run(), name="bench-ingest")
     try:
-        await _wait_committed(store, n)
+        await _wait_committed(store, n * READINGS_PER_MESSAGE[variant.payload])
         watch.stop()
     finally:
         await ingest.stop()
@@ -835,6 +869,14 @@ def format_table(variants: list[Variant], trials: dict[str, list[Trial]], n: int
             f"{_fmt(_median([t.ack_lag_ms for t in runs]), '.0f'):>7} "
             f"{max(t.leftover for t in runs):>4}"
         )
+    fields, plain = rates.get("ingest-311 fields"), rates.get("ingest-311 plain")
+    if fields and plain:
+        per = READINGS_PER_MESSAGE["fields"]
+        lines.append(
+            f"fields: a 6-key zigbee2mqtt object, {per} keys mapped: {fields * per:,.0f} "
+            f"readings/s = x{fields * per / plain:.2f} the plain-value variant's readings/s "
+            f"({fields / plain:.2f}x its messages/s)"
+        )
     return "\n".join(lines)
 
 
@@ -845,8 +887,9 @@ def check_integrity(variants: list[Variant], trials: dict[str, list[Trial]], n: 
         for index, trial in enumerate(trials[variant.name]):
             if trial.leftover:
                 problems.append(f"{variant.name} run {index}: {trial.leftover} never PUBACKed")
-            if trial.stored is not None and trial.stored != n:
-                problems.append(f"{variant.name} run {index}: stored {trial.stored} of {n}")
+            expected = n * READINGS_PER_MESSAGE[variant.payload]
+            if trial.stored is not None and trial.stored != expected:
+                problems.append(f"{variant.name} run {index}: stored {trial.stored} of {expected}")
             if trial.duplicates:
                 problems.append(f"{variant.name} run {index}: {trial.duplicates} duplicates")
     return problems
