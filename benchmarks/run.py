@@ -239,23 +239,27 @@ def section_wear(ctx: Context) -> None:
     targets = {20.0: "<= 200 B", 1.0: "<= 500 B"}
     for rate, window in ctx.params.wear_windows.items():
         args = SimpleNamespace(rate=rate, warmup=ctx.params.wear_warmup_s, window=window)
-        results: dict[str, list[float]] = {"commit-per-message": [], "default": []}
+        # "write-first" (pass-through off) exists once pass-through does: both are shown.
+        names = [n for n in ("commit-per-message", "default", "write-first") if n in variants]
+        results: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(ctx.params.repeats):
             for name in results:
                 results[name].append(
                     sd_wear.measure(variants[name], ctx.workdir, ctx.broker, ctx.sandbox, args)
                 )
-        ctx.add(
-            Figure(
-                "wear",
-                f"bytes written per reading, cloud reachable, {rate:g} readings/s",
-                "B",
-                "commit per message",
-                results["default"],
-                results["commit-per-message"],
-                targets.get(rate, ""),
+        for name in names[1:]:
+            ctx.add(
+                Figure(
+                    "wear",
+                    f"bytes written per reading, cloud reachable, {rate:g} readings/s"
+                    + ("" if name == "default" else f" ({name})"),
+                    "B",
+                    "commit per message",
+                    results[name],
+                    results["commit-per-message"],
+                    targets.get(rate, "") if name == "default" else "",
+                )
             )
-        )
 
 
 def section_memory(ctx: Context) -> None:
