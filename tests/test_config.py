@@ -75,6 +75,7 @@ def test_example_config_loads() -> None:
         "+/events/rpc",
         "senml/{device}",
         "home/OpenMQTTGateway/BTtoMQTT/+",
+        "greenhouse/esp32-1/data",
         "custom/{device}/batch",
         "sensors/boiler/temperature",
     ]
@@ -84,7 +85,7 @@ def test_example_config_loads() -> None:
 def test_example_config_passes_check_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "--config", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
-    assert "OK (10 routes" in out
+    assert "OK (11 routes" in out
     assert "127.0.0.1:1883" in out
     assert err == ""
     # check-config prints a summary, never the secret from the file.

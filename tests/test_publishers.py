@@ -580,6 +580,11 @@ EXAMPLE_MESSAGES = [
         2,
     ),
     (
+        "greenhouse/esp32-1/data",
+        '{"uptime":5123,"env":{"t":21.5,"rh":40.2},"ts":1702656420}',
+        2,
+    ),
+    (
         "custom/living_room/batch",
         '[{"value":21.5,"ts":1702656400000},{"value":21.7,"ts":1702656410}]',
         2,
