@@ -194,6 +194,9 @@ class LiveState:
     upload_duration_sum_s: float
     unmapped_devices: dict[str, int]
     unmapped_devices_total: int
+    # today's quota points reserved ahead for pass-through and not used yet, per device
+    # (str keys: this travels as JSON); the ledger on disk counts them already
+    quota_reserved_today: dict[str, int]
     rates_per_s: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
@@ -294,8 +297,16 @@ class Observer:
             upload_duration_sum_s=round(uploads.duration.total, 6),
             unmapped_devices=dict(unmapped.most_common(UNMAPPED_SHOWN)),
             unmapped_devices_total=len(unmapped),
+            quota_reserved_today=self._reserved_today(),
             rates_per_s=self.rates.rates(),
         )
+
+    def _reserved_today(self) -> dict[str, int]:
+        store, cloud = self._gateway.store, self._gateway.settings.cloud
+        if store is None:
+            return {}
+        day = DailyQuota(cloud.daily_points_limit, cloud.day_timezone).day_of(self._clock_ms())
+        return {str(device): points for device, points in store.reserved_quota_day(day).items()}
 
     async def snapshot(self) -> Snapshot:
         """Live state and the cheap database facts, from the daemon's own connection."""

@@ -77,6 +77,12 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
         heads = await store.stream_heads()
         histogram = await store.backlog_histogram(BUCKET_MS)
         ledger = await store.quota_day(day)
+        if live:  # the running daemon has counted some points ahead (pass-through)
+            reserved = live.get("quota_reserved_today", {})
+            ledger = {
+                device: (points - reserved.get(str(device), 0), exhausted)
+                for device, (points, exhausted) in ledger.items()
+            }
         dead = await store.dead_letter_counts()
         drops = await store.capacity_drops()
         file_bytes = store.file_bytes()

@@ -106,6 +106,11 @@ class QuotaLedger:
     def reserved_quota(self, device_id: int, day: str) -> int:
         return self._reservations.left(device_id, day)
 
+    def reserved_quota_day(self, day: str) -> dict[int, int]:
+        """Per device, the points counted ahead on `day` that no upload used yet: another
+        process reading the ledger (`blynk-gateway status`) subtracts them."""
+        return self._reservations.for_day(day)
+
     def use_reserved_quota(self, device_id: int, day: str, points: int) -> None:
         """The cloud accepted `points` sent through pass-through."""
         self._reservations.use(device_id, day, points)

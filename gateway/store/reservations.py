@@ -31,6 +31,10 @@ class QuotaReservations:
     def outstanding(self) -> bool:
         return any(self._left.values())
 
+    def for_day(self, day: str) -> dict[int, int]:
+        """Per device, the points reserved on `day` and not used yet."""
+        return {device: left for (device, d), left in self._left.items() if d == day and left}
+
     def left(self, device_id: int, day: str) -> int:
         return self._left.get((device_id, day), 0)
 
