@@ -349,7 +349,11 @@ async def test_unwritable_buffer_during_an_upload_does_not_stop_the_gateway_or_r
         assert len(sandbox.accepted) == accepted_while_failing
         await gateway.store.inject_fault("none")
         await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 0)
-        assert any(e["event"] == "flush_store_recovered" for e in log_events(log_output))
+        # The pass that deleted the rows logs the recovery when it returns, just after.
+        await wait_until(
+            lambda: any(e["event"] == "flush_store_recovered" for e in log_events(log_output)),
+            message="flush_store_recovered",
+        )
     assert accepted_while_failing > 0
     # The accepted batch was acknowledged locally once the store recovered, not sent again.
     assert accepted_set(sandbox) == expected_boiler
