@@ -82,6 +82,7 @@ class MqttConnection:
         self._barrier_mid: int | None = None
         self._barrier_done = asyncio.Event()
         self._messages_read = 0  # PUBLISH packets paho handed us (ends read batches)
+        self._paused = False  # flow control: see pause_reading
 
     @property
     def generation(self) -> int:
@@ -150,6 +151,33 @@ class MqttConnection:
             sock = client.socket()
             if sock is not None and self._loop is not None:
                 self._loop.remove_reader(sock)
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket for a while (flow control): what the broker sends waits
+        in the kernel's buffers, then in the broker's queue for our session."""
+        if self._paused:
+            return
+        self._paused = True
+        client = self._client
+        sock = client.socket() if client is not None else None
+        if sock is not None and self._loop is not None:
+            self._loop.remove_reader(sock)
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        client = self._client
+        sock = client.socket() if client is not None else None
+        if client is None or sock is None or self._loop is None or not self._reading:
+            return
+        self._watch_socket(client, sock)
+        # Bytes already read into a TLS layer would not wake the reader: read once now.
+        self._loop.call_soon(self._read_ready, client)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     async def close(self) -> None:
         """Make sure the broker has read our PUBACKs, then disconnect cleanly."""
@@ -333,7 +361,7 @@ class MqttConnection:
 
     def _watch_socket(self, client: mqtt.Client, sock: Any) -> None:
         assert self._loop is not None
-        if self._reading and client is self._client:
+        if self._reading and not self._paused and client is self._client:
             self._loop.add_reader(sock, self._read_ready, client)
 
     def _read_ready(self, client: mqtt.Client) -> None:
@@ -354,7 +382,7 @@ class MqttConnection:
                 if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
                     self._disconnected.set()
                     return
-                if not self._reading or self._messages_read == delivered_before:
+                if self._paused or not self._reading or self._messages_read == delivered_before:
                     return
         except Exception as exc:  # a bug in a callback must not kill the daemon
             log.exception("mqtt_read_failed", error=f"{type(exc).__name__}: {exc}")
