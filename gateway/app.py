@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -25,7 +26,6 @@ from gateway.errors import StoreError
 from gateway.flush import FlushLoop
 from gateway.ingest import MqttIngest, RouteTable
 from gateway.log import get_logger
-from gateway.metrics import MetricsExporter
 from gateway.netwatch import NetworkWatcher
 from gateway.observe import Observer
 from gateway.quota import DailyQuota
@@ -33,6 +33,9 @@ from gateway.reload import serve_reloads
 from gateway.status_socket import StatusServer, socket_path
 from gateway.store import Capacity, Store
 from gateway.systemd import ProgressWatch, ServiceMonitor, ServiceNotifier, status_line
+
+if TYPE_CHECKING:
+    from gateway.metrics import MetricsExporter
 
 log = get_logger("app")
 
@@ -210,6 +213,9 @@ class Gateway:
         ]
         metrics = self.settings.metrics
         if metrics.listen is not None or metrics.textfile is not None:
+            # Imported only when configured: prometheus-client costs ~2 MiB of RSS.
+            from gateway.metrics import MetricsExporter
+
             self.metrics = MetricsExporter(metrics, observer)
             started.append(tasks.create_task(self.metrics.run(), name="metrics"))
         return started
