@@ -14,8 +14,10 @@ from typing import Generic, TypeVar
 
 from gateway.ingest.routes import has_own_timestamp
 
-# How many committed messages are remembered, for each of the two cases (~2 MB of hashes).
-MAX_REMEMBERED = 20_000
+# How many committed messages are remembered, for each of the two cases. Redeliveries come
+# from what was unacknowledged at a disconnect: at most the messages held before a commit
+# (ingest.READ_PAUSE_MESSAGES, 2,000) plus one group, so 5,000 covers them (~0.8 MiB).
+MAX_REMEMBERED = 5_000
 
 K = TypeVar("K", bound=Hashable)
 
