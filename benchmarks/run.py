@@ -27,7 +27,7 @@ outage      cloud back -> first batch accepted, after each  none by default (abs
                                                             an old commit's daemon
 ==========  ==============================================  ==============================
 
-    .venv/bin/python benchmarks/run.py                   # the full suite, ~20 min on 2 vCPU
+    .venv/bin/python benchmarks/run.py                   # the full suite, ~24 min on 2 vCPU
     .venv/bin/python benchmarks/run.py --quick --json-out /tmp/bench.json   # CI, < 1 min
     .venv/bin/python benchmarks/run.py --only memory --burst 200000 --repeats 5
 
