@@ -8,6 +8,7 @@ as readings, refusals with a stable code, or a reason it maps to nothing (`Outco
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from gateway.config import FieldSettings, RouteSettings, parse_timezone
 from gateway.errors import PayloadError
 from gateway.ingest.routes.payloads import MISSING, JsonPath, senml_records
-from gateway.ingest.routes.timestamps import TimestampReader, untrusted_reason
+from gateway.ingest.routes.timestamps import MIN_TRUSTED_MS, TimestampReader, untrusted_reason
 from gateway.ingest.routes.topics import TopicTemplate
 from gateway.ingest.routes.values import (
     bare_payload_value,
@@ -246,20 +247,35 @@ class RouteTable:
         received_ms: int,
         retained: bool,
     ) -> Reading | None:
-        """The hot path: a bare number on a single-datastream route, without the JSON
-        decoder or the general machinery. None hands the payload to the general path."""
-        if not payload[:1].isdigit() or (retained and not route.accept_retained):
-            return None
+        """The hot paths of a single-datastream route: a bare number, or `{"value": number,
+        "ts": epoch ms}`, without the general machinery. None hands the payload to the
+        general path, which also says what is wrong with it."""
+        first = payload[:1]
+        ts_ms: int | None = None
         try:
-            value_json = encode_value(plain_number(payload.decode("ascii")))
-        except (PayloadError, UnicodeDecodeError):
-            return None  # the general path says what is wrong
-        if target.value_type is not None:
-            try:
-                value_json = conform_to_type(target.value_type, value_json)
-            except PayloadError:
+            if first.isdigit():
+                if retained and not route.accept_retained:
+                    return None
+                value_json = encode_value(plain_number(payload.decode("ascii")))
+            elif first == b"{":
+                document = json.loads(payload)
+                value, ts_ms = document["value"], document["ts"]
+                if (
+                    len(document) != 2
+                    or type(value) not in (int, float)
+                    or type(ts_ms) is not int
+                    or not MIN_TRUSTED_MS <= ts_ms <= received_ms + route.max_future_ms
+                ):
+                    return None
+                value_json = encode_value(value)
+            else:
                 return None
-        ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
+            if target.value_type is not None:
+                value_json = conform_to_type(target.value_type, value_json)
+        except (PayloadError, ValueError, KeyError, TypeError, RecursionError):
+            return None
+        if ts_ms is None:
+            ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
         return Reading(device_id, target.datastream_id, ts_ms, value_json)
 
     def _named_device(self, name: str, outcome: Outcome) -> int | None:
