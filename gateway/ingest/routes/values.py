@@ -25,14 +25,20 @@ MIN_TS_MS = 1_000_000_000_000
 MAX_TS_MS = 9_999_999_999_999
 
 
-def decode_value(payload: bytes) -> tuple[str, int | None]:
-    """(value as JSON text, the payload's own ts in epoch ms or None)."""
+def payload_text(payload: bytes) -> str:
+    """The payload as stripped UTF-8 text, never empty; raises `PayloadError` otherwise."""
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError as exc:
         raise PayloadError("not_utf8", f"invalid byte at {exc.start}") from exc
     if not text:
         raise PayloadError("empty")
+    return text
+
+
+def decode_value(payload: bytes) -> tuple[str, int | None]:
+    """(value as JSON text, the payload's own ts in epoch ms or None)."""
+    text = payload_text(payload)
     first = text[0]
     if first.isdigit() or first in "-.":
         return _plain_number(text), None
@@ -221,12 +227,7 @@ def bare_payload_value(payload: bytes) -> tuple[Any, bool]:
     Plain numbers skip the JSON decoder (the common case on the hot path); a bare word
     (`ON`, `nan`, `unavailable`) is taken as text for `field_value_json` to judge.
     """
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise PayloadError("not_utf8", f"invalid byte at {exc.start}") from exc
-    if not text:
-        raise PayloadError("empty")
+    text = payload_text(payload)
     first = text[0]
     if first.isdigit() or first in "-.":
         return plain_number(text), False
