@@ -210,6 +210,10 @@ class FlushLoop:
     # ------------------------------------------------------------------ loop
 
     async def run(self) -> None:
+        if self._pass_through_allowed():
+            # Open before the first pass's queries: ingest's first group may come first,
+            # and an empty buffer with the cloud presumed reachable is all it needs.
+            self.pass_through.open()
         while not self._stop.is_set():
             self._follow_settings()
             self.heartbeat.beat()
@@ -237,10 +241,25 @@ class FlushLoop:
                 self._staged.clear()
                 await self._send_staged()
                 continue
-            if self._new_rows.is_set() and self._store.pending_points < self._settings.batch_size:
-                # Let a trickle of new readings gather into one request and one delete
-                # transaction (fewer requests, less SD wear) instead of one per commit.
-                await self._wait(self._settings.linger_s, wake_on_new_rows=False)
+            if self._new_rows.is_set():
+                await self._linger()
+
+    async def _linger(self) -> None:
+        """Let a trickle of new readings gather into one request and one delete
+        transaction (fewer requests, less SD wear) instead of one per commit.
+
+        The wait ends as soon as a full batch is buffered (a backlog arriving fast must not
+        sit out the linger) or a group is offered for pass-through (ingest holds its
+        PUBACKs for it).
+        """
+        deadline = time.monotonic() + self._settings.linger_s
+        while 0 < self._store.pending_points < self._settings.batch_size:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0 or self._staged.is_set():
+                return
+            self._new_rows.clear()
+            if await self._wait(remaining_s, wake_on_new_rows=True, wake_on_staged=True):
+                return
 
     def _pass_through_allowed(self) -> bool:
         return (

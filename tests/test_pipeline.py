@@ -325,6 +325,19 @@ async def test_a_trickle_of_readings_is_uploaded_in_few_requests(
     assert len(sandbox.requests) <= 2
 
 
+async def test_a_burst_does_not_wait_out_the_linger(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    """The linger ends once a full batch is buffered: a burst arriving over MQTT while the
+    daemon runs goes out at once, however long linger_s is (it once waited it out)."""
+    first_ts = int(time.time() * 1000) - 3_600_000
+    burst = [("sensors/boiler/temperature", ts_payload(i, first_ts + i)) for i in range(1_500)]
+    settings = make_settings(flush={"linger_s": 120.0, "interval_s": 120.0, "batch_size": 1000})
+    async with InProcessGateway(settings):
+        assert await publish(publisher, burst) == 1_500
+        await wait_until(lambda: len(sandbox.accepted) >= 1_000, 30, "a full batch sent")
+
+
 async def test_unwritable_buffer_during_an_upload_does_not_stop_the_gateway_or_resend(
     make_settings: Callable[..., Settings],
     sandbox: SandboxCloud,
