@@ -25,7 +25,7 @@ Variants (``--only PREFIX`` keeps some; the baselines always run):
 * ``ingest-311 fields``  a 6-key zigbee2mqtt object per message, 3 keys mapped through a
                      ``fields`` route with a ``last_seen`` time: 3 readings per message; the
                      table's last line gives its readings/s against the plain-value variant.
-* ``gateway-*``      the whole ``Gateway`` in-process, sandbox cloud on the same event loop:
+* ``gateway-*``      the whole ``Gateway`` in-process, the sandbox cloud in a child process:
                      timed until the cloud has accepted every reading.
 
 Each repeat primes one persistent session per variant, publishes the backlog once per
@@ -73,8 +73,7 @@ from gateway.models import Reading
 from gateway.store import Store
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.publisher import AckedPublisher
-from gateway.testing.sandbox import SandboxCloud
-from gateway.testing.sandbox_run import SandboxThread
+from gateway.testing.sandbox_run import SandboxProcess
 
 Protocol = Literal["3.1.1", "5"]
 PayloadKind = Literal["json", "plain", "fields"]
@@ -535,23 +534,8 @@ async def drain_ingest(
     )
 
 
-def _thread_cpu_s(native_id: int | None) -> float:
-    """CPU seconds one thread of this process has used (Linux /proc, 10 ms resolution)."""
-    try:
-        stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _wait_accepted(cloud: SandboxCloud, n: int, task: asyncio.Task[None]) -> None:
-    """Poll the sandbox (5 ms is small against seconds of drain) until it holds n points.
-
-    `accepted_count()` is read from this thread without `SandboxThread.call`: it is a
-    `len()` of a list only appended to, and a blocking cross-thread call every 5 ms would
-    stall the gateway's own event loop on each GIL hand-over.
-    """
+async def _wait_accepted(cloud: SandboxProcess, n: int, task: asyncio.Task[None]) -> None:
+    """Poll the sandbox's shared counter (5 ms is small against seconds of drain)."""
     async with asyncio.timeout(DRAIN_TIMEOUT_S):
         while cloud.accepted_count() < n:
             if task.done():
@@ -570,28 +554,27 @@ async def drain_gateway(
 ) -> Trial:
     """The whole daemon in-process: queued in the broker → accepted by the (sandbox) cloud.
 
-    The sandbox runs on its own thread, and that thread's CPU is taken out of `cpu_s`, so
-    the CPU per reading is the gateway's alone (a real cloud costs the gateway's box
-    nothing); the sandbox still takes the GIL for its share, as it did on the same loop.
+    The sandbox runs in a child process, as a real cloud runs elsewhere: in a thread of
+    this process it took the GIL for every request it served, slowing the daemon by its
+    own share, and its CPU had to be subtracted. `cpu_s` is this process's alone.
     """
-    cloud = SandboxCloud({DEVICE_ID: {DATASTREAM_ID: "double"}}, daily_points_limit=10_000_000)
-    sandbox = SandboxThread(cloud)
-    url = sandbox.start()
-    sandbox_thread = sandbox._thread
-    sandbox_tid = sandbox_thread.native_id if sandbox_thread is not None else None
+    cloud = SandboxProcess(
+        f"{DEVICE_ID}:{DATASTREAM_ID}",
+        daily_points_limit=10_000_000,
+        counter_path=db_path.with_suffix(".accepted"),
+    )
+    url = await asyncio.to_thread(cloud.start)
     gateway = Gateway(gateway_settings(variant, broker, client_id, db_path, url))
     try:
-        sandbox_cpu = _thread_cpu_s(sandbox_tid)
         watch.start()
         task = asyncio.create_task(gateway.run(), name="bench-gateway")
         await _wait_accepted(cloud, n, task)
         watch.stop()
-        watch.cpu_s -= _thread_cpu_s(sandbox_tid) - sandbox_cpu
         gateway.request_stop()
         async with asyncio.timeout(30):
             await task
     finally:
-        sandbox.stop()
+        await asyncio.to_thread(cloud.stop)
     assert gateway.ingest is not None
     return Trial(
         watch,

@@ -212,7 +212,7 @@ def section_throughput(ctx: Context) -> None:
     ctx.add(
         Figure(
             "throughput",
-            "whole daemon: CPU per reading (sandbox thread excluded)",
+            "whole daemon: CPU per reading (sandbox in its own process)",
             "µs",
             "bare paho, manual ack, counting only",
             cpu_us("gateway-311 json"),

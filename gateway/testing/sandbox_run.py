@@ -1,7 +1,8 @@
 """Running the sandbox cloud outside a test's event loop: a thread for sync code, a server.
 
-`SandboxThread` gives sync tests and benchmarks a sandbox on a private loop; `run_sandbox`
-serves one in the foreground for `blynk-gateway sandbox` (and the demo).
+`SandboxThread` gives sync tests and benchmarks a sandbox on a private loop,
+`SandboxProcess` one in a child process; `run_sandbox` serves one in the foreground for
+`blynk-gateway sandbox` (and the demo).
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import inspect
+import os
 import signal
+import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from gateway.testing.sandbox import SandboxCloud
@@ -103,6 +109,98 @@ class SandboxThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SandboxProcess:
+    """A sandbox in a child process, for benchmarks of the whole daemon in this process.
+
+    A sandbox thread would take this process's GIL for every request it serves, which no
+    real cloud does: timing a daemon against it measures the sandbox's share too. The
+    child writes its accepted-point count into a small file every 5 ms, read here with
+    `pread` (no round trip).
+    """
+
+    def __init__(self, devices: str, *, daily_points_limit: int, counter_path: Path) -> None:
+        self._devices = devices
+        self._daily_points_limit = daily_points_limit
+        self._counter_path = counter_path
+        self._process: subprocess.Popen[str] | None = None
+        self._counter_fd: int | None = None
+
+    def start(self) -> str:
+        """Blocks until the child listens; returns its base URL."""
+        self._counter_path.write_bytes(bytes(8))
+        self._counter_fd = os.open(self._counter_path, os.O_RDONLY)
+        code = (
+            "import sys; from gateway.testing.sandbox_run import serve_counting; "
+            "serve_counting(sys.argv[1], int(sys.argv[2]), sys.argv[3])"
+        )
+        self._process = process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                code,
+                self._devices,
+                str(self._daily_points_limit),
+                str(self._counter_path),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("sandbox_listening url="):
+            self.stop()
+            raise RuntimeError(f"sandbox process did not start: {line!r}")
+        return line.strip().partition("url=")[2]
+
+    def accepted_count(self) -> int:
+        """Points the sandbox has accepted (at most 5 ms old)."""
+        assert self._counter_fd is not None
+        count: int = struct.unpack("<q", os.pread(self._counter_fd, 8, 0))[0]
+        return count
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+            if process.stdout is not None:
+                process.stdout.close()
+        if self._counter_fd is not None:
+            os.close(self._counter_fd)
+            self._counter_fd = None
+
+
+def serve_counting(devices: str, daily_points_limit: int, counter_path: str) -> None:
+    """SandboxProcess's child: serve until SIGTERM, keeping the counter file current."""
+
+    async def serve_until_stopped() -> None:
+        cloud = SandboxCloud(parse_devices(devices), daily_points_limit=daily_points_limit)
+        url = await cloud.start("127.0.0.1", 0)
+        print(f"sandbox_listening url={url}", flush=True)
+        stopped = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+        fd = os.open(counter_path, os.O_WRONLY)
+        try:
+            written = -1
+            while not stopped.is_set():
+                count = cloud.accepted_count()
+                if count != written:
+                    os.pwrite(fd, struct.pack("<q", count), 0)
+                    written = count
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.005):
+                        await stopped.wait()
+        finally:
+            os.close(fd)
+            await cloud.stop()
+
+    asyncio.run(serve_until_stopped())
 
 
 def parse_devices(spec: str) -> dict[int, dict[int, str]]:
