@@ -1,16 +1,17 @@
 """Value types that travel between the modules.
 
-They are frozen and slot-based because one `Reading` is made per MQTT message on the hot
-path: small, cheap to build, and impossible to mutate behind the store's back.
+They are immutable because they cross the store's boundary. `Reading` (one per MQTT
+message) and `Point` (one per leased row) are named tuples: half the cost of a frozen
+dataclass to build (0.25 vs 0.55 us here), on the two hottest paths of the daemon.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
     """One point for one Blynk datastream.
 
     `value_json` is the value already encoded as the JSON text the cloud will receive, so the
@@ -35,8 +36,7 @@ class StreamKey:
         return f"{self.device_id}/{self.datastream_id}"
 
 
-@dataclass(frozen=True, slots=True)
-class Point:
+class Point(NamedTuple):
     """A buffered reading as the uploader sees it; the store finds it again by its value."""
 
     ts_ms: int

@@ -73,20 +73,23 @@ class PassThrough:
         return None
 
     async def _send(self, group: StagedGroup) -> CloudError | None:
-        by_stream: dict[StreamKey, list[int]] = {}
+        by_stream: dict[tuple[int, int], list[int]] = {}
         for index, reading in enumerate(group.readings):
-            key = StreamKey(reading.device_id, reading.datastream_id)
-            by_stream.setdefault(key, []).append(index)
-        for stream, indices in by_stream.items():
-            points = tuple(
-                Point(group.readings[i].ts_ms, group.readings[i].value_json) for i in indices
-            )
+            key = (reading.device_id, reading.datastream_id)
+            indices = by_stream.get(key)
+            if indices is None:
+                by_stream[key] = [index]
+            else:
+                indices.append(index)
+        for (device_id, datastream_id), indices in by_stream.items():
+            stream = StreamKey(device_id, datastream_id)
+            readings = group.readings
+            points = tuple([Point(readings[i].ts_ms, readings[i].value_json) for i in indices])
             now_ms = self._clock_ms()
-            if min(point.ts_ms for point in points) < self._cutoff_ms(now_ms):
+            if min([point.ts_ms for point in points]) < self._cutoff_ms(now_ms):
                 continue  # the buffered path expires them, with its log line
             quota = self._quota()
             day = quota.day_of(now_ms)
-            device_id = stream.device_id
             if not await self._store.reserve_quota(device_id, day, len(points), quota.limit):
                 continue  # the buffered path meets the limit and says so
             self.stats.requests += 1

@@ -286,6 +286,10 @@ class MqttIngest:
         if not passed:
             return
         self.stats.passed_through += passed
+        if passed == len(staged.delivered):  # the usual case: the cloud took them all
+            for message in group.messages:
+                message.readings = []
+            return
         flags = iter(staged.delivered)
         for message in group.messages:
             if message.readings:

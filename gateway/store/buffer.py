@@ -508,7 +508,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         rows = await self._read(read)
         if expire_before_ms is not None and any(row[0] < expire_before_ms for row in rows):
             expired, rows = await self._in_transaction(expire_then_read)
-        return Lease(Batch(stream, tuple(Point(row[0], row[1]) for row in rows)), expired)
+        return Lease(Batch(stream, tuple(map(Point._make, rows))), expired)
 
     async def ack(self, batch: Batch, day: str) -> None:
         """The cloud accepted the batch: delete it and count it against the day's quota."""
