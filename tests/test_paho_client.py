@@ -126,3 +126,21 @@ def test_acks_cut_short_by_a_full_socket_leave_in_order() -> None:
         client._sock = None
         ours.close()
         peer.close()
+
+
+def test_per_topic_callbacks_still_get_their_messages(broker: MosquittoBroker) -> None:
+    """The matcher is skipped only while no per-topic callback exists."""
+    filtered: list[str] = []
+    general: list[str] = []
+    client = ChunkedClient(CallbackAPIVersion.VERSION2, client_id="filtered")
+    client.on_message = lambda c, u, m: general.append(m.topic)
+    client.message_callback_add("a/#", lambda c, u, m: filtered.append(m.topic))
+    client.connect(broker.host, broker.port)
+    client.subscribe([("a/#", 1), ("b/#", 1)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (filtered and general):
+        client.publish("a/x", b"1", qos=1)
+        client.publish("b/y", b"2", qos=1)
+        client.loop(0.05)
+    client.disconnect()
+    assert set(filtered) == {"a/x"} and set(general) == {"b/y"}

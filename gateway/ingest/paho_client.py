@@ -7,9 +7,12 @@ profile of the ingest spent 35 % of the event-loop thread inside those `recv` ca
 is served from a 64 KiB chunk read in one call, and a run of queued control packets
 (PUBACKs, mostly) leaves in one `send`.
 
-Both override private paho methods (`_sock_recv`, `_packet_write`), written against paho
-2.1-2.2 (pyproject pins <3); on any other paho `supported()` is False and the daemon uses
-the plain client (slower, same behaviour). tests/test_paho_client.py pins both behaviours.
+It also skips paho's per-message topic matcher when no per-topic callback exists.
+
+These override private paho methods (`_sock_recv`, `_packet_write`, `_handle_on_message`),
+written against paho 2.1-2.2 (pyproject pins <3); on any other paho `supported()` is False
+and the daemon uses the plain client (slower, same behaviour). tests/test_paho_client.py
+pins each behaviour.
 """
 
 from __future__ import annotations
@@ -38,6 +41,22 @@ class ChunkedClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._rx_chunk = b""
         self._rx_pos = 0
+        self._filtered_callbacks = False
+
+    def message_callback_add(self, sub: str, callback: Any) -> None:
+        self._filtered_callbacks = True
+        super().message_callback_add(sub, callback)
+
+    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
+        """Straight to `on_message` when no per-topic callback was ever added (the daemon
+        adds none): paho would run its topic matcher for every message to find none."""
+        if self._filtered_callbacks:
+            super()._handle_on_message(message)
+            return
+        on_message = self.on_message
+        if on_message is not None:
+            with self._in_callback_mutex:
+                on_message(self, self._userdata, message)
 
     @property
     def buffered_bytes(self) -> int:
@@ -111,5 +130,11 @@ def supported() -> bool:
     version = getattr(paho.mqtt, "__version__", "")
     return version.startswith("2.") and all(
         callable(getattr(mqtt.Client, name, None))
-        for name in ("_sock_recv", "_sock_send", "_sock_close", "_packet_write")
+        for name in (
+            "_sock_recv",
+            "_sock_send",
+            "_sock_close",
+            "_packet_write",
+            "_handle_on_message",
+        )
     )
