@@ -73,20 +73,16 @@ class PassThrough:
         return None
 
     async def _send(self, group: StagedGroup) -> CloudError | None:
+        # Plain tuple keys: a StreamKey per reading cost more than the grouping itself.
+        readings = group.readings
         by_stream: dict[tuple[int, int], list[int]] = {}
-        for index, reading in enumerate(group.readings):
-            key = (reading.device_id, reading.datastream_id)
-            indices = by_stream.get(key)
-            if indices is None:
-                by_stream[key] = [index]
-            else:
-                indices.append(index)
+        for index, reading in enumerate(readings):
+            by_stream.setdefault((reading.device_id, reading.datastream_id), []).append(index)
         for (device_id, datastream_id), indices in by_stream.items():
             stream = StreamKey(device_id, datastream_id)
-            readings = group.readings
-            points = tuple([Point(readings[i].ts_ms, readings[i].value_json) for i in indices])
+            points = tuple(Point(readings[i].ts_ms, readings[i].value_json) for i in indices)
             now_ms = self._clock_ms()
-            if min([point.ts_ms for point in points]) < self._cutoff_ms(now_ms):
+            if min(point.ts_ms for point in points) < self._cutoff_ms(now_ms):
                 continue  # the buffered path expires them, with its log line
             quota = self._quota()
             day = quota.day_of(now_ms)

@@ -177,30 +177,23 @@ class SandboxProcess:
 
 
 def serve_counting(devices: str, daily_points_limit: int, counter_path: str) -> None:
-    """SandboxProcess's child: serve until SIGTERM, keeping the counter file current."""
+    """SandboxProcess's child: `run_sandbox`, plus the counter file kept current."""
+    cloud = SandboxCloud(parse_devices(devices), daily_points_limit=daily_points_limit)
 
-    async def serve_until_stopped() -> None:
-        cloud = SandboxCloud(parse_devices(devices), daily_points_limit=daily_points_limit)
-        url = await cloud.start("127.0.0.1", 0)
-        print(f"sandbox_listening url={url}", flush=True)
-        stopped = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    async def count_forever() -> None:
         fd = os.open(counter_path, os.O_WRONLY)
         try:
             written = -1
-            while not stopped.is_set():
+            while True:
                 count = cloud.accepted_count()
                 if count != written:
                     os.pwrite(fd, struct.pack("<q", count), 0)
                     written = count
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.005):
-                        await stopped.wait()
+                await asyncio.sleep(0.005)
         finally:
             os.close(fd)
-            await cloud.stop()
 
-    asyncio.run(serve_until_stopped())
+    run_sandbox("127.0.0.1", 0, cloud, alongside=count_forever)
 
 
 def parse_devices(spec: str) -> dict[int, dict[int, str]]:
@@ -240,16 +233,32 @@ async def serve(host: str, port: int, cloud: SandboxCloud) -> None:
         await cloud.stop()
 
 
-def run_sandbox(host: str, port: int, cloud: SandboxCloud) -> int:
-    """Serve in the foreground until SIGINT/SIGTERM, then stop cleanly (exit code 0)."""
+def run_sandbox(
+    host: str,
+    port: int,
+    cloud: SandboxCloud,
+    *,
+    alongside: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Serve in the foreground until SIGINT/SIGTERM, then stop cleanly (exit code 0).
+
+    `alongside` runs on the same loop until then (SandboxProcess's counter).
+    """
 
     async def run() -> None:
         task = asyncio.ensure_future(serve(host, port, cloud))
+        extra = asyncio.ensure_future(alongside()) if alongside is not None else None
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):  # a signal; serve() cleaned up
-            await task
+        try:
+            with contextlib.suppress(asyncio.CancelledError):  # a signal; serve() cleaned up
+                await task
+        finally:
+            if extra is not None:
+                extra.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await extra
 
     asyncio.run(run())
     return 0
