@@ -48,7 +48,7 @@ DRAIN_TIMEOUT_S = 600.0
 
 def bodies(readings: int, base_ts: int, batch_size: int = BATCH_SIZE) -> list[bytes]:
     """The import/batch bodies the daemon sends for `startup_backlog.build`'s rows, in its
-    order: one batch per datastream per pass, oldest first, `gateway.cloud.build_body`'s
+    order: one batch per datastream per pass, oldest first, `gateway.uplink.cloud.build_body`'s
     JSON."""
     per_stream: list[list[str]] = [[] for _ in range(STREAMS)]
     for stream_id, ts_ms, value in startup_backlog.rows(readings, base_ts):

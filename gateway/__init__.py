@@ -25,9 +25,9 @@ _EXPORTS = {
     "run_until_signalled": "gateway.app",
     "Settings": "gateway.config",
     "load_settings": "gateway.config",
-    "BlynkCloud": "gateway.cloud",
-    "CloudClient": "gateway.cloud",
-    "FlushLoop": "gateway.flush",
+    "BlynkCloud": "gateway.uplink.cloud",
+    "CloudClient": "gateway.uplink.cloud",
+    "FlushLoop": "gateway.uplink.flush",
     "MqttIngest": "gateway.ingest",
     "RouteTable": "gateway.ingest",
     "Store": "gateway.store",
@@ -67,13 +67,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from gateway.app import Gateway, run_until_signalled
-    from gateway.cloud import BlynkCloud, CloudClient
     from gateway.config import Settings, load_settings
     from gateway.errors import CloudError, ConfigError, GatewayError, PayloadError, StoreError
-    from gateway.flush import FlushLoop
     from gateway.ingest import MqttIngest, RouteTable
     from gateway.models import Batch, Point, Reading, StreamKey
     from gateway.store import Store
+    from gateway.uplink.cloud import BlynkCloud, CloudClient
+    from gateway.uplink.flush import FlushLoop
 
 
 def __getattr__(name: str) -> Any:

@@ -20,22 +20,22 @@ from typing import TYPE_CHECKING
 import httpx
 
 from gateway import __version__
-from gateway.cloud import BlynkCloud
 from gateway.config import Settings
 from gateway.errors import StoreError
-from gateway.flush import FlushLoop
 from gateway.ingest import MqttIngest, RouteTable
 from gateway.log import get_logger
-from gateway.netwatch import NetworkWatcher
-from gateway.observe import Observer
-from gateway.quota import DailyQuota
-from gateway.reload import serve_reloads
-from gateway.status_socket import StatusServer, socket_path
+from gateway.ops.observe import Observer
+from gateway.ops.reload import serve_reloads
+from gateway.ops.status_socket import StatusServer, socket_path
+from gateway.ops.systemd import ProgressWatch, ServiceMonitor, ServiceNotifier, status_line
 from gateway.store import Capacity, Store
-from gateway.systemd import ProgressWatch, ServiceMonitor, ServiceNotifier, status_line
+from gateway.uplink.cloud import BlynkCloud
+from gateway.uplink.flush import FlushLoop
+from gateway.uplink.netwatch import NetworkWatcher
+from gateway.uplink.quota import DailyQuota
 
 if TYPE_CHECKING:
-    from gateway.metrics import MetricsExporter
+    from gateway.ops.metrics import MetricsExporter
 
 log = get_logger("app")
 
@@ -214,7 +214,7 @@ class Gateway:
         metrics = self.settings.metrics
         if metrics.listen is not None or metrics.textfile is not None:
             # Imported only when configured: prometheus-client costs ~2 MiB of RSS.
-            from gateway.metrics import MetricsExporter
+            from gateway.ops.metrics import MetricsExporter
 
             self.metrics = MetricsExporter(metrics, observer)
             started.append(tasks.create_task(self.metrics.run(), name="metrics"))

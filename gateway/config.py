@@ -176,7 +176,7 @@ class LogSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    """Prometheus metrics (gateway/metrics.py): off unless one of the two is set."""
+    """Prometheus metrics (gateway/ops/metrics.py): off unless one of the two is set."""
 
     # host:port serving /metrics, e.g. "127.0.0.1:9108" or "[::1]:9108" (port 0: any free one).
     listen: str | None = None
@@ -460,7 +460,7 @@ def load_settings(path: Path | None) -> Settings:
     the config (where the unit loads it from): either beats the file's value, and
     BLYNK_GATEWAY_CLOUD__CLIENT_SECRET still beats both.
     """
-    from gateway.systemd import CLIENT_SECRET_CREDENTIAL, read_credential
+    from gateway.ops.systemd import CLIENT_SECRET_CREDENTIAL, read_credential
 
     file_values = read_toml(path) if path is not None else {}
     secret = read_credential(CLIENT_SECRET_CREDENTIAL)

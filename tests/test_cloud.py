@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.cloud import IMPORT_PATH, TOKEN_PATH, BlynkCloud, build_body, parse_retry_after
 from gateway.errors import (
     AuthFailed,
     BatchRejected,
@@ -33,6 +32,7 @@ from gateway.errors import (
 from gateway.ingest import encode_value
 from gateway.models import Batch, Point, StreamKey
 from gateway.testing.sandbox import STATUS_RESET, AcceptedPoint, SandboxCloud
+from gateway.uplink.cloud import IMPORT_PATH, TOKEN_PATH, BlynkCloud, build_body, parse_retry_after
 
 DEVICES = {
     101: {5: "double", 6: "string", 7: "integer", 8: "boolean", 9: "location"},

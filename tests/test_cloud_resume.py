@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.cloud import BlynkCloud, classify_failure
 from gateway.config import CloudSettings, FlushSettings, Settings
 from gateway.errors import (
     AuthFailed,
@@ -26,12 +25,13 @@ from gateway.errors import (
     RateLimited,
     TooOld,
 )
-from gateway.flush import FlushLoop
 from gateway.models import Batch, Point, Reading, StreamKey
-from gateway.quota import DailyQuota
 from gateway.store import Store
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
+from gateway.uplink.cloud import BlynkCloud, classify_failure
+from gateway.uplink.flush import FlushLoop
+from gateway.uplink.quota import DailyQuota
 from harness import InProcessGateway, accepted_set, log_events, publish, ts_payload, wait_until
 
 DAY_MS = 86_400_000

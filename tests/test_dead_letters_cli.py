@@ -13,9 +13,9 @@ import store_kit
 from store_kit import BASE_TS, BOILER, MakeStore, readings
 
 from gateway.cli.dead_letters import parse_duration_s
-from gateway.forecast import DAY_MS, drain_eta_s, forecast_device
 from gateway.models import Batch, Point, StreamKey
-from gateway.status_socket import StatusServer, query
+from gateway.ops.forecast import DAY_MS, drain_eta_s, forecast_device
+from gateway.ops.status_socket import StatusServer, query
 from gateway.store import DeadLetterFilter, RejectedPayload, Retarget
 
 db_path, make_store = store_kit.db_path_fixture, store_kit.make_store_fixture

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 
 from gateway.config import Settings
-from gateway.flush import DrainProgress
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
+from gateway.uplink.flush import DrainProgress
 from harness import InProcessGateway, events, publish, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"

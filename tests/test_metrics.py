@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.status_socket import query, socket_path
+from gateway.ops.status_socket import query, socket_path
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from harness import InProcessGateway, events, publish, ts_payload, wait_for_passes, wait_until

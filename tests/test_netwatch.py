@@ -17,7 +17,7 @@ import pytest
 CHILD = textwrap.dedent(
     """
     import asyncio, subprocess
-    from gateway.netwatch import NetworkWatcher
+    from gateway.uplink.netwatch import NetworkWatcher
 
     async def main() -> None:
         watcher = NetworkWatcher()

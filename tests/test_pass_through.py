@@ -17,10 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.config import Settings
-from gateway.quota import DailyQuota
 from gateway.testing.process import GatewayProcess
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
+from gateway.uplink.quota import DailyQuota
 from harness import InProcessGateway, publish, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"  # device 101 / datastream 5

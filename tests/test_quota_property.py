@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from gateway.config import CloudSettings, FlushSettings
 from gateway.errors import BatchRejected, CloudServerError, CloudUnreachable, QuotaRefused
-from gateway.flush import FlushLoop
 from gateway.models import Batch, Reading
-from gateway.quota import DailyQuota
 from gateway.store import Store
+from gateway.uplink.flush import FlushLoop
+from gateway.uplink.quota import DailyQuota
 
 LIMIT = 7
 DAY_MS = 86_400_000

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import CloudSettings
-from gateway.quota import DailyQuota
-from gateway.status_socket import socket_path
+from gateway.ops.status_socket import socket_path
 from gateway.testing.process import GatewayProcess
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
+from gateway.uplink.quota import DailyQuota
 from harness import publish, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"

@@ -26,7 +26,7 @@ import pytest
 from gateway import app
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
-from gateway.systemd import (
+from gateway.ops.systemd import (
     Heartbeat,
     ProgressWatch,
     ServiceMonitor,

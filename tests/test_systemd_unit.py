@@ -14,7 +14,7 @@ import pytest
 
 from gateway.config import FlushSettings, StoreSettings
 from gateway.ingest.ingest import MqttIngest
-from gateway.systemd import CLIENT_SECRET_CREDENTIAL
+from gateway.ops.systemd import CLIENT_SECRET_CREDENTIAL
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "blynk-gateway.service"
 MAX_EXPOSURE = 2.0

@@ -4,7 +4,7 @@ Two sources, told apart in the output: the running daemon's live state (cloud an
 links, counters, observed rates), asked over its status socket, and the buffer file read
 on a connection of our own (backlog per stream, today's quota, dead letters, evictions),
 which works whether the daemon runs or not. From both it forecasts, per device, what the
-backlog will lose to the daily quota and the age limit (`gateway.forecast`).
+backlog will lose to the daily quota and the age limit (`gateway.ops.forecast`).
 
 A table for people, `--json` for scripts (same keys as the table's sections).
 """
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.cli.common import EXIT_OK
 from gateway.errors import GatewayError
-from gateway.forecast import drain_eta_s, forecast_device
+from gateway.ops.forecast import drain_eta_s, forecast_device
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 def ask_daemon(db_path: Path) -> dict[str, Any] | None:
     """The live state of the daemon that owns `db_path`, or None if none answers."""
-    from gateway.status_socket import candidate_paths, query
+    from gateway.ops.status_socket import candidate_paths, query
 
     wanted = db_path.resolve()
     for path in candidate_paths(db_path):
@@ -61,8 +61,8 @@ def ask_daemon(db_path: Path) -> dict[str, Any] | None:
 
 async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, Any]:
     """The whole report as plain data (what `--json` prints)."""
-    from gateway.quota import DailyQuota
     from gateway.store import Store
+    from gateway.uplink.quota import DailyQuota
 
     path = settings.store.path
     if not path.exists():
@@ -261,7 +261,7 @@ def _n(value: int | None) -> str:
 
 
 def _dur(seconds: float | None) -> str:
-    from gateway.systemd import format_duration
+    from gateway.ops.systemd import format_duration
 
     return "-" if seconds is None else format_duration(seconds)
 

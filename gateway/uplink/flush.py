@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.aio import wait_any
-from gateway.cloud import CloudClient
 from gateway.config import CloudSettings, FlushSettings
 from gateway.errors import (
     BatchRejected,
@@ -48,11 +47,12 @@ from gateway.errors import (
 )
 from gateway.log import get_logger
 from gateway.models import Batch, StreamKey
-from gateway.passthrough import PassThrough
-from gateway.quota import DailyQuota
+from gateway.ops.systemd import Heartbeat, format_duration
 from gateway.store import Store, StreamState
-from gateway.systemd import Heartbeat, format_duration
-from gateway.uplink import Uplink
+from gateway.uplink.cloud import CloudClient
+from gateway.uplink.link import Uplink
+from gateway.uplink.passthrough import PassThrough
+from gateway.uplink.quota import DailyQuota
 
 log = get_logger("flush")
 

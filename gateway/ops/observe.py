@@ -2,7 +2,7 @@
 
 One snapshot feeds both, so the status table and the scraped numbers never disagree. Its
 live half (MQTT link, cloud link, counters, rates) exists only in the daemon's memory and
-reaches `status` over the status socket (`gateway/status_socket.py`); nothing of it is
+reaches `status` over the status socket (`gateway/ops/status_socket.py`); nothing of it is
 written to the SD card. Its database half is cheap on purpose (an index seek per stream,
 today's quota rows, dead letters by reason) because metrics are scraped every few seconds;
 the full backlog histogram and the forecast are left to `status`, which reads the file on
@@ -36,8 +36,8 @@ from gateway.errors import (
     WrongRegion,
 )
 from gateway.models import Batch
-from gateway.quota import DailyQuota
 from gateway.store.inspection import StreamHead
+from gateway.uplink.quota import DailyQuota
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

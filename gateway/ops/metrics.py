@@ -3,7 +3,7 @@
 `listen = "127.0.0.1:9108"` serves the text format on `/metrics` (prometheus-client's
 threaded server), `textfile = ".../blynk_gateway.prom"` writes the same text for
 node_exporter's textfile collector, atomically (temporary file + rename) and at most every
-`textfile_interval_s`. Both come from one custom collector over `gateway.observe`'s
+`textfile_interval_s`. Both come from one custom collector over `gateway.ops.observe`'s
 snapshot, the same numbers `blynk-gateway status` prints, so the two never disagree; no
 metric object is updated on the hot path. Nothing secret is exported.
 
@@ -32,7 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from gateway.log import get_logger
-from gateway.observe import Observer, Snapshot
+from gateway.ops.observe import Observer, Snapshot
 
 if TYPE_CHECKING:
     from gateway.config import MetricsSettings

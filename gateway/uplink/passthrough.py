@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from gateway.errors import CloudError
 from gateway.log import get_logger
 from gateway.models import Batch, Point, StreamKey
-from gateway.quota import DailyQuota
 from gateway.store import Store
 from gateway.store.staging import StagedGroup
+from gateway.uplink.quota import DailyQuota
 
 log = get_logger("flush")
 
