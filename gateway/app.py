@@ -27,7 +27,8 @@ from gateway.log import get_logger
 from gateway.ops.observe import Observer
 from gateway.ops.reload import serve_reloads
 from gateway.ops.status_socket import StatusServer, socket_path
-from gateway.ops.systemd import ProgressWatch, ServiceMonitor, ServiceNotifier, status_line
+from gateway.ops.systemd import ServiceMonitor, ServiceNotifier, status_line
+from gateway.progress import ProgressWatch
 from gateway.store import Capacity, Store
 from gateway.uplink.cloud import BlynkCloud
 from gateway.uplink.flush import FlushLoop

@@ -8,7 +8,9 @@ change. Errors name the offending key and value; secret values are never echoed.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
+from collections.abc import Mapping
 from datetime import UTC, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,6 +33,9 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigError
+
+# The unit's `LoadCredential=client_secret:...`: $CREDENTIALS_DIRECTORY/client_secret.
+CLIENT_SECRET_CREDENTIAL = "client_secret"
 
 ENV_PREFIX = "BLYNK_GATEWAY_"
 ENV_NESTED_DELIMITER = "__"
@@ -452,6 +457,28 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
+def read_credential(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """A credential systemd passed with `LoadCredential=`; None outside such a service.
+
+    One trailing newline is dropped (`echo secret > file` adds it). An empty or unreadable
+    credential is a configuration error rather than a silent fall-back to another source.
+    """
+    directory = (os.environ if env is None else env).get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"credential {path} is not readable: {exc}") from exc
+    value = text.removesuffix("\n").removesuffix("\r")
+    if not value:
+        raise ConfigError(f"credential {path} is empty")
+    return value
+
+
 def load_settings(path: Path | None) -> Settings:
     """The one way settings are built, shared by `run` and `check-config`.
 
@@ -460,8 +487,6 @@ def load_settings(path: Path | None) -> Settings:
     the config (where the unit loads it from): either beats the file's value, and
     BLYNK_GATEWAY_CLOUD__CLIENT_SECRET still beats both.
     """
-    from gateway.ops.systemd import CLIENT_SECRET_CREDENTIAL, read_credential
-
     file_values = read_toml(path) if path is not None else {}
     secret = read_credential(CLIENT_SECRET_CREDENTIAL)
     if secret is None and path is not None:

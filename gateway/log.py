@@ -200,3 +200,18 @@ class Throttle:
             return False, 0
         self._last_logged[key] = now
         return True, self._suppressed.pop(key, 0)
+
+
+def format_duration(seconds: float) -> str:
+    """Two units at most, as an operator reads it: `45s`, `7m05s`, `3h12m`, `2d04h`."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

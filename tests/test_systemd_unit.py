@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import FlushSettings, StoreSettings
+from gateway.config import CLIENT_SECRET_CREDENTIAL, FlushSettings, StoreSettings
 from gateway.ingest.ingest import MqttIngest
-from gateway.ops.systemd import CLIENT_SECRET_CREDENTIAL
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "blynk-gateway.service"
 MAX_EXPOSURE = 2.0

@@ -261,7 +261,7 @@ def _n(value: int | None) -> str:
 
 
 def _dur(seconds: float | None) -> str:
-    from gateway.ops.systemd import format_duration
+    from gateway.log import format_duration
 
     return "-" if seconds is None else format_duration(seconds)
 

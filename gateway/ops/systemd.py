@@ -1,4 +1,4 @@
-"""systemd integration: sd_notify, the watchdog's liveness rule, and service credentials.
+"""systemd integration: sd_notify and the watchdog's liveness rule.
 
 Standard library only (a datagram to `$NOTIFY_SOCKET`, as sd_notify(3) does), so the
 daemon gains no dependency and runs unchanged outside systemd, where every call here is a
@@ -8,9 +8,9 @@ no-op. What the service manager is told:
   does not hold READY back (the buffer still protects whatever arrives later); `STATUS=`
   says so instead.
 * `WATCHDOG=1` every half `WATCHDOG_USEC`, but only while both long-running loops make
-  progress. A loop reports liveness through a :class:`Heartbeat` (it beats on every
-  iteration and declares how long its next wait may legitimately take) or through a
-  :class:`ProgressWatch` (work is waiting and a counter should move). A loop that is
+  progress. A loop reports liveness (gateway/progress.py) through a `Heartbeat` (it beats
+  on every iteration and declares how long its next wait may legitimately take) or through
+  a `ProgressWatch` (work is waiting and a counter should move). A loop that is
   blocked or deadlocked stops both, no WATCHDOG=1 is sent, and systemd restarts the
   service. If the event loop itself is blocked, nothing is sent either.
 * `STATUS=` a one-line summary, at most every `STATUS_INTERVAL_S` and only when it changed.
@@ -24,43 +24,15 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 
-from gateway.errors import ConfigError
-from gateway.log import get_logger
+from gateway.log import format_duration, get_logger
 
 log = get_logger("systemd")
 
-# The unit's `LoadCredential=client_secret:...`: $CREDENTIALS_DIRECTORY/client_secret.
-CLIENT_SECRET_CREDENTIAL = "client_secret"
 # systemctl shows STATUS=; more often than this is noise in the manager's state.
 STATUS_INTERVAL_S = 5.0
 # A status query that takes longer than this (a stuck store) is skipped, not awaited.
 STATUS_QUERY_TIMEOUT_S = 2.0
-
-Clock = Callable[[], float]
-
-
-def read_credential(name: str, env: Mapping[str, str] | None = None) -> str | None:
-    """A credential systemd passed with `LoadCredential=`; None outside such a service.
-
-    One trailing newline is dropped (`echo secret > file` adds it). An empty or unreadable
-    credential is a configuration error rather than a silent fall-back to another source.
-    """
-    directory = (os.environ if env is None else env).get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        return None
-    path = Path(directory) / name
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"credential {path} is not readable: {exc}") from exc
-    value = text.removesuffix("\n").removesuffix("\r")
-    if not value:
-        raise ConfigError(f"credential {path} is empty")
-    return value
 
 
 class ServiceNotifier:
@@ -157,73 +129,6 @@ class ServiceNotifier:
 
 def _status(text: str | None) -> list[str]:
     return [] if text is None else [f"STATUS={' '.join(text.split())}"]
-
-
-class Heartbeat:
-    """A loop's sign of life for the watchdog.
-
-    The loop calls :meth:`beat` on every iteration and before every wait, naming the wait's
-    bound; `budget_s` covers the work between two beats (a request, a store call). A loop
-    whose next beat is overdue by more than that is stalled. A wait whose length only
-    another object knows (a backoff, a Retry-After) is declared with :meth:`beat_while`.
-    """
-
-    def __init__(self, budget_s: float, *, clock: Clock = time.monotonic) -> None:
-        self.budget_s = budget_s
-        self.beats = 0
-        self._clock = clock
-        self._due = clock() + budget_s
-        self._waiting_while: Callable[[], bool] | None = None
-
-    def beat(self, then_wait_s: float = 0.0) -> None:
-        """Alive now; the next beat comes within `then_wait_s` plus the budget."""
-        self.beats += 1
-        self._waiting_while = None
-        self._due = self._clock() + max(0.0, then_wait_s) + self.budget_s
-
-    def beat_while(self, waiting: Callable[[], bool]) -> None:
-        """Alive now, and excused while `waiting()` is true; the budget runs after that."""
-        self.beat()
-        self._waiting_while = waiting
-
-    def stalled_s(self) -> float:
-        """How long the next beat is overdue; 0.0 while the loop is alive."""
-        now = self._clock()
-        if self._waiting_while is not None and self._waiting_while():
-            self._due = now + self.budget_s
-        return max(0.0, now - self._due)
-
-
-class ProgressWatch:
-    """Liveness seen from outside a loop that may idle indefinitely (ingest without messages).
-
-    Stalled when work has been waiting (`busy()`) and `progress()` has not moved for longer
-    than `budget_s`. Idle is not stalled: a gateway whose sensors are quiet stays up.
-    """
-
-    def __init__(
-        self,
-        busy: Callable[[], bool],
-        progress: Callable[[], int],
-        budget_s: float,
-        *,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        self._busy = busy
-        self._progress = progress
-        self.budget_s = budget_s
-        self._clock = clock
-        self._last = progress()
-        self._since = clock()
-
-    def stalled_s(self) -> float:
-        now = self._clock()
-        current = self._progress()
-        if current != self._last or not self._busy():
-            self._last = current
-            self._since = now
-            return 0.0
-        return max(0.0, now - self._since - self.budget_s)
 
 
 LivenessCheck = Callable[[], float]  # seconds stalled, 0.0 when alive
@@ -342,18 +247,3 @@ def status_line(
     if extra:
         parts.append(extra)
     return ", ".join(parts)
-
-
-def format_duration(seconds: float) -> str:
-    """Two units at most, as an operator reads it: `45s`, `7m05s`, `3h12m`, `2d04h`."""
-    total = max(0, int(seconds))
-    days, rest = divmod(total, 86_400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"

@@ -45,9 +45,9 @@ from gateway.errors import (
     UnknownTarget,
     WrongRegion,
 )
-from gateway.log import get_logger
+from gateway.log import format_duration, get_logger
 from gateway.models import Batch, StreamKey
-from gateway.ops.systemd import Heartbeat, format_duration
+from gateway.progress import Heartbeat
 from gateway.store import Store, StreamState
 from gateway.uplink.cloud import CloudClient
 from gateway.uplink.link import Uplink
