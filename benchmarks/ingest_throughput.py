@@ -66,7 +66,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import log as gateway_log
-from gateway.app import Gateway
+from gateway import Gateway
 from gateway.config import Settings
 from gateway.ingest import MqttIngest, RouteTable
 from gateway.models import Reading

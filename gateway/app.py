@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from gateway import __version__
-from gateway.config import Settings
+from gateway.config import CloudSettings, FlushSettings, Settings
 from gateway.errors import StoreError
 from gateway.ingest import MqttIngest, RouteTable
 from gateway.log import get_logger
@@ -180,7 +180,28 @@ class Gateway:
 
     async def _serve_reloads(self) -> None:
         if self.config_path is not None:
-            await serve_reloads(self, self.config_path, self._reload_requested)
+            await serve_reloads(self, self.notifier, self.config_path, self._reload_requested)
+
+    # ------------------------------------------------------------------ reload (ops.reload)
+
+    def running(self) -> bool:
+        return self.ingest is not None and self.flush is not None and self.cloud is not None
+
+    def replace_routes(self, routes: RouteTable) -> tuple[list[str], list[str]]:
+        assert self.ingest is not None
+        return self.ingest.replace_routes(routes)
+
+    def reconfigure_uplink(self, cloud: CloudSettings, flush: FlushSettings) -> None:
+        assert self.cloud is not None and self.flush is not None
+        self.cloud.set_credentials(cloud.client_id, cloud.client_secret.get_secret_value())
+        self.flush.reconfigure(flush, cloud)
+
+    def settings_applied(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def unpark_all(self) -> None:
+        assert self.flush is not None
+        await self.flush.unpark_all()
 
     async def _verify(self, store: Store) -> None:
         """The full integrity check, once, in the background (start-up only probes the file).

@@ -21,7 +21,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway import __version__
 from gateway.errors import (
@@ -40,7 +40,10 @@ from gateway.store.inspection import StreamHead
 from gateway.uplink.quota import DailyQuota
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.config import Settings
+    from gateway.ingest import MqttIngest
+    from gateway.store import Store
+    from gateway.uplink import FlushLoop
 
 # Upload duration histogram buckets, seconds (a batch is one small HTTPS request).
 UPLOAD_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -223,10 +226,27 @@ class Snapshot:
         return min((head.oldest_ts_ms for head in self.streams), default=None)
 
 
-class Observer:
-    """Reads a running `Gateway` from outside: its store, ingest, flush loop and uploads."""
+class ObservedGateway(Protocol):
+    """What status and metrics read of the running gateway, and nothing it could change:
+    the settings in force and its three parts (None until each has started)."""
 
-    def __init__(self, gateway: Gateway, clock_ms: Callable[[], int] = wall_ms) -> None:
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> Store | None: ...
+
+    @property
+    def ingest(self) -> MqttIngest | None: ...
+
+    @property
+    def flush(self) -> FlushLoop | None: ...
+
+
+class Observer:
+    """Reads a running gateway from outside: its store, ingest, flush loop and uploads."""
+
+    def __init__(self, gateway: ObservedGateway, clock_ms: Callable[[], int] = wall_ms) -> None:
         self._gateway = gateway
         self._clock_ms = clock_ms
         self.started_at_ms = clock_ms()

@@ -14,21 +14,47 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from gateway.config import Settings, load_settings
+from gateway.config import CloudSettings, FlushSettings, Settings, load_settings
 from gateway.errors import ConfigError
 from gateway.ingest import RouteTable
 from gateway.log import get_logger, scrubber
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.ops.systemd import ServiceNotifier
 
 log = get_logger("reload")
 
 # Sections used once, at start-up: a change waits for a restart.
 RESTART_SECTIONS = ("mqtt", "store", "log", "metrics")
 RESTART_CLOUD_KEYS = ("server", "timeout_s")
+
+
+class Reconfigurable(Protocol):
+    """What a reload may change in the running gateway: routes, the cloud and flush
+    settings, and the settings it reports; nothing else of it is reachable from here."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    def running(self) -> bool:
+        """True once ingest and the flush loop exist (a reload before that is refused)."""
+        ...
+
+    def replace_routes(self, routes: RouteTable) -> tuple[list[str], list[str]]:
+        """Route with `routes` from now on; the (subscribed, unsubscribed) filters."""
+        ...
+
+    def reconfigure_uplink(self, cloud: CloudSettings, flush: FlushSettings) -> None:
+        """New credentials, quota, age and flush settings for the upload side."""
+        ...
+
+    def settings_applied(self, settings: Settings) -> None:
+        """The settings now in force (what status and the next reload compare against)."""
+        ...
+
+    async def unpark_all(self) -> None:
+        """Retry parked streams at once: the reload may have fixed their ids."""
+        ...
 
 
 def needs_restart(old: Settings, new: Settings) -> list[str]:
@@ -46,11 +72,10 @@ def needs_restart(old: Settings, new: Settings) -> list[str]:
     return changed
 
 
-async def reload_config(gateway: Gateway, path: Path) -> bool:
+async def reload_config(gateway: Reconfigurable, path: Path) -> bool:
     """Apply the file at `path` to the running gateway; False (and nothing changed) if the
     file is invalid or the gateway is not running yet."""
-    ingest, flush, cloud = gateway.ingest, gateway.flush, gateway.cloud
-    if ingest is None or flush is None or cloud is None:
+    if not gateway.running():
         log.warning("reload_refused", reason="the gateway is still starting")
         return False
     try:
@@ -72,11 +97,10 @@ async def reload_config(gateway: Gateway, path: Path) -> bool:
     applied = new.model_copy(update={**kept, "cloud": cloud_settings})
     scrubber.register(*applied.secret_values())
     routes = RouteTable(applied.routes, applied.mqtt.max_payload_bytes, devices=applied.devices)
-    subscribed, unsubscribed = ingest.replace_routes(routes)
-    cloud.set_credentials(applied.cloud.client_id, applied.cloud.client_secret.get_secret_value())
-    flush.reconfigure(applied.flush, applied.cloud)
-    gateway.settings = applied
-    await flush.unpark_all()
+    subscribed, unsubscribed = gateway.replace_routes(routes)
+    gateway.reconfigure_uplink(applied.cloud, applied.flush)
+    gateway.settings_applied(applied)
+    await gateway.unpark_all()
     log.info(
         "config_reloaded",
         config=str(path),
@@ -89,14 +113,16 @@ async def reload_config(gateway: Gateway, path: Path) -> bool:
     return True
 
 
-async def serve_reloads(gateway: Gateway, path: Path, requested: asyncio.Event) -> None:
+async def serve_reloads(
+    gateway: Reconfigurable, notifier: ServiceNotifier, path: Path, requested: asyncio.Event
+) -> None:
     """One reload per request (SIGHUP); requests during a reload fold into one more."""
     while True:
         await requested.wait()
         requested.clear()
-        gateway.notifier.reloading("reloading configuration")
+        notifier.reloading("reloading configuration")
         ok = False
         try:
             ok = await reload_config(gateway, path)
         finally:
-            gateway.notifier.ready("configuration reloaded" if ok else "reload refused")
+            notifier.ready("configuration reloaded" if ok else "reload refused")
