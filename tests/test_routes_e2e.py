@@ -154,3 +154,25 @@ async def test_unknown_device_is_named_once_with_a_hint_and_valid_readings_flow(
     assert line["route"] == "zigbee2mqtt/{device}"
     [rejected] = events(log_output, "payload_rejected")
     assert rejected["reason"] == "not_json" and rejected["excerpt"] == "{not json"
+
+
+async def test_daemon_start_warns_once_about_a_route_on_every_topic(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    """The warning `check-config` prints is also the daemon's, one line at start; the route
+    still runs (it is valid MQTT), and another application's retained value shows why."""
+    await asyncio.to_thread(publisher.publish, "homeassistant/status", "online", retain=True)
+    catch_all = {"topic": "#", "device_id": 101, "datastream_id": 5}
+    settings = make_settings(routes=[ESPHOME_ROUTE, catch_all], devices=NAMES)
+    async with InProcessGateway(settings) as gateway:
+        ingest = gateway.ingest
+        assert ingest is not None
+        await wait_until(lambda: ingest.stats.received >= 1, 20, "the junk replayed")
+        # Home Assistant's retained status became a dead letter of this gateway.
+        assert ingest.stats.rejected_by_route == {"#": {"not_json": 1}}
+    [line] = events(log_output, "route_catches_all")
+    assert line["level"] == "warning" and line["route"] == "#"
+    assert "every topic on the broker" in line["problem"] and '"sensors/#"' in line["problem"]
