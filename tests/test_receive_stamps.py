@@ -6,16 +6,22 @@ through `RouteTable.route` (what the daemon calls) and against a real buffer fil
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.config import RouteSettings
+from gateway.config import RouteSettings, load_settings
 from gateway.ingest.routes import RouteTable
-from gateway.ingest.routes.stamps import MAX_RUNS, UsedStamps
+from gateway.ingest.routes.stamps import MAX_RUNS, REMEMBERED_RUNS, UsedStamps
 from gateway.store import Store
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.process import write_config
+from gateway.testing.publisher import AckedPublisher
+from gateway.testing.sandbox import SandboxCloud
+from harness import InProcessGateway, settings_dict, wait_until
 
 R = 1_760_000_000_000  # arrival, epoch ms
 BIG = 1 << 20  # max_payload_bytes for the big arrays
@@ -119,6 +125,36 @@ def test_a_reload_keeps_the_stamps_handed_out() -> None:
     assert not set(first) & set(second) and max(second) == R + 10
 
 
+async def test_a_reload_in_the_running_daemon_keeps_the_stamps_handed_out(
+    broker: MosquittoBroker, sandbox: SandboxCloud, publisher: AckedPublisher, tmp_path: Path
+) -> None:
+    """SIGHUP builds a new route table; an untimed array after it must not reuse the stamps
+    of one before it (equal values would be dropped as duplicates)."""
+    route = {"topic": "arr/boiler", "format": "array", "device_id": 101, "datastream_id": 5}
+    config = settings_dict(
+        broker.port,
+        sandbox.base_url,
+        tmp_path / "buffer.db",
+        [route],
+        mqtt={"max_payload_bytes": BIG},
+    )
+    path = write_config(tmp_path / "gateway.toml", config)
+    count = 3000  # 3 s of stamps: the reload and the second publish take far less
+    async with InProcessGateway(load_settings(path), config_path=path) as gateway:
+        ingest = gateway.ingest
+        assert ingest is not None
+        first_table = ingest.routes
+        await asyncio.to_thread(publisher.publish, "arr/boiler", untimed_array(count, 1))
+        await wait_until(lambda: ingest.stats.stored == count, 20, "the first array stored")
+        gateway.request_reload()
+        await wait_until(lambda: ingest.routes is not first_table, 20, "the reload")
+        await asyncio.to_thread(publisher.publish, "arr/boiler", untimed_array(count, 1))
+        await wait_until(lambda: ingest.stats.received == 2, 20, "the second array")
+        await wait_until(lambda: len(sandbox.accepted) >= 2 * count, 30, "both arrays uploaded")
+        assert ingest.stats.duplicates == 0
+    assert len({point.ts for point in sandbox.accepted}) == 2 * count
+
+
 def test_single_readings_in_one_millisecond_stay_in_order() -> None:
     """A lone reading moves at most a millisecond per message past the stream's last
     stamp (a burst): order kept, never a message's size ahead."""
@@ -129,20 +165,17 @@ def test_single_readings_in_one_millisecond_stay_in_order() -> None:
 
 
 def test_beyond_the_remembered_runs_the_rest_follows_the_last_stamp() -> None:
-    """The documented limit: stamps at or below the oldest forgotten run are never handed
-    out again, so a block bigger than the free milliseconds remembered runs past."""
+    """The documented limit: stamps at or below the forgotten runs are never handed out
+    again, so a block bigger than the free milliseconds remembered runs past."""
     used = UsedStamps()
-    for i in range(MAX_RUNS + 1):  # one reading every 10 ms: 9 free between each
-        used.after(R - 10 * (MAX_RUNS + 1) + 10 * i)
-    # 9 free above the forgotten one (the floor) and after each remembered run but the
-    # last, which is 10 ms before R
-    free = 9 * MAX_RUNS + 10
+    singles = [R - 10 * (MAX_RUNS + 1) + 10 * i for i in range(MAX_RUNS + 1)]  # 10 ms apart
+    assert [used.after(ms) for ms in singles] == singles
+    assert len(used.lows) == REMEMBERED_RUNS  # the oldest were forgotten in one batch
     floor = used.floor
-    assert floor == R - 330
-    block = used.before(free + 5, R)
-    assert len(set(block)) == free + 5 and block == sorted(block)
-    assert block[free - 1] == R and block[free:] == [R + 1, R + 2, R + 3, R + 4, R + 5]
-    assert min(block) == floor + 1
+    assert floor == singles[-REMEMBERED_RUNS - 1]
+    free = [ms for ms in range(floor + 1, R + 1) if ms not in singles]
+    block = used.before(len(free) + 5, R)
+    assert block == [*free, R + 1, R + 2, R + 3, R + 4, R + 5]
 
 
 @settings(max_examples=300, deadline=None)

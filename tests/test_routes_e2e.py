@@ -156,6 +156,41 @@ async def test_unknown_device_is_named_once_with_a_hint_and_valid_readings_flow(
     assert rejected["reason"] == "not_json" and rejected["excerpt"] == "{not json"
 
 
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def test_a_big_untimed_array_never_runs_ahead_of_its_arrival(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    """An array without times used to be stamped arrival + 1 ms per element, and the
+    stream's next reading after its last element: here 5 s in the future. Now the array
+    ends at its arrival (the gateway PUBACKs after the commit, so before `array_acked`),
+    and the next reading is stamped when it arrives."""
+    count = 5000
+    array_route = {"topic": "arr/{device}", "format": "array", "datastream_id": 7}
+    plain_route = {"topic": "plain/{device}", "datastream_id": 7}
+    settings = make_settings(
+        routes=[array_route, plain_route], devices=NAMES, mqtt={"max_payload_bytes": 1 << 20}
+    )
+    array = json.dumps([{"value": i} for i in range(count)])
+    async with InProcessGateway(settings):
+        array_sent = now_ms()
+        assert await publish(publisher, [("arr/living_room", array)]) == 1
+        array_acked = next_sent = now_ms()
+        assert await publish(publisher, [("plain/living_room", "-1")]) == 1
+        next_acked = now_ms()
+        await wait_until(lambda: len(sandbox.accepted) >= count + 1, 30, "every point uploaded")
+    stream = [point for point in sandbox.accepted if point.datastream_id == 7]
+    assert {point.device_id for point in stream} == {101} and len(stream) == count + 1
+    [next_reading] = [point for point in stream if point.value == -1]
+    assert next_sent <= next_reading.ts <= next_acked
+    ts_by_value = {point.value: point.ts for point in stream}
+    stamps = [ts_by_value[i] for i in range(count)]
+    assert stamps == sorted(set(stamps))  # the elements' order, unique stamps
+    assert array_sent - count < stamps[0] and stamps[-1] <= array_acked
+
+
 async def test_daemon_start_warns_once_about_a_route_on_every_topic(
     make_settings: Callable[..., Settings],
     sandbox: SandboxCloud,

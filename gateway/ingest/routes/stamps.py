@@ -1,22 +1,21 @@
 """Receive stamps: the time given to a reading that carries none of its own.
 
-A datastream's stamps must be unique: the buffer keeps one row per (stream, ts, value),
-so two equal values on one stamp are stored once (the second counts as a duplicate and
-is gone), and the cloud gets one point per stamp. A lone reading gets its arrival time,
-moved a millisecond past the stream's last stamp when a burst lands several in one
-millisecond. A message that carries several untimed readings for one stream (an `array`
-payload, a SenML pack without times) used to get arrival + 1 ms per reading: a 270,000
-element flood ran 267 s ahead of the clock, the stream's next readings were stamped after
-it, and after a reload or restart (this memory is gone) a new reading on one of those
-future stamps with the same value was dropped as a duplicate. Those readings were made
-before they arrived, so they now take the latest free milliseconds at or before the
-arrival, in their order: never a stamp in the future, never one already used.
+A datastream's stamps must be unique: the buffer keeps one row per (stream, ts, value), so
+a second equal value on a used stamp is taken for a broker redelivery and dropped, and the
+cloud keeps one point per stamp. They must not run ahead of the clock either: a stream's
+next reading would be stamped after them, and after a restart (this memory is gone) a new
+reading could land on one of them. A lone reading gets its arrival time, or a millisecond
+past the stream's last stamp when a burst lands several in one millisecond (a message can
+push its stream ahead by one millisecond, never by its size). A message holding several
+untimed readings for one stream (an `array`, a SenML pack) was made before it arrived:
+its readings take the latest unused milliseconds at or before the arrival, in order.
 
-When the milliseconds just before the arrival are taken (two big arrays in a row, or
-single readings of the same stream among them), the block goes into the free ones below,
-possibly before readings that arrived earlier. Keeping arrival order as well is
-impossible there without running ahead of the clock, which is what the old rule did; an
-untimed reading's millisecond is a convention, not a measurement, so order is what gives.
+When those are taken (two big arrays in a row, single readings among them), the block goes
+into the free milliseconds below, possibly before readings that arrived earlier: keeping
+arrival order as well is impossible there without running ahead of the clock, and an
+untimed reading's millisecond is a convention, not a measurement. A restart forgets all
+this: an untimed array arriving right after one reaches back past it only if it holds more
+readings than the restart took milliseconds.
 """
 
 from __future__ import annotations
@@ -24,17 +23,19 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 
-# Runs of used stamps remembered per stream. A stream fed single readings a second apart
-# keeps its last 32 (~31 s of gaps, ~31,000 free milliseconds between them); the older
-# ones are forgotten and nothing at or below them is handed out again. 32 runs are 512
-# bytes of arrays per stream.
-MAX_RUNS = 32
+# Runs of used stamps remembered per stream: at least the last REMEMBERED_RUNS, at most
+# MAX_RUNS (forgetting in batches keeps a single reading's stamp O(1)). A stream fed single
+# readings a second apart thus knows the free milliseconds of its last 32 s or more; the
+# older ones are forgotten and nothing at or below them is handed out again. 48 runs are
+# 768 bytes of arrays per stream.
+REMEMBERED_RUNS = 32
+MAX_RUNS = 48
 
 
 class UsedStamps:
     """One stream's used stamps, as sorted, disjoint, non-adjacent runs [low, high].
 
-    `floor`: stamps at or below it are never handed out (runs forgotten beyond MAX_RUNS).
+    `floor`: stamps at or below it are never handed out (the forgotten runs' highest).
     """
 
     __slots__ = ("floor", "highs", "lows")
@@ -50,10 +51,19 @@ class UsedStamps:
 
     def after(self, received_ms: int) -> int:
         """One reading: its arrival, or just after the stream's last stamp (a burst)."""
-        last = self.last
-        stamp = received_ms if received_ms > last else last + 1
-        self.use(stamp, stamp)
-        return stamp
+        highs = self.highs
+        last = highs[-1] if highs else self.floor
+        if received_ms > last + 1:  # after a gap: a run of its own, at the end
+            self.lows.append(received_ms)
+            highs.append(received_ms)
+            if len(highs) > MAX_RUNS:
+                self._forget_oldest()
+            return received_ms
+        if highs:
+            highs[-1] = last + 1  # right after the last run (a burst): extends it
+        else:
+            self.use(last + 1, last + 1)
+        return last + 1
 
     def before(self, count: int, received_ms: int) -> list[int]:
         """`count` stamps, ascending: the latest unused ones at or before the arrival.
@@ -104,9 +114,13 @@ class UsedStamps:
             lows.insert(index, low)
             highs.insert(index, high)
             if len(lows) > MAX_RUNS:
-                self.floor = highs[0]
-                del lows[0]
-                del highs[0]
+                self._forget_oldest()
+
+    def _forget_oldest(self) -> None:
+        forget = len(self.lows) - REMEMBERED_RUNS
+        self.floor = self.highs[forget - 1]
+        del self.lows[:forget]
+        del self.highs[:forget]
 
 
 class ReceiveStamps:
@@ -123,7 +137,10 @@ class ReceiveStamps:
 
     def one(self, key: tuple[int, int], received_ms: int) -> int:
         """The stamp of a message's only untimed reading for this stream."""
-        return self._used(key).after(received_ms)
+        used = self._streams.get(key)
+        if used is None:
+            used = self._streams[key] = UsedStamps()
+        return used.after(received_ms)
 
     def block(self, key: tuple[int, int], count: int, received_ms: int) -> list[int]:
         """Ascending stamps for a message's `count` untimed readings for this stream."""

@@ -240,7 +240,8 @@ class RouteTable:
         if not items:
             outcome.unmapped = "no_mapped_fields"
             outcome.unmapped_detail = "none of this route's fields is in the message"
-        unstamped: list[int] = []
+        # An auto-format message holds at most one reading per field: stamped as they come.
+        unstamped: list[int] | None = None if route.format == "auto" else []
         for item in items:
             self._add_reading(route, device_id, item, received_ms, retained, outcome, unstamped)
         if unstamped:
@@ -409,10 +410,10 @@ class RouteTable:
         received_ms: int,
         retained: bool,
         outcome: Outcome,
-        unstamped: list[int],
+        unstamped: list[int] | None,
     ) -> None:
-        """Adds the item's reading; one without a time of its own is listed in `unstamped`
-        (its stamp depends on how many of its stream the message holds)."""
+        """Adds the item's reading. One without a time of its own is listed in `unstamped`
+        when given (its stamp depends on how many of its stream the message holds)."""
         target = item.target
         try:
             value_json = field_value_json(item.raw_value, target.value_type)
@@ -428,8 +429,11 @@ class RouteTable:
                 # A replay of the last value, published at an unknown time: "now" would lie.
                 outcome.retained_skipped += 1
                 return
-            unstamped.append(len(outcome.readings))
-            ts_ms = received_ms
+            if unstamped is None:
+                ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
+            else:
+                unstamped.append(len(outcome.readings))
+                ts_ms = received_ms
         outcome.readings.append(Reading(device_id, target.datastream_id, ts_ms, value_json))
 
     def _payload_time(
