@@ -148,6 +148,9 @@ class Gateway:
             cloud=settings.cloud.server,
             startup_ms=round((time.monotonic() - started_at) * 1000, 1),
         )
+        for route in settings.routes:
+            if (problem := route.catch_all_problem()) is not None:
+                log.warning("route_catches_all", route=route.topic, problem=problem)
         try:
             async with asyncio.TaskGroup() as tasks:
                 ingest_task = tasks.create_task(ingest.run(), name="ingest")

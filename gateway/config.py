@@ -329,6 +329,24 @@ class RouteSettings(_Section):
     def stream_map(self) -> dict[str, FieldSettings]:
         return {name: _as_field(entry) for name, entry in (self.streams or {}).items()}
 
+    def catch_all_problem(self) -> str | None:
+        """Why this route's topic takes in far more than it can mean, or None.
+
+        A filter of wildcards only, ending in `#` (`#`, `+/#`, `{device}/#`), is every topic
+        on the broker: every other application's messages and, on each subscribe, every
+        retained one (discovery configs, states, LWTs), each parsed and counted as unmapped
+        or rejected, and on a `{device}` route any first level becomes a device name. It is
+        valid MQTT and may be meant on a dedicated broker: a warning, never an error.
+        """
+        *head, last = self.topic.split("/")
+        if last != "#" or any(level != "+" and level not in TEMPLATE_LEVELS for level in head):
+            return None
+        return (
+            "subscribes to every topic on the broker: it takes in every other application's "
+            "messages and retained values; give it a first level of its own, e.g. "
+            '"sensors/#" or "zigbee2mqtt/{device}"'
+        )
+
 
 def parse_timezone(zone: str) -> tzinfo:
     """An IANA name (`Europe/Berlin`) or a fixed offset (`+01:00`, `-0530`, `Z`)."""

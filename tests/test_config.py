@@ -368,6 +368,60 @@ def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert SECRET not in out + err
 
 
+CATCH_ALL_ROUTE = """
+[cloud]
+server = "http://127.0.0.1:8080"
+client_id = "gw-client"
+client_secret = "s"
+
+[[routes]]
+topic = "sensors/boiler/temperature"
+device_id = 101
+datastream_id = 5
+
+[[routes]]
+topic = "{topic}"
+device_id = 102
+datastream_id = 6
+"""
+
+
+@pytest.mark.parametrize("topic", ["#", "+/#", "+/+/#"])
+def test_check_config_warns_about_a_route_on_every_topic(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], topic: str
+) -> None:
+    path = write(tmp_path, CATCH_ALL_ROUTE.replace("{topic}", topic))
+    assert main(["check-config", "--config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"{path}: OK (2 routes" in out
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"blynk-gateway: warning: route {topic!r} subscribes to every")
+    assert "other application's messages and retained values" in lines[0]
+    assert '"sensors/#"' in lines[0]  # a narrower topic is suggested
+
+
+def test_check_config_warns_about_a_device_level_over_every_topic(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`{device}/#` subscribes to `+/#`: every topic, each first level taken as a name."""
+    text = CATCH_ALL_ROUTE.replace("device_id = 102\n", "").replace("{topic}", "{device}/#")
+    path = write(tmp_path, text)
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert "route '{device}/#' subscribes to every topic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("topic", ["sensors/#", "+/events/rpc", "+/+", "home/+/#"])
+def test_check_config_is_silent_about_narrower_wildcards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], topic: str
+) -> None:
+    path = write(tmp_path, CATCH_ALL_ROUTE.replace("{topic}", topic))
+    assert main(["check-config", "--config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "OK (2 routes" in out
+    assert err == ""
+
+
 def test_check_config_invalid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = MINIMAL.replace(f'client_secret = "{SECRET}"', "client_secret = 12345")
     path = write(tmp_path, text + "\n[mqtt]\nport = 99999\n")

@@ -154,3 +154,60 @@ async def test_unknown_device_is_named_once_with_a_hint_and_valid_readings_flow(
     assert line["route"] == "zigbee2mqtt/{device}"
     [rejected] = events(log_output, "payload_rejected")
     assert rejected["reason"] == "not_json" and rejected["excerpt"] == "{not json"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def test_a_big_untimed_array_never_runs_ahead_of_its_arrival(
+    make_settings: Callable[..., Settings], sandbox: SandboxCloud, publisher: AckedPublisher
+) -> None:
+    """An array without times used to be stamped arrival + 1 ms per element, and the
+    stream's next reading after its last element: here 5 s in the future. Now the array
+    ends at its arrival (the gateway PUBACKs after the commit, so before `array_acked`),
+    and the next reading is stamped when it arrives."""
+    count = 5000
+    array_route = {"topic": "arr/{device}", "format": "array", "datastream_id": 7}
+    plain_route = {"topic": "plain/{device}", "datastream_id": 7}
+    settings = make_settings(
+        routes=[array_route, plain_route], devices=NAMES, mqtt={"max_payload_bytes": 1 << 20}
+    )
+    array = json.dumps([{"value": i} for i in range(count)])
+    async with InProcessGateway(settings):
+        array_sent = now_ms()
+        assert await publish(publisher, [("arr/living_room", array)]) == 1
+        array_acked = next_sent = now_ms()
+        assert await publish(publisher, [("plain/living_room", "-1")]) == 1
+        next_acked = now_ms()
+        await wait_until(lambda: len(sandbox.accepted) >= count + 1, 30, "every point uploaded")
+    stream = [point for point in sandbox.accepted if point.datastream_id == 7]
+    assert {point.device_id for point in stream} == {101} and len(stream) == count + 1
+    [next_reading] = [point for point in stream if point.value == -1]
+    assert next_sent <= next_reading.ts <= next_acked
+    ts_by_value = {point.value: point.ts for point in stream}
+    stamps = [ts_by_value[i] for i in range(count)]
+    assert stamps == sorted(set(stamps))  # the elements' order, unique stamps
+    assert array_sent - count < stamps[0] and stamps[-1] <= array_acked
+
+
+async def test_daemon_start_warns_once_about_a_route_on_every_topic(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    """The warning `check-config` prints is also the daemon's, one line at start; the route
+    still runs (it is valid MQTT), and another application's retained value shows why."""
+    await asyncio.to_thread(publisher.publish, "homeassistant/status", "online", retain=True)
+    catch_all = {"topic": "#", "device_id": 101, "datastream_id": 5}
+    settings = make_settings(routes=[ESPHOME_ROUTE, catch_all], devices=NAMES)
+    async with InProcessGateway(settings) as gateway:
+        ingest = gateway.ingest
+        assert ingest is not None
+        await wait_until(lambda: ingest.stats.received >= 1, 20, "the junk replayed")
+        # Home Assistant's retained status became a dead letter of this gateway.
+        assert ingest.stats.rejected_by_route == {"#": {"not_json": 1}}
+    [line] = events(log_output, "route_catches_all")
+    assert line["level"] == "warning" and line["route"] == "#"
+    assert "every topic on the broker" in line["problem"] and '"sensors/#"' in line["problem"]

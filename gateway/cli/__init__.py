@@ -86,6 +86,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             f"{settings.mqtt.host}:{settings.mqtt.port}, cloud {settings.cloud.server}, "
             f"buffer {settings.store.path})"
         )
+        for route in settings.routes:
+            if (problem := route.catch_all_problem()) is not None:
+                print(f"blynk-gateway: warning: route {route.topic!r} {problem}", file=sys.stderr)
         return EXIT_OK
     if args.command == "run":
         from gateway.app import run_until_signalled

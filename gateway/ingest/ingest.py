@@ -166,6 +166,7 @@ class MqttIngest:
     def replace_routes(self, routes: RouteTable) -> tuple[list[str], list[str]]:
         """Route from now on with `routes` (a reload): messages already received keep what
         they became; subscriptions change on the same session. Returns (added, removed)."""
+        routes.keep_receive_stamps(self._admission.routes)
         self._admission.routes = routes
         return self._mqtt.set_subscriptions(routes.subscriptions)
 

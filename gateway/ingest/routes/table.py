@@ -16,6 +16,7 @@ from typing import Any
 from gateway.config import FieldSettings, RouteSettings, parse_timezone
 from gateway.errors import PayloadError
 from gateway.ingest.routes.payloads import MISSING, JsonPath, senml_records
+from gateway.ingest.routes.stamps import ReceiveStamps
 from gateway.ingest.routes.timestamps import MIN_TRUSTED_MS, TimestampReader, untrusted_reason
 from gateway.ingest.routes.topics import TopicTemplate
 from gateway.ingest.routes.values import (
@@ -163,7 +164,12 @@ class RouteTable:
         self.max_payload_bytes = max_payload_bytes
         self.devices = dict(devices or {})
         self._by_topic: dict[str, _Match | None] = {}
-        self._last_stamp: dict[tuple[int, int], int] = {}
+        self._stamps = ReceiveStamps()
+
+    def keep_receive_stamps(self, previous: RouteTable) -> None:
+        """Carry on from the table this one replaces (a reload): the stamps it handed out
+        stay used, so no reading gets a stamp an earlier one of its stream already has."""
+        self._stamps = previous._stamps
 
     @property
     def subscriptions(self) -> list[str]:
@@ -234,8 +240,12 @@ class RouteTable:
         if not items:
             outcome.unmapped = "no_mapped_fields"
             outcome.unmapped_detail = "none of this route's fields is in the message"
+        # An auto-format message holds at most one reading per field: stamped as they come.
+        unstamped: list[int] | None = None if route.format == "auto" else []
         for item in items:
-            self._add_reading(route, device_id, item, received_ms, retained, outcome)
+            self._add_reading(route, device_id, item, received_ms, retained, outcome, unstamped)
+        if unstamped:
+            self._stamp_on_receipt(outcome.readings, unstamped, received_ms)
         return outcome
 
     def _plain_reading(
@@ -400,7 +410,10 @@ class RouteTable:
         received_ms: int,
         retained: bool,
         outcome: Outcome,
+        unstamped: list[int] | None,
     ) -> None:
+        """Adds the item's reading. One without a time of its own is listed in `unstamped`
+        when given (its stamp depends on how many of its stream the message holds)."""
         target = item.target
         try:
             value_json = field_value_json(item.raw_value, target.value_type)
@@ -416,7 +429,11 @@ class RouteTable:
                 # A replay of the last value, published at an unknown time: "now" would lie.
                 outcome.retained_skipped += 1
                 return
-            ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
+            if unstamped is None:
+                ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
+            else:
+                unstamped.append(len(outcome.readings))
+                ts_ms = received_ms
         outcome.readings.append(Reading(device_id, target.datastream_id, ts_ms, value_json))
 
     def _payload_time(
@@ -451,10 +468,19 @@ class RouteTable:
         would make them one point, both here (the buffer keeps one row per stream, ts and
         value) and in the cloud. Each later one is moved forward by a millisecond instead.
         """
-        key = (device_id, datastream_id)
-        stamp = max(received_ms, self._last_stamp.get(key, 0) + 1)
-        self._last_stamp[key] = stamp
-        return stamp
+        return self._stamps.one((device_id, datastream_id), received_ms)
+
+    def _stamp_on_receipt(self, readings: list[Reading], unstamped: list[int], now_ms: int) -> None:
+        """Stamps a message's untimed readings, each stream's as one block (stamps.py): an
+        array of them ends at the arrival instead of running ahead of it."""
+        by_stream: dict[tuple[int, int], list[int]] = {}
+        for index in unstamped:
+            reading = readings[index]
+            by_stream.setdefault((reading.device_id, reading.datastream_id), []).append(index)
+        for key, indexes in by_stream.items():
+            stamps = self._stamps.block(key, len(indexes), now_ms)
+            for index, stamp in zip(indexes, stamps, strict=True):
+                readings[index] = readings[index]._replace(ts_ms=stamp)
 
     @staticmethod
     def _refuse(
