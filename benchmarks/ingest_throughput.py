@@ -65,8 +65,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway import log as gateway_log
 from gateway import Gateway
+from gateway import log as gateway_log
 from gateway.config import Settings
 from gateway.ingest import MqttIngest, RouteTable
 from gateway.models import Reading
