@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from gateway import log as gateway_log
+from gateway.cli import main
 from gateway.config import RouteSettings, Settings
 from gateway.errors import PayloadError, UnstorableValue
 from gateway.ingest import Admission, IngestStats, RefusalLog
@@ -29,6 +30,7 @@ from gateway.ingest.stats import MAX_UNMAPPED_NAMES
 from gateway.models import MAX_BLYNK_ID, Reading
 from gateway.store import Store
 from gateway.store.bindable import reading_problem
+from gateway.testing.process import daemon_config, write_config
 from harness import events
 
 NOW_MS = 1_702_656_423_136
@@ -438,3 +440,36 @@ async def test_an_append_with_a_value_sqlite_cannot_hold_raises_unstorable_value
         await store.close()
     with sqlite3.connect(tmp_path / "buffer.db") as db:
         assert db.execute("SELECT count(*) FROM readings").fetchone() == (1,)
+
+
+# --------------------------------------------------------------------------- routes test
+
+
+@pytest.mark.parametrize(
+    ("devices", "topic", "code"),
+    [
+        (
+            {"kitchen": 101, "+": "numeric-id"},
+            "plain/123456789012345678901234567890",
+            "id_out_of_range",
+        ),
+        ({"kitchen": 101}, "plain/123456789012345678901234567890", "device_unmapped"),
+        ({"kitchen": 101}, "plain/" + "x" * 200, "name_too_long"),
+    ],
+)
+def test_routes_test_reports_the_daemons_code(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    devices: dict[str, Any],
+    topic: str,
+    code: str,
+) -> None:
+    """Before, `routes test` accepted the 30-digit name (exit 0) that crashed the daemon."""
+    config = daemon_config(1883, "http://127.0.0.1:9", tmp_path / "b.db", ROUTES, devices=devices)
+    path = write_config(tmp_path / "config.toml", config)
+    exit_code = main(["routes", "test", "--config", str(path), topic, "21.5", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert exit_code == 1 and report["readings"] == []
+    assert report["rejected"].startswith(f"{code}: ")
+    if code == "device_unmapped":
+        assert '"+" = "numeric-id"' in report["rejected"]

@@ -257,7 +257,7 @@ class Admission:
                 subject=name if tracked else "",  # one line per name, for a bounded set
                 name=name,
                 topic=topic,
-                hint=f'add it to [devices]: "{name}" = <Blynk device id>',
+                hint=unmapped_hint(name),
                 seen=unknown.get(name, 0),
             )
             return
@@ -271,6 +271,14 @@ class Admission:
             excerpt=_excerpt(payload),
             rejected_total=stats.rejected + stats.unmapped,
         )
+
+
+def unmapped_hint(name: str) -> str:
+    """How to map an unknown name; a name of digits may be meant as the id itself."""
+    hint = f'add it to [devices]: "{name}" = <Blynk device id>'
+    if name.isascii() and name.isdigit():
+        hint += ', or "+" = "numeric-id" if the name is the id'
+    return hint
 
 
 def kept_topic(topic: str) -> str:
