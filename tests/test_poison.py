@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from gateway.config import MqttSettings, Settings
 from gateway.ingest import MqttConnection, RouteTable
+from gateway.ingest import ingest as ingest_module
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess
 from gateway.testing.publisher import AckedPublisher
@@ -313,3 +314,30 @@ async def test_a_handler_that_raises_costs_its_message_not_the_connection(
     finally:
         await connection.close()
         await asyncio.wait_for(task, 10)
+
+
+async def test_a_failure_the_checks_do_not_explain_costs_only_its_message(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last resort: when the check cannot name the culprit (simulated by blinding it),
+    the group is committed in halves down to the one message, which is kept as a bare
+    `internal_error` dead letter; every other reading of the group is stored."""
+    monkeypatch.setattr(ingest_module, "reading_problem", lambda reading: None)
+    settings = make_settings(routes=[ROUTES[0]], store={"commit_interval_ms": 2000})
+    async with InProcessGateway(settings) as gateway:
+        ingest, store = gateway.ingest, gateway.store
+        assert ingest is not None and store is not None
+        ingest.replace_routes(RouteTable(settings.routes, devices={"big": 2**64, "kitchen": 101}))
+        base_ts = int(time.time() * 1000) - 60_000
+        messages = [("plain/kitchen", ts_payload(float(i), base_ts + i)) for i in range(7)]
+        messages.insert(4, ("plain/big", "21.5"))
+        assert await publish(publisher, messages) == 8  # acknowledged: one commit group
+        await wait_until(lambda: len(sandbox.accepted) == 7, 20, "the other seven readings")
+        assert ingest.stats.commits == 1
+        letters = await store.dead_letters()
+        assert [(d.reason, d.topic) for d in letters] == [("internal_error", "plain/big")]
+        assert letters[0].detail is not None and "UnstorableValue" in letters[0].detail
+        assert ingest.stats.rejected_by_reason == {"internal_error": 1}

@@ -153,7 +153,6 @@ class Admission:
             )
         dead: list[RejectedPayload] = []
         kept_payload = payload[:KEPT_PAYLOAD_BYTES]
-        kept = kept_topic(topic)
         for refusal in outcome.refusals:
             stats.rejected += 1
             stats.rejected_by_reason[refusal.code] += 1
@@ -174,7 +173,7 @@ class Admission:
             dead.append(
                 RejectedPayload(
                     refusal.code,
-                    kept,
+                    kept_topic(topic),
                     kept_payload,
                     refusal.device_id,
                     refusal.datastream_id,
