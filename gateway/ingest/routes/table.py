@@ -511,12 +511,11 @@ class RouteTable:
     ) -> int | None:
         """The payload's own time in ms, None to use the receive time; raises if refused."""
         raw_ts = item.raw_ts
-        problem = item.ts_problem
-        if problem is not None:
-            pass
-        elif raw_ts is MISSING or raw_ts is None:
+        if item.ts_problem is not None:
+            return self._untrusted_time(route, item.ts_problem, outcome)
+        if raw_ts is MISSING or raw_ts is None:
             return None
-        elif item.strict_ms:
+        if item.strict_ms:
             ts_ms = validate_ts_ms(raw_ts)
             problem = untrusted_reason(ts_ms, now_ms, route.max_future_ms)
         else:
@@ -527,6 +526,11 @@ class RouteTable:
                 problem = exc.detail
         if problem is None:
             return ts_ms
+        return self._untrusted_time(route, problem, outcome)
+
+    @staticmethod
+    def _untrusted_time(route: CompiledRoute, problem: str, outcome: Outcome) -> None:
+        """A payload time that cannot be used: refused, or replaced by the receive time."""
         if route.reject_bad_ts:
             raise PayloadError("bad_timestamp", problem)
         outcome.ts_replaced += 1
