@@ -22,9 +22,11 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,6 +35,7 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigError
+from gateway.models import MAX_BLYNK_ID
 
 # The unit's `LoadCredential=client_secret:...`: $CREDENTIALS_DIRECTORY/client_secret.
 CLIENT_SECRET_CREDENTIAL = "client_secret"
@@ -202,7 +205,8 @@ class MetricsSettings(_Section):
 
 
 DatastreamType = Literal["double", "integer", "enum", "string", "boolean", "location"]
-BlynkId = Annotated[int, Field(ge=0)]
+# 0 stays valid: `routes suggest` writes it as the placeholder to replace.
+BlynkId = Annotated[int, Field(ge=0, le=MAX_BLYNK_ID)]
 # One topic level captured by a route template, e.g. `zigbee2mqtt/{device}`.
 TEMPLATE_LEVELS = ("{device}", "{stream}")
 
@@ -368,6 +372,44 @@ def parse_timezone(zone: str) -> tzinfo:
 
 
 DeviceName = Annotated[str, Field(min_length=1)]
+# The `[devices]` entry that says what an unlisted name means. `+` is MQTT's one-level
+# wildcard, which a topic level can never be, so it can never clash with a device's name.
+UNLISTED_DEVICES_KEY = "+"
+# "numeric-id": an unlisted name of digits only is the Blynk device id itself;
+# "unmapped" (the default): it is refused as `device_unmapped`, like any unlisted name.
+UNLISTED_DEVICE_POLICIES = ("unmapped", "numeric-id")
+
+
+class DeviceNames(dict[str, int]):
+    """`[devices]` as configured: name -> Blynk device id, and whether an unlisted name of
+    digits only is taken as the id itself (`"+" = "numeric-id"`, off by default: a stray
+    publisher inventing numbers would otherwise invent devices for the cloud to refuse)."""
+
+    def __init__(self, names: dict[str, int] | None = None, *, numeric_ids: bool = False):
+        super().__init__(names or {})
+        self.numeric_ids = numeric_ids
+
+    def __repr__(self) -> str:
+        return f"DeviceNames({dict(self)!r}, numeric_ids={self.numeric_ids})"
+
+
+def _device_names(raw: Any, handler: ValidatorFunctionWrapHandler) -> DeviceNames:
+    """Take the `"+"` entry out of `[devices]`, validate it and the names separately."""
+    policy = "unmapped"
+    if isinstance(raw, DeviceNames):
+        return raw
+    if isinstance(raw, dict) and UNLISTED_DEVICES_KEY in raw:
+        raw = dict(raw)
+        policy = raw.pop(UNLISTED_DEVICES_KEY)
+        if policy not in UNLISTED_DEVICE_POLICIES:
+            allowed = " or ".join(f'"{choice}"' for choice in UNLISTED_DEVICE_POLICIES)
+            raise PydanticCustomError(
+                "unlisted_devices",
+                f'"{UNLISTED_DEVICES_KEY}" (what an unlisted name means) must be {allowed}, '
+                "got {got}",
+                {"got": repr(policy)[:40]},
+            )
+    return DeviceNames(handler(raw), numeric_ids=policy == "numeric-id")
 
 
 class Settings(BaseSettings):
@@ -384,9 +426,15 @@ class Settings(BaseSettings):
     flush: FlushSettings = FlushSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
-    # Names seen in topics ({device}) or payloads (device_field) -> Blynk device ids.
-    devices: dict[DeviceName, BlynkId] = Field(default_factory=dict)
+    # Names seen in topics ({device}) or payloads (device_field) -> Blynk device ids, and
+    # `"+"`: what an unlisted name means (see DeviceNames).
+    devices: dict[DeviceName, BlynkId] = Field(default_factory=DeviceNames)
     routes: Annotated[list[RouteSettings], Field(min_length=1)]
+
+    @field_validator("devices", mode="wrap")
+    @classmethod
+    def _unlisted_devices(cls, raw: Any, handler: ValidatorFunctionWrapHandler) -> DeviceNames:
+        return _device_names(raw, handler)
 
     @classmethod
     def settings_customise_sources(

@@ -4,6 +4,8 @@
 GatewayError
 ├── ConfigError                  startup stops; message names the key and the value
 ├── PayloadError                 one MQTT message cannot become a reading (`code` is stable)
+├── UnstorableValue              a reading holds a value SQLite cannot bind (an id beyond
+│                                64 bits): nothing was written; ingest isolates it
 ├── StoreError                   the buffer cannot take more right now (read-only, I/O error)
 │   ├── BufferFull               `backpressure` policy at its limit: hold the MQTT acks
 │   ├── DiskFull                 the filesystem is full: hold the acks until uploads free room
@@ -50,6 +52,12 @@ class PayloadError(GatewayError, ValueError):
         super().__init__(f"{code}: {detail}" if detail else code)
         self.code = code
         self.detail = detail
+
+
+class UnstorableValue(GatewayError):
+    """An append failed on a value SQLite cannot hold (OverflowError, unencodable text, an
+    unsupported type) before anything was written: not the disk's fault, so the caller
+    sets the offending readings aside instead of holding every acknowledgement."""
 
 
 class StoreError(GatewayError):

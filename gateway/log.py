@@ -7,7 +7,9 @@ as sd-daemon(3) defines) so `journalctl -p warning` filters them, carries no tim
 its own (the journal stamps every line), and by default reads `event key=value ...`.
 Secrets are removed twice: any field whose name looks secret is masked, and the literal
 values of configured secrets are scrubbed from every string, so a secret cannot leak
-through an exception message either.
+through an exception message either. Fields that carry text from outside (a topic, a
+device name, a payload excerpt) are cut to MAX_FIELD_CHARS, so a 60 KB topic makes a line
+of normal length (`truncate_outside_text`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,29 @@ _SECRET_FIELD_PARTS = ("secret", "password", "token", "authorization")
 _MASK = "***"
 # sd-daemon(3) prefixes: the journal turns them into the entry's PRIORITY.
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
+# Fields whose text comes from publishers or the cloud, and how much of it a line shows.
+# (`error` is cut where it comes from input: elsewhere it is the gateway's own advice.)
+OUTSIDE_TEXT_FIELDS = ("topic", "name", "excerpt", "detail", "hint")
+MAX_FIELD_CHARS = 120
+
+
+def truncate(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """`text`, or its first `limit` characters and a marker saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text)} chars)"
+
+
+def truncate_outside_text(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor: cut the outside-text fields (after the secret scrubber, so a
+    secret is never cut in two and missed). Five lookups per line."""
+    for key in OUTSIDE_TEXT_FIELDS:
+        value = event_dict.get(key)
+        if type(value) is str and len(value) > MAX_FIELD_CHARS:
+            event_dict[key] = truncate(value)
+    return event_dict
 
 
 class SecretScrubber:
@@ -159,6 +184,7 @@ def configure(
             *stamper,
             *exceptions,
             scrubber,
+            truncate_outside_text,
             JournalPrefix(renderer) if journal else renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+# The largest device or datastream id the gateway accepts. The import contract says only
+# "integers" (blynk-import-api.md, section 1) and documents no range; Blynk's ids are
+# positive, and a signed 64-bit integer is the most a JSON integer, a Java long and an
+# SQLite INTEGER all hold. Anything larger is refused at ingest (`id_out_of_range`).
+MAX_BLYNK_ID = 2**63 - 1
+
 
 class Reading(NamedTuple):
     """One point for one Blynk datastream.

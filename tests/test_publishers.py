@@ -266,15 +266,22 @@ TASMOTA_TIME = "2023-12-15T17:07:03"  # naive, Europe/Berlin (CET, +01:00 in Dec
             {(101, 30, 1702656400000, 7), (101, 30, 1702656410000, 8)},
             id="array-of-ts-value-pairs",
         ),
-        pytest.param(
-            "sensors/12345/temp", "19", {(12345, 5, NOW_MS, 19)}, id="numeric-device-name-is-the-id"
-        ),
     ],
 )
 def test_publisher_payloads(
     topic: str, payload: str, expected: set[tuple[int, int, int, Any]]
 ) -> None:
     assert readings(topic, payload) == expected
+
+
+def test_numeric_device_name_is_the_id_only_when_devices_says_so() -> None:
+    """`"+" = "numeric-id"` in [devices]; by default (issue 16) such a name is unmapped."""
+    settings = [RouteSettings(**route) for route in ROUTES]
+    numeric = RouteTable(settings, devices=DEVICES, numeric_ids=True)
+    [reading] = numeric.route("sensors/12345/temp", b"19", NOW_MS).readings
+    assert reading == Reading(12345, 5, NOW_MS, "19")
+    outcome = route("sensors/12345/temp", "19")
+    assert outcome.unmapped == "device_unmapped" and outcome.unknown_device == "12345"
 
 
 # --------------------------------------------------------------------------- what maps to nothing

@@ -117,12 +117,14 @@ def _notes(outcome: Any) -> list[str]:
 def _rejected_reason(
     outcome: Any, readings: list[Any], refused: list[dict[str, Any]], notes: list[str]
 ) -> str | None:
+    from gateway.ingest.admission import unmapped_hint
+
     if readings:
         return None
     if outcome.unmapped is not None:
         reason = f"{outcome.unmapped}: {outcome.unmapped_detail}"
         if outcome.unknown_device is not None:
-            reason += f' (add it to [devices]: "{outcome.unknown_device}" = <device id>)'
+            reason += f" ({unmapped_hint(outcome.unknown_device)})"
         return reason
     if refused:
         return "; ".join(f"{item['code']}: {item['detail']}" for item in refused)

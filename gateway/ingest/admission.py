@@ -5,6 +5,10 @@ they are logged by route and stable code, not by the value: the first of each (r
 in an interval gets a line of its own, with the topic and a short excerpt; the rest are
 counted and summed up once per interval. An unknown device name gets its own line (once
 per name per interval) saying how to map it.
+
+One message can only ever cost itself: whatever routing raises for it (it should raise
+nothing, see routes/table.py) refuses that message as `internal_error`, with the
+exception's type in the detail, and ingest goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway.ingest.routes import Outcome, RouteTable
+from gateway.ingest.routes.table import MAX_NAME_BYTES, describe_exception
 from gateway.ingest.stats import MAX_UNMAPPED_NAMES, IngestStats
 from gateway.log import Throttle, get_logger
 from gateway.models import Reading
@@ -23,8 +28,11 @@ from gateway.store import RejectedPayload
 log = get_logger("ingest")
 
 REFUSAL_LOG_INTERVAL_S = 60.0
-# Dead letters keep at most this much of the payload.
+# Dead letters keep at most this much of the payload, of the topic (MQTT allows 64 KiB)
+# and of the detail.
 KEPT_PAYLOAD_BYTES = 1024
+KEPT_TOPIC_CHARS = 512
+KEPT_DETAIL_CHARS = 512
 
 
 class RefusalLog:
@@ -92,7 +100,37 @@ class Admission:
     def admit(
         self, topic: str, payload: bytes, retained: bool
     ) -> tuple[list[Reading], list[RejectedPayload]]:
-        """The readings a message holds, and the dead letters for what it holds wrongly."""
+        """The readings a message holds, and the dead letters for what it holds wrongly.
+
+        Never raises: an exception refuses this message alone (`internal_error`).
+        """
+        try:
+            return self._admit(topic, payload, retained)
+        except Exception as exc:  # free in CPython 3.11 while nothing raises
+            return [], [self.internal_error(topic, payload, exc)]
+
+    def internal_error(self, topic: str, payload: bytes, exc: BaseException) -> RejectedPayload:
+        """Count, log (throttled) and dead-letter a message whose handling raised `exc`."""
+        stats = self._stats
+        stats.rejected += 1
+        stats.rejected_by_reason["internal_error"] += 1
+        detail = describe_exception(exc)
+        self.refusals.refused(
+            "payload_rejected",
+            "internal_error",
+            detail=detail,
+            topic=topic,
+            excerpt=_excerpt(payload),
+            payload_bytes=len(payload),
+            rejected_total=stats.rejected + stats.unmapped,
+        )
+        return RejectedPayload(
+            "internal_error", kept_topic(topic), payload[:KEPT_PAYLOAD_BYTES], detail=detail
+        )
+
+    def _admit(
+        self, topic: str, payload: bytes, retained: bool
+    ) -> tuple[list[Reading], list[RejectedPayload]]:
         stats = self._stats
         now_ms = self._clock_ms()
         outcome = self.routes.route(topic, payload, now_ms, retained=retained)
@@ -129,14 +167,17 @@ class Admission:
                 payload_bytes=len(payload),
                 rejected_total=stats.rejected + stats.unmapped,
             )
+            detail = refusal.detail
+            if detail is not None and len(detail) > KEPT_DETAIL_CHARS:
+                detail = detail[:KEPT_DETAIL_CHARS] + "…"
             dead.append(
                 RejectedPayload(
                     refusal.code,
-                    topic,
+                    kept_topic(topic),
                     kept_payload,
                     refusal.device_id,
                     refusal.datastream_id,
-                    refusal.detail,
+                    detail,
                 )
             )
         if not outcome.readings:
@@ -180,7 +221,7 @@ class Admission:
             dead.append(
                 RejectedPayload(
                     "expired",
-                    topic,
+                    kept_topic(topic),
                     kept_payload,
                     reading.device_id,
                     reading.datastream_id,
@@ -201,7 +242,11 @@ class Admission:
         name = outcome.unknown_device
         if name is not None:
             unknown = stats.unmapped_devices
-            tracked = name in unknown or len(unknown) < MAX_UNMAPPED_NAMES
+            # Names are at most MAX_NAME_BYTES (longer ones are refused as name_too_long),
+            # so this list holds at most MAX_UNMAPPED_NAMES * MAX_NAME_BYTES of text.
+            tracked = name in unknown or (
+                len(unknown) < MAX_UNMAPPED_NAMES and len(name) <= MAX_NAME_BYTES
+            )
             if tracked:
                 unknown[name] += 1
             self.refusals.refused(
@@ -211,7 +256,7 @@ class Admission:
                 subject=name if tracked else "",  # one line per name, for a bounded set
                 name=name,
                 topic=topic,
-                hint=f'add it to [devices]: "{name}" = <Blynk device id>',
+                hint=unmapped_hint(name),
                 seen=unknown.get(name, 0),
             )
             return
@@ -225,6 +270,19 @@ class Admission:
             excerpt=_excerpt(payload),
             rejected_total=stats.rejected + stats.unmapped,
         )
+
+
+def unmapped_hint(name: str) -> str:
+    """How to map an unknown name; a name of digits may be meant as the id itself."""
+    hint = f'add it to [devices]: "{name}" = <Blynk device id>'
+    if name.isascii() and name.isdigit():
+        hint += ', or "+" = "numeric-id" if the name is the id'
+    return hint
+
+
+def kept_topic(topic: str) -> str:
+    """The topic as a dead letter keeps it: MQTT allows 64 KiB, a row need not."""
+    return topic if len(topic) <= KEPT_TOPIC_CHARS else topic[:KEPT_TOPIC_CHARS] + "…"
 
 
 def _excerpt(payload: bytes, limit: int = 80) -> str:

@@ -22,14 +22,16 @@ import paho.mqtt.client as mqtt
 from gateway.aio import wait_any
 from gateway.config import MqttSettings
 from gateway.errors import BufferFull, StoreError
-from gateway.ingest.admission import Admission
+from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, Admission, kept_topic
 from gateway.ingest.mqtt_loop import MqttConnection
 from gateway.ingest.redelivery import RedeliveryFilter
 from gateway.ingest.routes import RouteTable
+from gateway.ingest.routes.table import describe_exception
 from gateway.ingest.stats import IngestStats
 from gateway.log import get_logger
 from gateway.models import Reading
 from gateway.store import AppendResult, RejectedPayload, Store
+from gateway.store.bindable import reading_problem, storable_rejected
 
 log = get_logger("ingest")
 
@@ -90,10 +92,6 @@ class _PendingGroup:
     @property
     def readings(self) -> list[Reading]:
         return [reading for m in self.messages for reading in m.readings]
-
-    @property
-    def rejected(self) -> list[RejectedPayload]:
-        return [rejected for m in self.messages for rejected in m.rejected]
 
     def split(self, count: int) -> tuple[_PendingGroup, _PendingGroup]:
         return (
@@ -245,11 +243,7 @@ class MqttIngest:
             try:
                 if self._pass_through_wait_s and not self.holding:
                     await self._pass_through(group)
-                readings, rejected = group.readings, group.rejected
-                if readings or rejected:
-                    result = await self._store.append(readings, rejected)
-                else:
-                    result = AppendResult(inserted=0, duplicates=0)  # all passed through
+                result = await self._append(group.messages)
             except BufferFull as full:
                 self._committing = 0
                 await self._buffer_full(full, group)
@@ -257,6 +251,10 @@ class MqttIngest:
             except StoreError as exc:
                 self._committing = 0
                 await self._store_failed(exc, group)
+                continue
+            except Exception as exc:  # a bug: hold and retry, never end the daemon
+                self._committing = 0
+                await self._store_failed(StoreError(describe_exception(exc)), group)
                 continue
             finally:
                 self._committer_idle.set()
@@ -325,6 +323,116 @@ class MqttIngest:
         if self._pending.messages:
             self._group_ready.set()
         return self._without_redeliveries(group)
+
+    async def _append(self, messages: list[_Message]) -> AppendResult:
+        """Commit the messages' readings and dead letters in one transaction.
+
+        A failure that is not the store's (`UnstorableValue`: a value SQLite cannot hold,
+        or a bug) must not stop ingest nor hold every acknowledgement behind one message:
+        the offending readings are dead-lettered and the rest committed.
+        """
+        readings, rejected = _contents(messages)
+        if not readings and not rejected:
+            return AppendResult(inserted=0, duplicates=0)  # all passed through
+        try:
+            return await self._store.append(readings, rejected)
+        except StoreError:
+            raise
+        except Exception as exc:  # not the disk: see _isolate
+            return await self._isolate(messages, exc)
+
+    async def _isolate(self, messages: list[_Message], exc: Exception) -> AppendResult:
+        """Set aside the readings SQLite cannot hold, then commit; if the commit still
+        fails, commit halves (down to one message) so that only the culprit is lost.
+
+        Halves already committed are emptied in place, so if a later half meets a full
+        disk the held group is retried without them (they are acknowledged, not re-added).
+        """
+        for message in messages:
+            self._set_aside_unstorable(message, exc)
+        try:
+            return await self._append_now(messages)
+        except StoreError:
+            raise
+        except Exception as again:
+            if len(messages) == 1:
+                return await self._dead_letter_whole(messages[0], again)
+            middle = len(messages) // 2
+            first = await self._isolate(messages[:middle], again)
+            second = await self._isolate(messages[middle:], again)
+            return _sum_results(first, second)
+
+    async def _append_now(self, messages: list[_Message]) -> AppendResult:
+        readings, rejected = _contents(messages)
+        if not readings and not rejected:
+            return AppendResult(inserted=0, duplicates=0)
+        result = await self._store.append(readings, rejected)
+        for message in messages:  # committed: a held retry must not write them again
+            message.readings = message.rejected = ()
+        return result
+
+    def _set_aside_unstorable(self, message: _Message, exc: Exception) -> None:
+        """Readings SQLite cannot hold become dead letters (`unstorable`), with an excerpt."""
+        bad = [(r, problem) for r in message.readings if (problem := reading_problem(r))]
+        rejected = [storable_rejected(item) for item in message.rejected]
+        if not bad:
+            message.rejected = rejected
+            return
+        message.readings = [r for r in message.readings if reading_problem(r) is None]
+        for reading, problem in bad:
+            rejected.append(
+                storable_rejected(
+                    RejectedPayload(
+                        "unstorable",
+                        kept_topic(message.topic),
+                        message.payload[:KEPT_PAYLOAD_BYTES],
+                        reading.device_id,
+                        reading.datastream_id,
+                        problem,
+                        ts_ms=reading.ts_ms,
+                        value_json=reading.value_json,
+                    )
+                )
+            )
+            self._count_refusal("unstorable", message, f"{problem} ({type(exc).__name__})")
+        message.rejected = rejected
+
+    async def _dead_letter_whole(self, message: _Message, exc: Exception) -> AppendResult:
+        """The last resort for one message that still cannot be committed: keep it as one
+        bare dead letter (`internal_error`). If even that fails, the store is at fault,
+        not the message: hold, as for any store failure."""
+        detail = describe_exception(exc)
+        message.readings = ()
+        message.rejected = [
+            RejectedPayload(
+                "internal_error",
+                kept_topic(message.topic),
+                message.payload[:KEPT_PAYLOAD_BYTES],
+                detail=detail,
+            )
+        ]
+        self._count_refusal("internal_error", message, detail)
+        try:
+            return await self._append_now([message])
+        except StoreError:
+            raise
+        except Exception as again:
+            raise StoreError(
+                f"the buffer refuses even a bare dead letter: {describe_exception(again)}"
+            ) from again
+
+    def _count_refusal(self, code: str, message: _Message, detail: str) -> None:
+        stats = self.stats
+        stats.rejected += 1
+        stats.rejected_by_reason[code] += 1
+        self._admission.refusals.refused(
+            "payload_rejected",
+            code,
+            detail=detail,
+            topic=message.topic,
+            payload_bytes=len(message.payload),
+            rejected_total=stats.rejected + stats.unmapped,
+        )
 
     def _committed(self, group: _PendingGroup, result: AppendResult) -> None:
         self._committing = 0
@@ -464,3 +572,19 @@ class MqttIngest:
             kept.append(message)
         group.messages = kept
         return group
+
+
+def _sum_results(first: AppendResult, second: AppendResult) -> AppendResult:
+    """Two commits' outcomes as one (the per-device maps are only for the store's log)."""
+    return AppendResult(
+        inserted=first.inserted + second.inserted,
+        duplicates=first.duplicates + second.duplicates,
+        evicted=first.evicted + second.evicted,
+        refused=first.refused + second.refused,
+    )
+
+
+def _contents(messages: Sequence[_Message]) -> tuple[list[Reading], list[RejectedPayload]]:
+    """The readings and dead letters of these messages, in arrival order."""
+    readings = [reading for m in messages for reading in m.readings]
+    return readings, [item for m in messages for item in m.rejected]

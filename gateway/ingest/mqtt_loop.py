@@ -30,7 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from gateway.aio import wait_any
 from gateway.config import MqttSettings
 from gateway.ingest.paho_client import ChunkedClient, supported
-from gateway.log import get_logger
+from gateway.log import Throttle, get_logger, truncate
 
 log = get_logger("ingest")
 
@@ -42,6 +42,8 @@ CLIENT_CLASS: type[mqtt.Client] = ChunkedClient if supported() else mqtt.Client
 # Unsubscribed (never subscribed) at shutdown: its UNSUBACK proves our PUBACKs were read.
 ACK_BARRIER_TOPIC = "blynk-gateway/ack-barrier"
 ACK_BARRIER_TIMEOUT_S = 2.0
+# A failure to handle a message or read the socket is logged once per kind per interval.
+FAILURE_LOG_INTERVAL_S = 60.0
 
 # A message as it arrived, and the generation of the connection that carried it.
 MessageHandler = Callable[[mqtt.MQTTMessage, int], None]
@@ -85,6 +87,7 @@ class MqttConnection:
         self._barrier_done = asyncio.Event()
         self._messages_read = 0  # PUBLISH packets paho handed us (ends read batches)
         self._paused = False  # flow control: see pause_reading
+        self._failure_log = Throttle(FAILURE_LOG_INTERVAL_S)
 
     @property
     def generation(self) -> int:
@@ -393,8 +396,15 @@ class MqttConnection:
                     return
             if _buffered(client) and self._loop is not None:
                 self._loop.call_soon(self._read_ready, client)
-        except Exception as exc:  # a bug in a callback must not kill the daemon
-            log.exception("mqtt_read_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug in paho or a callback must not kill the daemon
+            allowed, suppressed = self._failure_log.allow(("read", type(exc)))
+            if allowed:
+                log.exception(
+                    "mqtt_read_failed",
+                    error=truncate(f"{type(exc).__name__}: {exc}"),
+                    action="reconnecting",
+                    suppressed=suppressed,
+                )
             self._disconnected.set()
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -534,8 +544,34 @@ class MqttConnection:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._messages_read += 1
-        if self._reading:  # else: left unacknowledged, the broker resends it next session
+        if not self._reading:  # left unacknowledged: the broker resends it next session
+            return
+        try:
             self._handle_message(message, self._generation)
+        except Exception as exc:  # one message must not cost the connection
+            self._message_failed(message, exc)
+
+    def _message_failed(self, message: mqtt.MQTTMessage, exc: Exception) -> None:
+        """A message the handler could not take (a bug: admission refuses bad input itself).
+
+        Not a reason to disconnect: a reconnect would only bring it back, again and again.
+        It stays unacknowledged; the broker resends it on the next session.
+        """
+        allowed, suppressed = self._failure_log.allow(("message", type(exc)))
+        if not allowed:
+            return
+        try:
+            topic = message.topic
+        except Exception:  # paho decodes the topic on access
+            topic = repr(bytes(message._topic))
+        log.error(
+            "mqtt_message_failed",
+            error=truncate(f"{type(exc).__name__}: {exc}"),
+            topic=topic,
+            action="left unacknowledged; reading goes on",
+            suppressed=suppressed,
+            exc_info=True,
+        )
 
 
 def _buffered(client: mqtt.Client) -> int:

@@ -39,10 +39,11 @@ from typing import Any, Literal, TypeVar, cast
 import aiosqlite
 
 from gateway.aio import Notifier
-from gateway.errors import DiskFull, StoreCorrupt, StoreError
+from gateway.errors import DiskFull, StoreCorrupt, StoreError, UnstorableValue
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
 from gateway.store import deadletters, ledger, recovery, schema, streams
+from gateway.store.bindable import BINDING_ERRORS
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
     DeadLetterOps,
@@ -363,7 +364,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         Applies the capacity policy in the same transaction, so what was acknowledged is
         exactly what is stored, plus what the policy dropped (counted, logged).
         Raises `BufferFull` (backpressure), `DiskFull` or `StoreError` (read-only, I/O):
-        nothing was stored and the caller must not acknowledge.
+        nothing was stored and the caller must not acknowledge. Raises `UnstorableValue`
+        when a value cannot be bound (an id beyond 64 bits): nothing was stored either, and
+        retrying the same rows would fail the same way (see `bindable.py`).
         """
         self._policy.check_room(self.pending_points, len(readings))
         if self.disk_full:
@@ -378,6 +381,12 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
                 raise DiskFull("disk full: waiting for uploads or the operator to free space")
 
         async def work() -> tuple[AppendResult, Callable[[], None]]:
+            try:
+                return await insert()
+            except BINDING_ERRORS as exc:  # raised before SQLite wrote the row
+                raise UnstorableValue(f"{type(exc).__name__}: {exc}") from exc
+
+        async def insert() -> tuple[AppendResult, Callable[[], None]]:
             rows: list[Row] = []
             new_streams: dict[StreamKey, int] = {}
             for reading in readings:

@@ -8,6 +8,7 @@ found when the whole path is a key of the top-level object.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -63,6 +64,8 @@ class SenmlRecord:
     base_name: str
     value: Any
     ts_ms: int | None
+    # why bt + t is no time (NaN, 1e308): the route's `bad_timestamp` decides what follows
+    ts_problem: str | None = None
 
 
 def senml_records(document: Any, now_ms: int) -> Iterator[SenmlRecord]:
@@ -85,14 +88,17 @@ def senml_records(document: Any, now_ms: int) -> Iterator[SenmlRecord]:
         value = _senml_value(record)
         if value is MISSING:
             continue  # a record that only sets base fields
-        ts_ms = None
+        ts_ms, problem = None, None
         if "t" in record or "bt" in record or base_time_s:
             time_s = base_time_s + _number(record.get("t", 0), "t")
-            if abs(time_s) < SENML_RELATIVE_BELOW_S:
-                ts_ms = now_ms + round(time_s * 1000)
-            else:
-                ts_ms = epoch_to_ms(time_s)
-        yield SenmlRecord(base_name + short_name, short_name, base_name, value, ts_ms)
+            try:
+                if abs(time_s) < SENML_RELATIVE_BELOW_S:
+                    ts_ms = now_ms + round(time_s * 1000)
+                else:
+                    ts_ms = epoch_to_ms(time_s)  # refuses NaN, inf and absurd magnitudes
+            except PayloadError as exc:
+                problem = exc.detail
+        yield SenmlRecord(base_name + short_name, short_name, base_name, value, ts_ms, problem)
 
 
 def _senml_value(record: dict[str, Any]) -> Any:
@@ -107,4 +113,7 @@ def _senml_value(record: dict[str, Any]) -> Any:
 def _number(raw: Any, key: str) -> float:
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise PayloadError("not_senml", f"{key} must be a number, got {raw!r:.40}")
-    return float(raw)
+    try:
+        return float(raw)
+    except OverflowError:  # an int beyond float range: no time either (see epoch_to_ms)
+        return math.inf if raw > 0 else -math.inf

@@ -3,7 +3,13 @@
 Routes are compiled once (paths split, zones resolved, names looked up) and each topic's
 answer is cached, because topics repeat forever: per message the work is one dict hit, one
 JSON parse and one step per mapped field. Nothing here raises on input: every message ends
-as readings, refusals with a stable code, or a reason it maps to nothing (`Outcome`).
+as readings, refusals with a stable code, or a reason it maps to nothing (`Outcome`); an
+exception nobody foresaw refuses that one message as `internal_error`.
+
+What comes from outside is bounded before it is used: a captured name (`{device}`,
+`{stream}`, `device_field`) longer than MAX_NAME_BYTES is `name_too_long`, an id taken from
+a name must be a positive signed 64-bit integer (`id_out_of_range`), and the topic cache
+is bounded in entries and in (estimated) bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.config import FieldSettings, RouteSettings, parse_timezone
+from gateway.config import DeviceNames, FieldSettings, RouteSettings, parse_timezone
 from gateway.errors import PayloadError
 from gateway.ingest.routes.payloads import MISSING, JsonPath, senml_records
 from gateway.ingest.routes.stamps import ReceiveStamps
@@ -29,12 +35,21 @@ from gateway.ingest.routes.values import (
     preview,
     validate_ts_ms,
 )
-from gateway.models import Reading
+from gateway.models import MAX_BLYNK_ID, Reading
 
 # Topics remembered with their answer; beyond this (a publisher inventing topics) the
-# answer is computed each time instead of growing memory.
+# answer is computed each time instead of growing memory. Bytes are estimated: a topic is
+# held twice (the key, and its captured names) plus ~200 bytes of dict slot and objects.
 MATCH_CACHE_MAX = 100_000
+MATCH_CACHE_MAX_BYTES = 16 * 1024 * 1024
+MATCH_CACHE_ENTRY_BYTES = 200
+# Longer topics are matched every time and never cached: they are not a site's sensors.
+MATCH_CACHE_MAX_TOPIC = 512
 DEFAULT_MAX_PAYLOAD_BYTES = 16_384
+# A captured device or stream name longer than this (UTF-8 bytes) is refused as
+# `name_too_long`: no sensor is named in 60 KB, and such a name must not reach a cache,
+# the unmapped-names list, `status` or a log line.
+MAX_NAME_BYTES = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +154,8 @@ class _Match:
     route: CompiledRoute
     device_name: str | None
     stream_name: str | None
+    # (code, detail) when a captured name can never be used: found once per topic
+    problem: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -149,6 +166,7 @@ class _Item:
     raw_value: Any
     raw_ts: Any = MISSING
     strict_ms: bool = False  # the legacy `{"value", "ts"}` form: ts must be epoch ms
+    ts_problem: str | None = None  # a time already known to be unusable (SenML bt + t)
 
 
 class RouteTable:
@@ -159,11 +177,20 @@ class RouteTable:
         routes: Sequence[RouteSettings],
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         devices: Mapping[str, int] | None = None,
+        *,
+        numeric_ids: bool | None = None,
     ) -> None:
+        """`numeric_ids`: an unlisted all-digit device name is the device id itself (the
+        `[devices]` entry `"+" = "numeric-id"`); None takes it from `devices` when that is
+        the configured `DeviceNames`, else off."""
         self.routes = tuple(CompiledRoute.compile(route) for route in routes)
         self.max_payload_bytes = max_payload_bytes
         self.devices = dict(devices or {})
+        if numeric_ids is None:
+            numeric_ids = isinstance(devices, DeviceNames) and devices.numeric_ids
+        self.numeric_ids = numeric_ids
         self._by_topic: dict[str, _Match | None] = {}
+        self._cached_bytes = 0
         self._stamps = ReceiveStamps()
 
     def keep_receive_stamps(self, previous: RouteTable) -> None:
@@ -188,17 +215,60 @@ class RouteTable:
         for route in self.routes:
             captured = route.topic.capture(topic)
             if captured is not None:
-                found = _Match(route, *captured)
+                found = _Match(route, *captured, self._name_problem(route, *captured))
                 break
-        if len(self._by_topic) < MATCH_CACHE_MAX:
-            self._by_topic[topic] = found
+        self._remember(topic, found)
         return found
 
+    def _remember(self, topic: str, found: _Match | None) -> None:
+        cost = MATCH_CACHE_ENTRY_BYTES + 2 * len(topic)
+        if (
+            len(topic) <= MATCH_CACHE_MAX_TOPIC
+            and len(self._by_topic) < MATCH_CACHE_MAX
+            and self._cached_bytes + cost <= MATCH_CACHE_MAX_BYTES
+        ):
+            self._by_topic[topic] = found
+            self._cached_bytes += cost
+
+    @property
+    def cached_topics(self) -> tuple[int, int]:
+        """(topics cached, their estimated bytes), for tests and diagnostics."""
+        return len(self._by_topic), self._cached_bytes
+
+    def _name_problem(
+        self, route: CompiledRoute, device_name: str | None, stream_name: str | None
+    ) -> tuple[str, str] | None:
+        """Why a topic's captured names can never become a reading, or None."""
+        if device_name is not None:
+            problem = self._device_name_problem(device_name)
+            if problem is not None:
+                return problem
+        if stream_name is not None:
+            if _too_long(stream_name):
+                return "name_too_long", _too_long_detail("stream", stream_name)
+            if not route.streams:
+                number = _digits(stream_name)
+                if number is not None and not 0 < number <= MAX_BLYNK_ID:
+                    return "id_out_of_range", _id_detail("datastream", number)
+        return None
+
+    def _device_name_problem(self, name: str) -> tuple[str, str] | None:
+        if _too_long(name):
+            return "name_too_long", _too_long_detail("device", name)
+        if self.numeric_ids and name not in self.devices:
+            number = _digits(name)
+            if number is not None and not 0 < number <= MAX_BLYNK_ID:
+                return "id_out_of_range", _id_detail("device", number)
+        return None
+
     def device_for(self, name: str) -> int | None:
-        """A device name's id: `[devices]` first, then a name that is itself an id."""
+        """A device name's id: `[devices]` first, then, with `numeric_ids`, a name that is
+        itself an id (positive, at most MAX_BLYNK_ID); None if neither."""
         device_id = self.devices.get(name)
-        if device_id is None and name.isascii() and name.isdigit():
-            return int(name)
+        if device_id is None and self.numeric_ids and not _too_long(name):
+            number = _digits(name)
+            if number is not None and 0 < number <= MAX_BLYNK_ID:
+                return number
         return device_id
 
     # ------------------------------------------------------------------ one message
@@ -206,11 +276,24 @@ class RouteTable:
     def route(
         self, topic: str, payload: bytes, received_ms: int, *, retained: bool = False
     ) -> Outcome:
+        """What one message becomes; never raises (see the module's docstring)."""
+        try:
+            return self._route(topic, payload, received_ms, retained)
+        except Exception as exc:  # free while nothing raises; one message costs only itself
+            found = self._by_topic.get(topic)
+            outcome = Outcome(found.route if found is not None else None)
+            self._refuse(outcome, "internal_error", describe_exception(exc), None, None)
+            return outcome
+
+    def _route(self, topic: str, payload: bytes, received_ms: int, retained: bool) -> Outcome:
         matched = self._match(topic)
         if matched is None:
             return Outcome(unmapped="unmapped_topic", unmapped_detail="no route matches this topic")
         route = matched.route
         outcome = Outcome(route)
+        if matched.problem is not None:
+            self._refuse(outcome, *matched.problem, None, route.target)
+            return outcome
         device_id = route.device_id
         if matched.device_name is not None:
             device_id = self._named_device(matched.device_name, outcome)
@@ -349,9 +432,13 @@ class RouteTable:
             outcome.unmapped = "no_device_field"
             outcome.unmapped_detail = f"no device name at {route.device_path.text!r}"
             return None
-        if isinstance(raw, int) and raw >= 0:
-            return self.devices.get(str(raw), raw)
-        return self._named_device(str(raw), outcome)
+        # A JSON integer is a name like any other (json.loads bounds its digits at 4,300).
+        name = raw if isinstance(raw, str) else str(raw)
+        problem = self._device_name_problem(name)
+        if problem is not None:
+            self._refuse(outcome, *problem, None, route.target)
+            return None
+        return self._named_device(name, outcome)
 
     def _element_items(
         self, route: CompiledRoute, target: Target | None, element: Any, *, in_array: bool
@@ -397,7 +484,7 @@ class RouteTable:
             )
             if target is not None:
                 raw_ts = MISSING if record.ts_ms is None else record.ts_ms
-                items.append(_Item(target, record.value, raw_ts))
+                items.append(_Item(target, record.value, raw_ts, ts_problem=record.ts_problem))
         return items
 
     # ------------------------------------------------------------------ one reading
@@ -441,6 +528,8 @@ class RouteTable:
     ) -> int | None:
         """The payload's own time in ms, None to use the receive time; raises if refused."""
         raw_ts = item.raw_ts
+        if item.ts_problem is not None:
+            return self._untrusted_time(route, item.ts_problem, outcome)
         if raw_ts is MISSING or raw_ts is None:
             return None
         if item.strict_ms:
@@ -454,6 +543,11 @@ class RouteTable:
                 problem = exc.detail
         if problem is None:
             return ts_ms
+        return self._untrusted_time(route, problem, outcome)
+
+    @staticmethod
+    def _untrusted_time(route: CompiledRoute, problem: str, outcome: Outcome) -> None:
+        """A payload time that cannot be used: refused, or replaced by the receive time."""
         if route.reject_bad_ts:
             raise PayloadError("bad_timestamp", problem)
         outcome.ts_replaced += 1
@@ -496,6 +590,38 @@ class RouteTable:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def describe_exception(exc: BaseException) -> str:
+    """`internal_error`'s detail: the exception's type first, then a bounded message."""
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails is still an exception
+        message = ""
+    return f"{type(exc).__name__}: {preview(message)}" if message else type(exc).__name__
+
+
+def _too_long(name: str) -> bool:
+    """More than MAX_NAME_BYTES in UTF-8? (Encodes only names that could be.)"""
+    if len(name) > MAX_NAME_BYTES:
+        return True
+    return len(name) * 4 > MAX_NAME_BYTES and (
+        len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+    )
+
+
+def _too_long_detail(kind: str, name: str) -> str:
+    size = len(name.encode("utf-8", "surrogatepass"))
+    return f"{kind} name of {size} bytes, more than {MAX_NAME_BYTES}: {preview(name, 40)}"
+
+
+def _digits(name: str) -> int | None:
+    """The number an all-ASCII-digit name spells (names are bounded: int() stays cheap)."""
+    return int(name) if name.isascii() and name.isdigit() else None
+
+
+def _id_detail(kind: str, number: int) -> str:
+    return f"{kind} id {preview(str(number), 40)} is not in 1..{MAX_BLYNK_ID}"
 
 
 def _as_list(document: Any) -> Iterable[Any]:

@@ -25,11 +25,24 @@ _ONE_MS = timedelta(milliseconds=1)
 _SECONDS_BELOW = 1e11
 _MILLIS_BELOW = 1e14
 _MICROS_BELOW = 1e17
+# Nanoseconds up to the year 5138 too; anything larger (a 400-digit integer, 1e308) is no
+# time at all, and would overflow the float and SQLite conversions downstream.
+_NANOS_BELOW = 1e20
+# The longest text that can be a time: ISO 8601 with µs and an offset is 32 characters. A
+# longer one is refused before `int()` (quadratic in the digits, and a ValueError beyond
+# Python's 4,300-digit limit) or `fromisoformat` ever sees it.
+MAX_TIME_TEXT = 40
 
 
 def epoch_to_ms(number: float) -> int:
-    """Seconds, ms, µs or ns since the epoch (told apart by magnitude) → ms."""
+    """Seconds, ms, µs or ns since the epoch (told apart by magnitude) → ms.
+
+    Raises `PayloadError("bad_timestamp")` for NaN, infinities and magnitudes no epoch unit
+    can mean (checked before any float conversion: a huge int is compared exactly).
+    """
     magnitude = abs(number)
+    if not magnitude < _NANOS_BELOW:  # also NaN, which compares False with everything
+        raise PayloadError("bad_timestamp", f"not a time: {_short(number)}")
     if magnitude < _SECONDS_BELOW:
         return math.floor(number * 1000)
     if magnitude < _MILLIS_BELOW:
@@ -54,8 +67,6 @@ class TimestampReader:
         if isinstance(raw, bool) or raw is None:
             raise PayloadError("bad_timestamp", f"not a time: {raw!r}")
         if isinstance(raw, int | float):
-            if not math.isfinite(raw):
-                raise PayloadError("bad_timestamp", f"not a time: {raw!r}")
             return epoch_to_ms(raw)
         if isinstance(raw, str):
             return self._text_to_ms(raw.strip())
@@ -64,24 +75,32 @@ class TimestampReader:
     def _text_to_ms(self, text: str) -> int:
         if not text:
             raise PayloadError("bad_timestamp", "empty time")
+        if len(text) > MAX_TIME_TEXT:
+            raise PayloadError("bad_timestamp", f"{len(text)} characters: {_short(text)}")
         if text[0].isdigit() and text.replace(".", "", 1).isdigit():
             return epoch_to_ms(float(text) if "." in text else int(text))
         try:
             moment = datetime.fromisoformat(text)
-        except ValueError as exc:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=self.zone) if self.zone else moment.astimezone()
+            return (moment - _EPOCH) // _ONE_MS
+        except (ValueError, OverflowError, OSError) as exc:  # year 1 in local time: Overflow
             raise PayloadError(
                 "bad_timestamp", f"neither epoch nor ISO 8601: {text[:40]!r}"
             ) from exc
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=self.zone) if self.zone else moment.astimezone()
-        return (moment - _EPOCH) // _ONE_MS
 
 
 def untrusted_reason(ts_ms: int, now_ms: int, max_future_ms: int) -> str | None:
     """Why a payload's time cannot be used as the reading's time, or None if it can."""
     if ts_ms > now_ms + max_future_ms:
-        ahead_s = (ts_ms - now_ms) / 1000
-        return f"ts {ts_ms} is {ahead_s:.0f} s ahead of the gateway's clock"
+        ahead_s = (ts_ms - now_ms) // 1000  # integer division: exact for any size
+        return f"ts {ts_ms} is {ahead_s} s ahead of the gateway's clock"
     if ts_ms < MIN_TRUSTED_MS:
         return f"ts {ts_ms} is before 2020 (a device clock that was never set?)"
     return None
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """A bounded repr for details: a 5,000-digit time must not become a 5,000-byte detail."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else "a huge int"
+    return text if len(text) <= limit else text[:limit] + "…"

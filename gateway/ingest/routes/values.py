@@ -78,13 +78,17 @@ def _from_object(document: dict[str, Any]) -> tuple[str, int | None]:
 
 def validate_ts_ms(raw_ts: Any) -> int:
     if isinstance(raw_ts, bool) or not isinstance(raw_ts, int | float):
-        raise PayloadError("ts_not_ms", f"'ts' must be epoch milliseconds, got {raw_ts!r}")
+        raise PayloadError(
+            "ts_not_ms", f"'ts' must be epoch milliseconds, got {_preview(repr(raw_ts))}"
+        )
     if isinstance(raw_ts, float) and not math.isfinite(raw_ts):
         raise PayloadError("ts_not_ms", f"'ts' must be finite, got {raw_ts!r}")
-    ts_ms = int(raw_ts)
-    if not MIN_TS_MS <= ts_ms <= MAX_TS_MS:
-        raise PayloadError("ts_not_ms", f"'ts' {ts_ms} is not epoch milliseconds (seconds or µs?)")
-    return ts_ms
+    if not MIN_TS_MS <= raw_ts <= MAX_TS_MS:  # compared before int(): 1e308 is no time
+        raise PayloadError(
+            "ts_not_ms",
+            f"'ts' {_preview(repr(raw_ts))} is not epoch milliseconds (seconds or µs?)",
+        )
+    return int(raw_ts)
 
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
