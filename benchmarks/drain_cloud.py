@@ -27,60 +27,22 @@ import tempfile
 import time
 from pathlib import Path
 
-import startup_backlog
-from startup_backlog import DEVICES, STREAMS, build
+from startup_backlog import DEVICES, build
 
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import (
-    SANDBOX_CLIENT_ID,
-    SANDBOX_CLIENT_SECRET,
     GatewayProcess,
     daemon_config,
     write_config,
 )
-from gateway.testing.sandbox import IMPORT_PATH, TOKEN_PATH, SandboxCloud
+from gateway.testing.sandbox import SandboxCloud
 from gateway.testing.sandbox_run import SandboxThread
 
 REPO = Path(__file__).resolve().parent.parent
+# The baseline client, a script of its own (`python benchmarks/httpx_poster.py`).
+POSTER = Path(__file__).resolve().parent / "httpx_poster.py"
 BATCH_SIZE = 1000  # the daemon's default flush.batch_size
 DRAIN_TIMEOUT_S = 600.0
-
-
-def bodies(readings: int, base_ts: int, batch_size: int = BATCH_SIZE) -> list[bytes]:
-    """The import/batch bodies the daemon sends for `startup_backlog.build`'s rows, in its
-    order: one batch per datastream per pass, oldest first, `gateway.uplink.cloud.build_body`'s
-    JSON."""
-    per_stream: list[list[str]] = [[] for _ in range(STREAMS)]
-    for stream_id, ts_ms, value in startup_backlog.rows(readings, base_ts):
-        per_stream[stream_id - 1].append(f'{{"value":{value},"ts":{ts_ms}}}')
-    out: list[bytes] = []
-    for offset in range(0, max(map(len, per_stream)), batch_size):
-        for index, points in enumerate(per_stream):
-            chunk = points[offset : offset + batch_size]
-            if chunk:
-                device = 300 + index
-                out.append(
-                    f'{{"deviceId":{device},"dataStreamId":1,"values":[{",".join(chunk)}]}}'.encode()
-                )
-    return out
-
-
-def post_all(base_url: str, readings: int, base_ts: int, batch_size: int) -> None:
-    """The baseline client (runs in its own process): token once, then POST every batch."""
-    import httpx
-
-    payloads = bodies(readings, base_ts, batch_size)
-    with httpx.Client(base_url=base_url, timeout=30) as client:
-        token = client.post(
-            TOKEN_PATH,
-            params={"grant_type": "client_credentials"},
-            auth=(SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET),
-        ).json()["access_token"]
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        for body in payloads:
-            response = client.post(IMPORT_PATH, content=body, headers=headers)
-            if response.status_code != 204:
-                raise SystemExit(f"sandbox answered {response.status_code}: {response.text}")
 
 
 def _timed_until(sandbox: SandboxThread, target: int, alive: object) -> float:
@@ -129,17 +91,11 @@ def daemon_drain(
 
 
 def httpx_drain(readings: int, base_ts: int, sandbox: SandboxThread) -> float:
-    """Points/s of the baseline client, a subprocess running `post_all`."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import drain_cloud; "
-        "drain_cloud.post_all(sys.argv[2], *map(int, sys.argv[3:]))"
-    )
+    """Points/s of the baseline client, `httpx_poster.py` in a child process."""
     process = subprocess.Popen(
         [
             sys.executable,
-            "-c",
-            code,
-            str(Path(__file__).resolve().parent),
+            str(POSTER),
             sandbox.base_url,
             str(readings),
             str(base_ts),

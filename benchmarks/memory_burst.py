@@ -50,7 +50,6 @@ import tomllib
 import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, daemon_config, write_config
@@ -59,6 +58,8 @@ from gateway.testing.sandbox_run import SandboxThread
 
 REPO = Path(__file__).resolve().parent.parent
 MEMTRACE_DIR = Path(__file__).resolve().parent / "memtrace"
+# The publisher, a script of its own: paho alone, nothing of ours to import.
+PUBLISHER = Path(__file__).resolve().parent / "burst_publisher.py"
 SENSORS = 20
 DEVICES = {400 + i: {1: "double"} for i in range(SENSORS)}
 ROUTES = [
@@ -167,60 +168,10 @@ def stored_readings(db: Path) -> int:
         connection.close()
 
 
-def fast_publish(host: str, port: int, client_id: str, n: int, base_ts: int) -> None:
-    """Publish n QoS 1 readings as fast as paho can and wait for every PUBACK.
-
-    Runs in its own process (`publish_process`): `AckedPublisher` keeps a record of every
-    message and tops out at a few thousand a second here, too slow to outrun the daemon,
-    which is the situation this benchmark is about.
-    """
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    acked = 0
-    connected = threading.Event()
-    done = threading.Event()
-
-    def on_connect(*args: Any) -> None:
-        connected.set()
-
-    def on_publish(*args: Any) -> None:
-        nonlocal acked
-        acked += 1
-        if acked >= n:
-            done.set()
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.on_connect = on_connect
-    client.on_publish = on_publish
-    client.connect(host, port)
-    client.loop_start()
-    if not connected.wait(10):
-        raise SystemExit("publisher could not connect")
-    for i in range(n):
-        payload = b'{"value": %.1f, "ts": %d}' % (20 + (i % 50) / 10, base_ts + i)
-        client.publish(f"burst/s{i % SENSORS}", payload, qos=1)
-        if i % 5000 == 4999:
-            while i - acked > 50_000:  # keep paho's own queue (and our RSS) bounded
-                time.sleep(0.01)
-    if not done.wait(600):
-        raise SystemExit(f"only {acked} of {n} PUBACKed")
-    client.disconnect()
-    client.loop_stop()
-
-
 def publish_process(broker: MosquittoBroker, client_id: str, n: int, base_ts: int) -> None:
-    """`fast_publish` in a child process; returns once the broker acknowledged all n."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import memory_burst; "
-        "memory_burst.fast_publish(sys.argv[2], int(sys.argv[3]), sys.argv[4], "
-        "int(sys.argv[5]), int(sys.argv[6]))"
-    )
-    here = str(Path(__file__).resolve().parent)
-    argv = [here, broker.host, str(broker.port), client_id, str(n), str(base_ts)]
-    subprocess.run([sys.executable, "-c", code, *argv], check=True, timeout=900)
+    """`burst_publisher.py` in a child process; returns once the broker acknowledged all n."""
+    argv = [broker.host, str(broker.port), client_id, str(n), str(base_ts)]
+    subprocess.run([sys.executable, str(PUBLISHER), *argv], check=True, timeout=900)
 
 
 def burst(

@@ -88,7 +88,9 @@ class Gateway:
         settings = self.settings
         started_at = time.monotonic()
         # owner=True: a damaged file is moved aside and salvaged here (logged as
-        # `buffer_corrupt`) instead of stopping the gateway.
+        # `buffer_corrupt`) instead of stopping the gateway. That, an upgrade of an old
+        # file and the full check later can outlast systemd's timeouts: the store reports
+        # their progress to the notifier, which keeps systemd informed (ops/systemd.py).
         self.store = store = await Store.open(
             settings.store.path,
             synchronous=settings.store.synchronous,
@@ -102,6 +104,7 @@ class Gateway:
             ),
             owner=True,
             page_size=settings.store.page_size,
+            long_work=self.notifier,
         )
         self.cloud = cloud = BlynkCloud(
             settings.cloud.server,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,13 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.status import REPORT_SECTIONS
 from gateway.config import CloudSettings
 from gateway.ops.status_socket import socket_path
-from gateway.testing.process import GatewayProcess
+from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from gateway.uplink.quota import DailyQuota
-from harness import publish, ts_payload, wait_until
+from harness import publish, settings_dict, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"
 HUMIDITY = "sensors/cellar/humidity"
@@ -199,3 +201,91 @@ async def test_dead_letters_listed_retried_with_a_fixed_datastream_and_purged(
     assert report["dead_letters"]["total"] == 0
     assert report["cloud"]["uploads"]["rejected"] >= 1
     assert await asyncio.to_thread(gateway.terminate) == 0
+
+
+# --------------------------------------------------------------------------- no report
+# `--json` prints JSON whatever happens: a monitoring script parses stdout every time.
+# No daemon, broker or cloud is needed: status contacts neither of the latter two.
+
+
+def config_without_a_daemon(tmp_path: Path) -> Path:
+    config = settings_dict(1883, "http://127.0.0.1:9", tmp_path / "state" / "buffer.db")
+    return write_config(tmp_path / "gateway.toml", config)
+
+
+def json_of(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert list(report) == ["generated_at", "error", *REPORT_SECTIONS]
+    return report
+
+
+def test_status_json_before_the_gateway_ever_ran(tmp_path: Path) -> None:
+    config = config_without_a_daemon(tmp_path)
+    buffer = tmp_path / "state" / "buffer.db"
+
+    result = cli("status", "--config", str(config), "--json")
+
+    assert result.returncode == 1, result.stderr
+    report = json_of(result)
+    assert report["error"]["code"] == "no_buffer"
+    assert str(buffer) in report["error"]["message"]
+    assert report["daemon"] == {"running": False}
+    assert report["cloud"] == {"server": "http://127.0.0.1:9", "online": None}
+    assert report["mqtt"] == {"broker": "127.0.0.1:1883", "connected": None}
+    assert report["backlog"] is report["quota"] is report["forecast"] is None
+    assert report["database"] == {"path": str(buffer), "file_bytes": None}
+    assert not buffer.exists()  # asking must not create the buffer
+    # The table keeps its sentence, on stderr.
+    table = cli("status", "--config", str(config))
+    assert (table.returncode, table.stdout) == (1, "")
+    assert table.stderr == (
+        f"blynk-gateway: no buffer database at {buffer} (has the gateway run yet?)\n"
+    )
+
+
+def test_status_json_names_a_damaged_buffer_and_a_bad_config(tmp_path: Path) -> None:
+    config = config_without_a_daemon(tmp_path)
+    buffer = tmp_path / "state" / "buffer.db"
+    buffer.parent.mkdir()
+    buffer.write_bytes(b"this is not a database" * 100)
+
+    damaged = json_of(cli("status", "--config", str(config), "--json"))
+    assert damaged["error"]["code"] == "buffer_damaged"
+    assert damaged["daemon"] == {"running": False}
+    assert damaged["dead_letters"] is None
+    assert buffer.read_bytes() == b"this is not a database" * 100  # only the daemon salvages
+
+    bad = settings_dict(1883, "http://127.0.0.1:9", buffer, mqtt={"port": "many"})
+    write_config(config, bad)
+    result = cli("status", "--config", str(config), "--json")
+    assert result.returncode == 2
+    report = json_of(result)
+    assert report["error"]["code"] == "config_invalid"
+    assert "mqtt.port" in report["error"]["message"]
+    assert all(report[section] is None for section in REPORT_SECTIONS)
+    missing = cli("status", "--config", str(tmp_path / "absent.toml"), "--json")
+    assert missing.returncode == 2
+    assert json_of(missing)["error"]["code"] == "config_invalid"
+
+
+def test_status_json_when_the_buffer_belongs_to_another_user(tmp_path: Path) -> None:
+    """As under the unit's DynamicUser=: the buffer's directory is not ours to read."""
+    config = config_without_a_daemon(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "buffer.db").write_bytes(b"")
+    command = [sys.executable, "-m", "gateway", "status", "--config", str(config)]
+    if os.geteuid() == 0:  # root reads anything unless it loses the capabilities for it
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+    state.chmod(0o000)
+    try:
+        result = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=60)
+        table = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        state.chmod(0o700)
+    assert result.returncode == 1, result.stderr
+    report = json_of(result)
+    assert report["error"]["code"] == "permission_denied"
+    assert "run status with sudo" in report["error"]["message"]
+    assert table.returncode == 1 and "Traceback" not in table.stderr
+    assert "Permission denied" in table.stderr

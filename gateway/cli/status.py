@@ -6,7 +6,11 @@ on a connection of our own (backlog per stream, today's quota, dead letters, evi
 which works whether the daemon runs or not. From both it forecasts, per device, what the
 backlog will lose to the daily quota and the age limit (`gateway.ops.forecast`).
 
-A table for people, `--json` for scripts (same keys as the table's sections).
+A table for people, `--json` for scripts (same keys as the table's sections). `--json`
+prints a JSON document in every case, also when there is nothing to report (no buffer yet,
+an unreadable or damaged one, a bad config): the sections it could not fill are null and
+`error` says why with a stable code, so a monitoring script can always parse stdout. The
+exit code is the command line's: 0 a report, 1 the buffer could not be read, 2 the config.
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.cli.common import EXIT_OK
-from gateway.errors import GatewayError
+from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
+from gateway.errors import ConfigError, GatewayError, StoreCorrupt, StoreError
 from gateway.ops.forecast import drain_eta_s, forecast_device
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+    from gateway.models import StreamKey
+    from gateway.store import StreamHead
 
 # Backlog histogram resolution for the forecast: an hour of timestamps per bucket.
 BUCKET_MS = 3_600_000
@@ -42,9 +50,47 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from gateway.config import load_settings
 
-    report = asyncio.run(collect(load_settings(args.config)))
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    if args.json:
+        report, exit_code = asyncio.run(collect_json(args.config))
+        print(json.dumps(report, indent=2))
+        return exit_code
+    # The table keeps its one sentence on stderr (cli.main) for what it cannot report.
+    print(render(asyncio.run(collect(load_settings(args.config)))))
     return EXIT_OK
+
+
+class BufferUnavailable(GatewayError):
+    """The buffer file cannot be read; `code` is stable (`--json`'s `error.code`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def collect_json(config: Path) -> tuple[dict[str, Any], int]:
+    """`--json`: the report and the exit code, whatever happens (never a bare sentence).
+
+    A config that does not load leaves nothing to ask (not even where the daemon's socket
+    is): every section is null. A buffer that cannot be read still gets the daemon's
+    live state, if one answers.
+    """
+    from gateway.config import load_settings
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        return unavailable_report("config_invalid", str(exc)), EXIT_CONFIG
+    report = await collect(settings, partial=True)
+    return report, EXIT_OK if report["error"] is None else EXIT_FAILURE
+
+
+def unavailable_report(code: str, message: str, now_ms: int | None = None) -> dict[str, Any]:
+    """The `--json` document when not even the config could be read."""
+    now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    return {
+        "generated_at": _iso(now_ms),
+        "error": {"code": code, "message": message},
+    } | dict.fromkeys(REPORT_SECTIONS)
 
 
 def ask_daemon(db_path: Path) -> dict[str, Any] | None:
@@ -59,44 +105,146 @@ def ask_daemon(db_path: Path) -> dict[str, Any] | None:
     return None
 
 
-async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, Any]:
-    """The whole report as plain data (what `--json` prints)."""
+@dataclass(frozen=True, slots=True)
+class BufferView:
+    """What `status` reads from the buffer file, on a connection of its own."""
+
+    heads: list[StreamHead]
+    histogram: list[tuple[StreamKey, int, int]]
+    ledger: dict[int, tuple[int, bool]]
+    dead_letters: dict[str, int]
+    drops: dict[int, tuple[int, int]]
+    file_bytes: int
+
+
+# Every key of the report, in order; those after `error` are null when unknown.
+REPORT_SECTIONS = (
+    "daemon",
+    "cloud",
+    "mqtt",
+    "backlog",
+    "quota",
+    "forecast",
+    "drain",
+    "dead_letters",
+    "evictions",
+    "ingest",
+    "database",
+)
+
+
+async def read_buffer(path: Path, day: str) -> BufferView:
+    """The buffer's figures, or `BufferUnavailable` saying why they cannot be had.
+
+    Checked before opening: `Store.open` would create a missing file (status must not), and
+    a permission problem deserves its own words (the unit's buffer is its user's alone).
+    """
     from gateway.store import Store
+
+    await asyncio.to_thread(_check_file, path)
+    try:
+        store = await Store.open(path)
+    except StoreCorrupt as exc:
+        raise BufferUnavailable("buffer_damaged", str(exc)) from exc
+    except (StoreError, OSError) as exc:
+        raise BufferUnavailable("buffer_unreadable", f"cannot read {path}: {exc}") from exc
+    try:
+        return BufferView(
+            heads=await store.stream_heads(),
+            histogram=await store.backlog_histogram(BUCKET_MS),
+            ledger=await store.quota_day(day),
+            dead_letters=await store.dead_letter_counts(),
+            drops=await store.capacity_drops(),
+            file_bytes=store.file_bytes(),
+        )
+    except StoreCorrupt as exc:
+        raise BufferUnavailable("buffer_damaged", str(exc)) from exc
+    except StoreError as exc:
+        raise BufferUnavailable("buffer_unreadable", f"cannot read {path}: {exc}") from exc
+    finally:
+        await store.close()
+
+
+def _check_file(path: Path) -> None:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise BufferUnavailable(
+            "no_buffer", f"no buffer database at {path} (has the gateway run yet?)"
+        ) from None
+    except PermissionError as exc:
+        raise _permission_denied(path, exc) from None
+    if not os.access(path, os.R_OK | os.W_OK):  # WAL readers write the -shm file too
+        raise _permission_denied(path, PermissionError("read and write access needed"))
+
+
+def _permission_denied(path: Path, exc: OSError) -> BufferUnavailable:
+    return BufferUnavailable(
+        "permission_denied",
+        f"cannot read the buffer database {path}: {exc.strerror or exc} (under the systemd "
+        "unit it belongs to the service's user: run status with sudo)",
+    )
+
+
+async def collect(
+    settings: Settings, now_ms: int | None = None, *, partial: bool = False
+) -> dict[str, Any]:
+    """The whole report as plain data (what `--json` prints).
+
+    A buffer that cannot be read raises `BufferUnavailable`, or with `partial` gives the
+    report without the buffer's sections (null) and `error` set.
+    """
     from gateway.uplink.quota import DailyQuota
 
     path = settings.store.path
-    if not path.exists():
-        raise GatewayError(f"no buffer database at {path} (has the gateway run yet?)")
     live = await asyncio.to_thread(ask_daemon, path)
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     cloud = settings.cloud
     quota = DailyQuota(cloud.daily_points_limit, cloud.day_timezone)
     day = quota.day_of(now_ms)
-    store = await Store.open(path)
+    header = {
+        "generated_at": _iso(now_ms),
+        "error": None,
+        "daemon": _daemon(live, now_ms),
+        "cloud": _cloud(live, settings, now_ms),
+        "mqtt": {
+            "broker": f"{settings.mqtt.host}:{settings.mqtt.port}",
+            "connected": live["mqtt_connected"] if live else None,
+        },
+    }
     try:
-        heads = await store.stream_heads()
-        histogram = await store.backlog_histogram(BUCKET_MS)
-        ledger = await store.quota_day(day)
-        if live:  # the running daemon has counted some points ahead (pass-through)
-            reserved = live.get("quota_reserved_today", {})
-            ledger = {
-                device: (points - reserved.get(str(device), 0), exhausted)
-                for device, (points, exhausted) in ledger.items()
+        view = await read_buffer(path, day)
+    except BufferUnavailable as exc:
+        if not partial:
+            raise
+        unknown = dict.fromkeys(("backlog", "quota", "forecast", "drain"))
+        unknown |= dict.fromkeys(("dead_letters", "evictions"))
+        return (
+            header
+            | {"error": {"code": exc.code, "message": str(exc)}}
+            | unknown
+            | {
+                "ingest": _ingest(live),
+                "database": {"path": str(path), "file_bytes": None},
             }
-        dead = await store.dead_letter_counts()
-        drops = await store.capacity_drops()
-        file_bytes = store.file_bytes()
-    finally:
-        await store.close()
+        )
+    ledger = view.ledger
+    if live:  # the running daemon has counted some points ahead (pass-through)
+        reserved = live.get("quota_reserved_today", {})
+        ledger = {
+            device: (points - reserved.get(str(device), 0), exhausted)
+            for device, (points, exhausted) in ledger.items()
+        }
+    heads, drops = view.heads, view.drops
 
     per_stream: dict[Any, int] = defaultdict(int)
     per_device_hist: dict[int, dict[Any, list[tuple[int, int]]]] = defaultdict(dict)
-    for key, bucket, count in histogram:
+    for key, bucket, count in view.histogram:
         per_stream[key] += count
         per_device_hist[key.device_id].setdefault(key, []).append((bucket, count))
     rates = live["rates_per_s"] if live else {}
     max_age_ms = now_ms - cloud.oldest_sendable_ms(now_ms)
-    forecasts = []
+    forecasts: list[dict[str, Any]] = []
     for device, streams in sorted(per_device_hist.items()):
         sent, exhausted = ledger.get(device, (0, False))
         # A device whose quota is spent sends nothing until the reset, whatever it did before.
@@ -126,14 +274,7 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
         )
     backlog = sum(per_stream.values())
     oldest = min((head.oldest_ts_ms for head in heads), default=None)
-    return {
-        "generated_at": _iso(now_ms),
-        "daemon": _daemon(live, now_ms),
-        "cloud": _cloud(live, settings, now_ms),
-        "mqtt": {
-            "broker": f"{settings.mqtt.host}:{settings.mqtt.port}",
-            "connected": live["mqtt_connected"] if live else None,
-        },
+    return header | {
         "backlog": {
             "readings": backlog,
             "oldest": _iso(oldest),
@@ -173,7 +314,7 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
             "devices": forecasts,
         },
         "drain": _drain(backlog, rates),
-        "dead_letters": {"total": sum(dead.values()), "by_reason": dead},
+        "dead_letters": {"total": sum(view.dead_letters.values()), "by_reason": view.dead_letters},
         "evictions": {
             "evicted": sum(evicted for evicted, _ in drops.values()),
             "refused": sum(refused for _, refused in drops.values()),
@@ -182,7 +323,7 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
         "ingest": _ingest(live),
         "database": {
             "path": str(path),
-            "file_bytes": file_bytes,
+            "file_bytes": view.file_bytes,
         },
     }
 

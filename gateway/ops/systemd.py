@@ -15,13 +15,20 @@ no-op. What the service manager is told:
   service. If the event loop itself is blocked, nothing is sent either.
 * `STATUS=` a one-line summary, at most every `STATUS_INTERVAL_S` and only when it changed.
 * `RELOADING=1` … `READY=1` around a reload, `STOPPING=1` when shutdown begins.
+* While the store salvages a damaged file, upgrades an old one or checks a whole one
+  (work that can outlast `WatchdogSec=` and `TimeoutStartSec=`), and only while it
+  reports progress: `EXTEND_TIMEOUT_USEC=`, `WATCHDOG=1` once READY, and `STATUS=` saying
+  how far it got (:meth:`ServiceNotifier.long_work`). Otherwise systemd kills the gateway
+  mid-salvage and the next start begins again: a restart loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -33,6 +40,11 @@ log = get_logger("systemd")
 STATUS_INTERVAL_S = 5.0
 # A status query that takes longer than this (a stuck store) is skipped, not awaited.
 STATUS_QUERY_TIMEOUT_S = 2.0
+# Long store work: EXTEND_TIMEOUT_USEC= asks for this much more time each time it is sent,
+# at most every LONG_WORK_NOTIFY_S (and at least twice per watchdog interval). Work that
+# stops reporting is given up on by systemd this long after its last report.
+LONG_WORK_EXTEND_S = 30.0
+LONG_WORK_NOTIFY_S = 5.0
 
 
 class ServiceNotifier:
@@ -58,6 +70,19 @@ class ServiceNotifier:
             self._sock.setblocking(False)
         usec = watchdog_usec if self._sock is not None else None
         self.watchdog_interval_s = usec / 2_000_000 if usec else None
+        # READY=1 arms systemd's watchdog and STOPPING=1 ends it: WATCHDOG=1 only between.
+        self._phase = "starting"
+        # Long store work (`long_work`), reported from the thread that does it.
+        self._long_work_lock = threading.Lock()
+        self._long_work_active = False
+        self._long_work_sent = -math.inf
+        # When work that holds the store (ingest and flush wait) last reported, or ended.
+        self._holding_store = False
+        self._holding_store_at = -math.inf
+        interval_s = self.watchdog_interval_s
+        self.long_work_every_s = (
+            min(LONG_WORK_NOTIFY_S, interval_s / 2) if interval_s else LONG_WORK_NOTIFY_S
+        )
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> ServiceNotifier:
@@ -102,6 +127,7 @@ class ServiceNotifier:
 
     def ready(self, status: str | None = None) -> bool:
         """Startup (or a reload) is complete."""
+        self._phase = "running"
         return self.notify("READY=1", *_status(status))
 
     def reloading(self, status: str | None = None) -> bool:
@@ -113,7 +139,63 @@ class ServiceNotifier:
         )
 
     def stopping(self, status: str | None = None) -> bool:
+        self._phase = "stopping"
         return self.notify("STOPPING=1", *_status(status))
+
+    # ------------------------------------------------------------ long store work
+    # The store's `LongWorkObserver` (gateway.store.progress): called from worker threads.
+
+    def long_work(self, status: str, *, holds_store: bool) -> None:
+        """Long store work still moves; tell systemd, at most every `long_work_every_s`.
+
+        sd_notify(3): `EXTEND_TIMEOUT_USEC=` extends the timeout of the state the service
+        is in: `TimeoutStartSec=` before READY=1 (the watchdog is not armed yet: WATCHDOG=1
+        would arm it early), `TimeoutStopSec=` after STOPPING=1 (a salvage under way
+        finishes before the store closes). Once READY, the watchdog is what could kill
+        us, and `WATCHDOG=1` is what feeds it: sent from here too while the work
+        `holds_store`, because the loops that normally earn it are waiting for the store
+        (work beside them, the full check, leaves the pings to the monitor). Sent from
+        the work's own thread, only when it reports: work that hangs stops the messages,
+        and systemd's timeouts apply.
+        """
+        now = time.monotonic()
+        with self._long_work_lock:
+            self._long_work_active = True
+            if holds_store:
+                self._holding_store, self._holding_store_at = True, now
+            if now - self._long_work_sent < self.long_work_every_s:
+                return
+            self._long_work_sent = now
+        extend_usec = int(max(LONG_WORK_EXTEND_S, 4 * self.long_work_every_s) * 1_000_000)
+        lines = [f"EXTEND_TIMEOUT_USEC={extend_usec}", *_status(status)]
+        if holds_store and self._phase == "running" and self.watchdog_interval_s is not None:
+            lines.insert(1, "WATCHDOG=1")
+        self.notify(*lines)
+
+    def long_work_done(self) -> None:
+        """The long work ended; the next one is told at once. STATUS= is the monitor's
+        again (its next summary replaces the work's line)."""
+        with self._long_work_lock:
+            self._long_work_active = False
+            if self._holding_store:
+                self._holding_store, self._holding_store_at = False, time.monotonic()
+            self._long_work_sent = -math.inf
+
+    @property
+    def long_work_active(self) -> bool:
+        return self._long_work_active
+
+    def long_work_excuses_loops(self) -> bool:
+        """Whether the loops may stand still for the store's long work: work that holds
+        the store reported within one watchdog timeout (or ended that recently, giving
+        them time to move again).
+
+        Longer would keep a hung salvage alive with the monitor's pings; shorter would
+        only log `watchdog_withheld` for loops that merely wait (the work's own pings
+        keep systemd fed).
+        """
+        window_s = 2 * self.watchdog_interval_s if self.watchdog_interval_s else 0.0
+        return time.monotonic() - self._holding_store_at < window_s
 
     def status(self, text: str) -> bool:
         return self.notify(*_status(text))
@@ -179,6 +261,10 @@ class ServiceMonitor:
             await asyncio.sleep(interval_s)
 
     def _all_alive(self) -> bool:
+        if self._notifier.long_work_excuses_loops():
+            # Ingest and flush wait for the store's salvage (it holds the store's lock);
+            # the work reports its own progress, and its pings stop if it hangs.
+            return True
         alive = True
         for name, check in self._checks.items():
             stalled_s = check()
@@ -202,6 +288,10 @@ class ServiceMonitor:
 
     async def _status_loop(self, status: Callable[[], Awaitable[str]]) -> None:
         while True:
+            if self._notifier.long_work_active:
+                # STATUS= tells how far the store's long work got; its end hands it back.
+                await asyncio.sleep(self._status_interval_s)
+                continue
             text: str | None = None
             try:
                 async with asyncio.timeout(STATUS_QUERY_TIMEOUT_S):

@@ -3,7 +3,7 @@
 `Store` (buffer.py) is what ingest and flush use; the rest is its parts: `schema`
 (tables, `migrate`), `capacity` (limits and drop policies), `disk` (full-disk reserve),
 `deadletters`, `ledger` (daily quota), `inspection` (read-only views), `recovery` and
-`rawpages` (salvaging a damaged file).
+`rawpages` (salvaging a damaged file), `progress` (long work tells its owner it moves).
 """
 
 from gateway.store.buffer import EXPIRE_CHUNK, AppendResult, Lease, Store
@@ -17,6 +17,7 @@ from gateway.store.deadletters import (
 )
 from gateway.store.disk import StoreFault
 from gateway.store.inspection import StreamHead
+from gateway.store.progress import LongWorkObserver, WorkProgress
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, quick_check
 from gateway.store.schema import DEFAULT_PAGE_SIZE, SCHEMA_VERSION, create_schema, migrate
@@ -32,6 +33,7 @@ __all__ = [
     "DeadLetterFilter",
     "FullPolicy",
     "Lease",
+    "LongWorkObserver",
     "RejectedPayload",
     "Retarget",
     "RetryResult",
@@ -40,6 +42,7 @@ __all__ = [
     "StoreFault",
     "StreamHead",
     "StreamState",
+    "WorkProgress",
     "check_header",
     "create_schema",
     "migrate",

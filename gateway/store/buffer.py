@@ -16,7 +16,8 @@ Storage rules (kept simple on purpose, like litestream's):
    count and the file's page counts, never by scanning the table (`capacity.py`).
 6. A damaged file never stops the gateway: the owner (the daemon) moves it aside, salvages
    every row it can still read into a fresh file, logs `buffer_corrupt`, and carries on
-   (`recovery.py`, `rawpages.py`).
+   (`recovery.py`, `rawpages.py`). Long work (salvage, upgrade, full check) reports its
+   progress to the owner's `LongWorkObserver` (`progress.py`): systemd must not kill it.
 7. A full disk must not stop uploads: the owner keeps a reserve file to release when
    SQLite reports SQLITE_FULL, so deletes can still be written (`disk.py`).
 
@@ -52,6 +53,7 @@ from gateway.store.deadletters import (
 from gateway.store.disk import DiskGuard, StoreFault, checkpoint_restart
 from gateway.store.inspection import ReadViews
 from gateway.store.ledger import QuotaLedger
+from gateway.store.progress import LongWorkObserver
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, is_corruption, store_error
 from gateway.store.reservations import QuotaReservations
@@ -104,8 +106,10 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         owner: bool,
         page_size: int,
         monotonic: Callable[[], float],
+        long_work: LongWorkObserver | None,
     ) -> None:
         self.path = path
+        self._long_work = long_work
         self._db: aiosqlite.Connection
         self._clock_ms = clock_ms
         self._capacity = capacity
@@ -149,13 +153,15 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         owner: bool = False,
         page_size: int = DEFAULT_PAGE_SIZE,
         monotonic: Callable[[], float] | None = None,
+        long_work: LongWorkObserver | None = None,
     ) -> Store:
         """Open (creating or upgrading) the buffer.
 
         `owner=True` is the daemon: only the owner writes the clean-shutdown record and
         recovers a damaged file (moving it aside while `status` reads it would be wrong).
         Anyone else gets `StoreCorrupt`. `monotonic` paces the summary log lines (tests
-        inject one).
+        inject one). `long_work` hears how a salvage, an upgrade or the full check
+        progresses, here and for as long as the store is open.
         """
         started = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,13 +173,16 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             owner=owner,
             page_size=page_size,
             monotonic=monotonic or time.monotonic,
+            long_work=long_work,
         )
         try:
             await store._connect()
         except StoreCorrupt as exc:
             if not owner:
                 raise
-            report = await asyncio.to_thread(recovery.recover_file, path, str(exc), page_size)
+            report = await asyncio.to_thread(
+                recovery.recover_file, path, str(exc), page_size, long_work
+            )
             await store._connect()
             store.recovery = report
             report.emit(buffered=store.pending_points)
@@ -188,7 +197,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         if problem is not None:
             raise StoreCorrupt(problem)
         try:
-            await asyncio.to_thread(schema.prepare_file, self.path, self._new_page_size)
+            await asyncio.to_thread(
+                schema.prepare_file, self.path, self._new_page_size, self._long_work
+            )
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
@@ -216,6 +227,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         if clean:
             self.pending_points = clean[0]
         else:
+            # One opcode reading every leaf page, so SQLite reports no progress: at start
+            # (before READY=1, under TimeoutStartSec=), or on a file a salvage just wrote.
             (count,) = await fetch_one(db, "SELECT count(*) FROM readings")
             self.pending_points = int(count)
         await recovery.probe(db, self._stream_keys)
@@ -635,7 +648,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         """
         started = time.perf_counter()
         try:
-            problems = await asyncio.to_thread(recovery.quick_check, self.path)
+            problems = await asyncio.to_thread(recovery.quick_check, self.path, self._long_work)
         except sqlite3.Error as exc:
             problems = [f"{type(exc).__name__}: {exc}"]
         duration_ms = round((time.perf_counter() - started) * 1000, 1)
@@ -663,7 +676,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
     async def _swap_for_salvaged(self, error: str) -> None:
         with contextlib.suppress(sqlite3.Error, ValueError):
             await self._db.close()
-        report = await asyncio.to_thread(recovery.recover_file, self.path, error, self.page_size)
+        report = await asyncio.to_thread(
+            recovery.recover_file, self.path, error, self.page_size, self._long_work
+        )
         await self._connect()
         self._policy.byte_cap = None
         self.recovery = report

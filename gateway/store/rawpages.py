@@ -22,7 +22,7 @@ import contextlib
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,15 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 _WAL_MAGICS = (0x377F0682, 0x377F0683)
 _PAGE_TYPES = {0x02, 0x05, 0x0A, 0x0D}
 _SIZES = tuple(1 << bits for bits in range(9, 17))
+# Copied per read when a header is repaired: the salvage reports progress between chunks.
+_COPY_CHUNK = 1 << 20
+
+# Called once per page read, frame checked or chunk copied: the salvage's progress report.
+OnPage = Callable[[], object]
+
+
+def _nothing() -> None:
+    pass
 
 
 # ---------------------------------------------------------------------- header check
@@ -62,7 +71,7 @@ def check_header(path: Path) -> str | None:
 # ---------------------------------------------------------------------- header repair
 
 
-def repair_header(path: Path, *, default_page_size: int) -> Path | None:
+def repair_header(path: Path, *, default_page_size: int, on_page: OnPage = _nothing) -> Path | None:
     """A copy of `path` (and its WAL) with a rebuilt header, or None if hopeless."""
     try:
         size = path.stat().st_size
@@ -73,12 +82,21 @@ def repair_header(path: Path, *, default_page_size: int) -> Path | None:
     if page_size is None or size < 2 * page_size:
         return None
     repaired = path.with_name(path.name + ".repaired")
-    shutil.copyfile(path, repaired)
+    _copy(path, repaired, on_page)
     if wal.exists():
-        shutil.copyfile(wal, Path(f"{repaired}-wal"))
+        _copy(wal, Path(f"{repaired}-wal"), on_page)
     with repaired.open("r+b") as handle:
         handle.write(_header(page_size, size // page_size))
     return repaired
+
+
+def _copy(source: Path, target: Path, on_chunk: OnPage) -> None:
+    """`shutil.copyfile` by chunks: a big file on an SD card takes a while to copy."""
+    with source.open("rb") as reader, target.open("wb") as writer:
+        while chunk := reader.read(_COPY_CHUNK):
+            writer.write(chunk)
+            on_chunk()
+    shutil.copymode(source, target)
 
 
 def _header(page_size: int, page_count: int) -> bytes:
@@ -155,18 +173,21 @@ class RawPages:
     page_count: int
     wal_frames: dict[int, int]  # page number -> offset of its newest committed frame
     free_pages: set[int]
+    on_page: OnPage = _nothing
 
     @classmethod
-    def open(cls, path: Path, default_page_size: int) -> RawPages | None:
+    def open(
+        cls, path: Path, default_page_size: int, on_page: OnPage = _nothing
+    ) -> RawPages | None:
         size = path.stat().st_size
         wal = Path(f"{path}-wal")
         page_size = _header_page_size(path) or _wal_page_size(wal)
         page_size = page_size or _guess_page_size(path, size, default_page_size)
         if page_size is None:
             return None
-        frames, wal_pages = _committed_frames(wal, page_size)
+        frames, wal_pages = _committed_frames(wal, page_size, on_page)
         count = max(size // page_size, wal_pages)
-        pages = cls(path, page_size, count, frames, set())
+        pages = cls(path, page_size, count, frames, set(), on_page)
         free = pages._freelist_from_header()
         pages.free_pages = free if free is not None else pages._freelist_like_pages()
         return pages
@@ -216,6 +237,7 @@ class RawPages:
                 else:
                     db.seek((number - 1) * self.page_size)
                     data = db.read(self.page_size)
+                self.on_page()
                 if len(data) == self.page_size:
                     yield number, data
 
@@ -326,7 +348,9 @@ def _open_or_none(path: Path) -> Any:
         return _NullContext()
 
 
-def _committed_frames(wal: Path, page_size: int) -> tuple[dict[int, int], int]:
+def _committed_frames(
+    wal: Path, page_size: int, on_frame: OnPage = _nothing
+) -> tuple[dict[int, int], int]:
     """Offsets of the newest version of each page in the WAL's committed, checksummed prefix."""
     try:
         data_size = wal.stat().st_size
@@ -358,6 +382,7 @@ def _committed_frames(wal: Path, page_size: int) -> tuple[dict[int, int], int]:
             s0, s1 = _checksum(frame[24:], s0, s1, big_endian)
             if (s0, s1) != (c0, c1):
                 break
+            on_frame()
             pending[number] = offset + 24
             if commit_size:
                 committed.update(pending)

@@ -5,6 +5,8 @@ full, read-only, damaged). A damaged file is never a reason to stop: `recover_fi
 aside as `<name>.corrupt-<UTC timestamp>` and copies every row SQLite can still read into a
 fresh file, probing past damaged page ranges; when SQLite cannot even read the schema, the
 raw page decoder (`rawpages`) takes over. `quick_check` is the full O(file) integrity check.
+Both can outlast a service manager's patience on a big file: they report their progress
+(`progress.WorkProgress`) so the owner can tell the manager they are still moving.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import aiosqlite
 from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
 from gateway.store import rawpages
+from gateway.store.progress import LongWorkObserver, WorkProgress
 from gateway.store.rawpages import check_header
 from gateway.store.schema import create_schema
 
@@ -114,11 +117,14 @@ def _utc_stamp(now_s: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now_s))
 
 
-def quick_check(path: Path) -> list[str]:
+def quick_check(path: Path, observer: LongWorkObserver | None = None) -> list[str]:
     """`PRAGMA quick_check` on a read-only connection: [] if the file is sound, else problems."""
     connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        rows = connection.execute("PRAGMA quick_check(20)").fetchall()
+        checking = WorkProgress(observer, "checking the buffer's integrity", holds_store=False)
+        with checking as progress:
+            progress.watch(connection)
+            rows = connection.execute("PRAGMA quick_check(20)").fetchall()
     finally:
         connection.close()
     problems = [str(row[0]) for row in rows]
@@ -128,34 +134,45 @@ def quick_check(path: Path) -> list[str]:
 # ---------------------------------------------------------------------- salvage
 
 
-def recover_file(path: Path, error: str, page_size: int) -> SalvageReport:
+def recover_file(
+    path: Path, error: str, page_size: int, observer: LongWorkObserver | None = None
+) -> SalvageReport:
     """Move a damaged database aside and salvage what it still holds into a fresh file.
 
     Runs in a worker thread with plain sqlite3 connections: it is a one-off that loops
-    with try/except around every read, which is simplest synchronously.
+    with try/except around every read, which is simplest synchronously. Its progress
+    goes to `observer` (rows saved, pages read) from this thread.
     """
-    aside = _move_aside(path)
-    source = aside
-    header_repaired = False
-    if check_header(aside) is not None or not _schema_readable(aside):
-        repaired = rawpages.repair_header(aside, default_page_size=page_size)
-        if repaired is not None and _schema_readable(repaired):
-            source, header_repaired = repaired, True
-    fresh = sqlite3.connect(path, isolation_level=None)
-    try:
-        create_schema(fresh, page_size)
-        if _schema_readable(source):
-            counts = _salvage_rows(source, fresh)
-            if counts.skipped_ranges:
-                # SQLite cannot reach keys that sit in intact interior pages between
-                # damaged leaves; the page scan can.
-                counts.readings += _salvage_raw(aside, fresh, page_size, union=True).readings
-        else:
-            counts = _salvage_raw(aside, fresh, page_size)
-    finally:
-        fresh.close()
-        if source != aside:
-            rawpages.remove_copy(source)
+    salvaging = WorkProgress(
+        observer, "salvaging the damaged buffer", holds_store=True, unit="MiB copied"
+    )
+    with salvaging as progress:
+        aside = _move_aside(path)
+        source = aside
+        header_repaired = False
+        if check_header(aside) is not None or not _schema_readable(aside):
+            repaired = rawpages.repair_header(
+                aside, default_page_size=page_size, on_page=progress.step
+            )
+            if repaired is not None and _schema_readable(repaired):
+                source, header_repaired = repaired, True
+        fresh = sqlite3.connect(path, isolation_level=None)
+        try:
+            progress.watch(fresh)
+            create_schema(fresh, page_size)
+            if _schema_readable(source):
+                counts = _salvage_rows(source, fresh, progress)
+                if counts.skipped_ranges:
+                    # SQLite cannot reach keys that sit in intact interior pages between
+                    # damaged leaves; the page scan can.
+                    union = _salvage_raw(aside, fresh, page_size, progress, union=True)
+                    counts.readings += union.readings
+            else:
+                counts = _salvage_raw(aside, fresh, page_size, progress)
+        finally:
+            fresh.close()
+            if source != aside:
+                rawpages.remove_copy(source)
     return SalvageReport(
         moved_to=aside, header_repaired=header_repaired, error=error, **asdict(counts)
     )
@@ -295,10 +312,14 @@ def _probe_past_damage(
     return good
 
 
-def _salvage_rows(source_path: Path, fresh: sqlite3.Connection) -> SalvageCounts:
+def _salvage_rows(
+    source_path: Path, fresh: sqlite3.Connection, progress: WorkProgress
+) -> SalvageCounts:
     counts = SalvageCounts()
     source = sqlite3.connect(source_path)
+    progress.unit, progress.count, progress.total = "readings read", 0, None
     try:
+        progress.watch(source)
         source.execute("PRAGMA query_only=1")
         columns = {row[1] for row in _safe_rows(source, "PRAGMA table_info(readings)", counts)}
         has_rowid_layout = "id" in columns
@@ -338,6 +359,7 @@ def _salvage_rows(source_path: Path, fresh: sqlite3.Connection) -> SalvageCounts
         batch: list[tuple[Any, ...]] = []
         orphans: list[tuple[Any, ...]] = []
         for stream_id, ts_ms, value in reading_rows:
+            progress.step()
             if not _valid_reading(stream_id, ts_ms, value):
                 continue
             if stream_id in stream_ids:
@@ -395,14 +417,22 @@ def _salvage_rows(source_path: Path, fresh: sqlite3.Connection) -> SalvageCounts
 
 
 def _salvage_raw(
-    aside: Path, fresh: sqlite3.Connection, page_size: int, *, union: bool = False
+    aside: Path,
+    fresh: sqlite3.Connection,
+    page_size: int,
+    progress: WorkProgress,
+    *,
+    union: bool = False,
 ) -> SalvageCounts:
     """Decode the pages ourselves: the last resort when SQLite cannot read the schema, or
     (`union`) a second pass adding keys the logical pass could not reach."""
     counts = SalvageCounts()
-    pages = rawpages.RawPages.open(aside, page_size)
+    progress.unit, progress.count, progress.total = "pages read", 0, None
+    pages = rawpages.RawPages.open(aside, page_size, on_page=progress.step)
     if pages is None:
         return counts
+    # Each pass below reads the file once more: the count restarts with each.
+    progress.count, progress.total = 0, pages.page_count
     fresh.execute("BEGIN IMMEDIATE")
     if union:
         streams = {int(row[0]) for row in fresh.execute("SELECT id FROM streams")}
@@ -418,6 +448,7 @@ def _salvage_raw(
         streams = set(found)
     batch: list[tuple[int, int, str]] = []
     orphans: list[tuple[int, int, str]] = []
+    progress.count = 0
     for row in rawpages.raw_readings(pages):
         if not _valid_reading(*row):
             continue

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gateway.errors import StoreError
 from gateway.log import get_logger
+from gateway.store.progress import LongWorkObserver, WorkProgress
 
 log = get_logger("store")
 
@@ -145,10 +146,16 @@ def create_schema(connection: sqlite3.Connection, page_size: int = DEFAULT_PAGE_
     migrate(connection)
 
 
-def prepare_file(path: Path, page_size: int) -> None:
-    """`create_schema` on a connection of its own (the store runs this in a worker thread)."""
+def prepare_file(path: Path, page_size: int, observer: LongWorkObserver | None = None) -> None:
+    """`create_schema` on a connection of its own (the store runs this in a worker thread).
+
+    Upgrading an old file rewrites its readings, which on a big backlog takes a while: the
+    progress goes to `observer` (silent when there is nothing to upgrade).
+    """
     connection = sqlite3.connect(path, isolation_level=None)
     try:
-        create_schema(connection, page_size)
+        with WorkProgress(observer, "upgrading the buffer file", holds_store=True) as progress:
+            progress.watch(connection)
+            create_schema(connection, page_size)
     finally:
         connection.close()

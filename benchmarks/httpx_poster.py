@@ -1,0 +1,74 @@
+"""The baseline client of `drain_cloud.py`: a bare `httpx.Client` posting the daemon's batches.
+
+Run by `drain_cloud.httpx_drain` as a script of its own, against the same sandbox cloud
+the daemon drained into:
+
+    python benchmarks/httpx_poster.py BASE_URL READINGS BASE_TS BATCH_SIZE
+
+It fetches a token once, builds every body before the first request (`bodies`: the
+daemon's batch size, its round-robin order over datastreams, the same JSON), then posts
+them one after another. Exits non-zero if the sandbox refuses one.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import startup_backlog
+from startup_backlog import STREAMS
+
+from gateway.testing.process import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
+from gateway.testing.sandbox import IMPORT_PATH, TOKEN_PATH
+
+BATCH_SIZE = 1000  # the daemon's default flush.batch_size (drain_cloud.BATCH_SIZE)
+
+
+def bodies(readings: int, base_ts: int, batch_size: int = BATCH_SIZE) -> list[bytes]:
+    """The import/batch bodies the daemon sends for `startup_backlog.build`'s rows, in its
+    order: one batch per datastream per pass, oldest first, `gateway.uplink.cloud.build_body`'s
+    JSON."""
+    per_stream: list[list[str]] = [[] for _ in range(STREAMS)]
+    for stream_id, ts_ms, value in startup_backlog.rows(readings, base_ts):
+        per_stream[stream_id - 1].append(f'{{"value":{value},"ts":{ts_ms}}}')
+    out: list[bytes] = []
+    for offset in range(0, max(map(len, per_stream)), batch_size):
+        for index, points in enumerate(per_stream):
+            chunk = points[offset : offset + batch_size]
+            if chunk:
+                device = 300 + index
+                out.append(
+                    f'{{"deviceId":{device},"dataStreamId":1,"values":[{",".join(chunk)}]}}'.encode()
+                )
+    return out
+
+
+def post_all(base_url: str, readings: int, base_ts: int, batch_size: int) -> None:
+    """Token once, then POST every batch, in order."""
+    import httpx
+
+    payloads = bodies(readings, base_ts, batch_size)
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        token = client.post(
+            TOKEN_PATH,
+            params={"grant_type": "client_credentials"},
+            auth=(SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET),
+        ).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        for body in payloads:
+            response = client.post(IMPORT_PATH, content=body, headers=headers)
+            if response.status_code != 204:
+                raise SystemExit(f"sandbox answered {response.status_code}: {response.text}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("base_url")
+    parser.add_argument("readings", type=int)
+    parser.add_argument("base_ts", type=int)
+    parser.add_argument("batch_size", type=int)
+    args = parser.parse_args()
+    post_all(args.base_url, args.readings, args.base_ts, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()
