@@ -130,9 +130,15 @@ class MqttSettings(_Section):
     def _tls_files(self) -> MqttSettings:
         files = [name for name in TLS_FILE_KEYS if getattr(self, name) is not None]
         if files and not self.tls:
+            source = (
+                f" (key_file may come from the credential {MQTT_KEY_CREDENTIAL})"
+                if "key_file" in files
+                else ""
+            )
             raise ValueError(
                 f"{' and '.join(files)} {'needs' if len(files) == 1 else 'need'} tls = true "
-                "(without it the broker is reached in plain text and the files are unused)"
+                f"(without it the broker is reached in plain text and the files are unused)"
+                f"{source}"
             )
         if (self.cert_file is None) != (self.key_file is None):
             given, missing = (

@@ -256,6 +256,50 @@ async def test_a_wrong_ca_is_named_retried_and_fixed_without_a_restart(
     assert recovered["failed_attempts"] >= 3
 
 
+async def test_a_key_file_broken_after_start_is_named_and_retried(
+    broker_factory: BrokerFactory,
+    sandbox: SandboxCloud,
+    tmp_path: Path,
+    tls_pki: TlsPki,
+    log_output: io.StringIO,
+) -> None:
+    """The files are read again for every attempt: one that broke since the config was
+    checked is a named failure and a retry, and its repair is picked up, not a crash."""
+    broker = broker_factory(
+        "mtls",
+        tls=TlsListener(
+            tls_pki.server.cert,
+            tls_pki.server.key,
+            cafile=tls_pki.ca.cert,
+            require_certificate=True,
+        ),
+    )
+    key_file = tmp_path / "client.key"
+    shutil.copyfile(tls_pki.client.key, key_file)
+    settings = tls_settings(
+        broker,
+        sandbox,
+        tmp_path,
+        ca_file=tls_pki.ca.cert,
+        cert_file=tls_pki.client.cert,
+        key_file=key_file,
+    )
+    shutil.copyfile(tls_pki.server.key, key_file)  # replaced by another key after the check
+    async with gateway_running(settings) as (gateway, task):
+        await wait_until(
+            lambda: bool(events(log_output, "mqtt_tls_failed")) or task.done(),
+            message="mqtt_tls_failed",
+        )
+        assert not task.done()
+        shutil.copyfile(tls_pki.client.key, key_file)
+        assert gateway.ingest is not None
+        ingest = gateway.ingest
+        await wait_until(lambda: ingest.connected.is_set(), message="connected after the repair")
+    [failure] = events(log_output, "mqtt_tls_failed")
+    assert failure["reason"] == f"key_file: not the key of cert_file {tls_pki.client.cert}"
+    assert "check-config" in failure["hint"]
+
+
 @pytest.mark.parametrize(
     ("certificate", "host", "reason", "hint"),
     [

@@ -2,8 +2,9 @@
 
 No paho network thread: paho's socket is registered with the event loop (`add_reader` /
 `add_writer`) and a timer calls `loop_misc`, as aiomqtt 2.x does. Only the blocking
-`connect()` runs in an executor, so only the socket callbacks it triggers are marshalled
-with `call_soon_threadsafe`; every other callback already runs on the loop thread.
+`connect()` (with `tls`: reading the TLS files and the handshake too) runs in an executor,
+so only the socket callbacks it triggers are marshalled with `call_soon_threadsafe`; every
+other callback already runs on the loop thread.
 
 The broker keeps our session (fixed client id, clean session off) and messages are
 acknowledged by hand (`manual_ack=True`), by whoever has made them safe. Each connection
