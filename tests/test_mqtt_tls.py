@@ -95,6 +95,24 @@ def gateway_logged_in(broker: MosquittoBroker) -> bool:
     return re.search(r"New client connected from \S+ as gateway-under-test", text) is not None
 
 
+@pytest.fixture
+def mtls_broker(broker_factory: BrokerFactory, tls_pki: TlsPki) -> MosquittoBroker:
+    """A TLS listener that requires a client certificate from `tls_pki.ca`."""
+    listener = TlsListener(
+        tls_pki.server.cert, tls_pki.server.key, cafile=tls_pki.ca.cert, require_certificate=True
+    )
+    return broker_factory("mtls", tls=listener)
+
+
+async def wait_for_tls_failure(log_output: io.StringIO, task: asyncio.Task[None]) -> None:
+    """Until the first `mqtt_tls_failed` line; the daemon must still be running then."""
+    await wait_until(
+        lambda: bool(events(log_output, "mqtt_tls_failed")) or task.done(),
+        message="mqtt_tls_failed",
+    )
+    assert not task.done(), task
+
+
 async def wait_subscribed(broker: MosquittoBroker) -> None:
     """Until the broker has the gateway's subscription: what is published before is not
     the gateway's to take (CONNACK comes before the SUBSCRIBE is processed)."""
@@ -110,11 +128,7 @@ async def one_tls_failure_then_retries(
 ) -> dict[str, Any]:
     """Wait for the `mqtt_tls_failed` line, then for two more attempts: the same process
     keeps trying (no crash), and the repeats are not logged again."""
-    await wait_until(
-        lambda: bool(events(log_output, "mqtt_tls_failed")) or task.done(),
-        message="mqtt_tls_failed",
-    )
-    assert not task.done(), task
+    await wait_for_tls_failure(log_output, task)
     seen = tls_connections(broker)
     await wait_until(lambda: tls_connections(broker) >= seen + 2, message="two more attempts")
     assert not task.done()
@@ -148,21 +162,13 @@ async def test_readings_arrive_over_tls_with_a_ca_file(
 
 
 async def test_a_client_certificate_lets_the_gateway_in_where_one_is_required(
-    broker_factory: BrokerFactory,
+    mtls_broker: MosquittoBroker,
     sandbox: SandboxCloud,
     tmp_path: Path,
     tls_pki: TlsPki,
     log_output: io.StringIO,
 ) -> None:
-    broker = broker_factory(
-        "mtls",
-        tls=TlsListener(
-            tls_pki.server.cert,
-            tls_pki.server.key,
-            cafile=tls_pki.ca.cert,
-            require_certificate=True,
-        ),
-    )
+    broker = mtls_broker
     settings = tls_settings(
         broker,
         sandbox,
@@ -183,22 +189,14 @@ async def test_a_client_certificate_lets_the_gateway_in_where_one_is_required(
 # --------------------------------------------------------------------------- failures
 @pytest.mark.parametrize("client_cert", ["none", "from another CA"])
 async def test_a_broker_that_requires_a_client_certificate_refuses_loudly(
-    broker_factory: BrokerFactory,
+    mtls_broker: MosquittoBroker,
     sandbox: SandboxCloud,
     tmp_path: Path,
     tls_pki: TlsPki,
     log_output: io.StringIO,
     client_cert: str,
 ) -> None:
-    broker = broker_factory(
-        "mtls",
-        tls=TlsListener(
-            tls_pki.server.cert,
-            tls_pki.server.key,
-            cafile=tls_pki.ca.cert,
-            require_certificate=True,
-        ),
-    )
+    broker = mtls_broker
     pair = {"from another CA": {"cert_file": tls_pki.other_client.cert,
                                 "key_file": tls_pki.other_client.key}}  # fmt: skip
     settings = tls_settings(
@@ -257,7 +255,7 @@ async def test_a_wrong_ca_is_named_retried_and_fixed_without_a_restart(
 
 
 async def test_a_key_file_broken_after_start_is_named_and_retried(
-    broker_factory: BrokerFactory,
+    mtls_broker: MosquittoBroker,
     sandbox: SandboxCloud,
     tmp_path: Path,
     tls_pki: TlsPki,
@@ -265,15 +263,7 @@ async def test_a_key_file_broken_after_start_is_named_and_retried(
 ) -> None:
     """The files are read again for every attempt: one that broke since the config was
     checked is a named failure and a retry, and its repair is picked up, not a crash."""
-    broker = broker_factory(
-        "mtls",
-        tls=TlsListener(
-            tls_pki.server.cert,
-            tls_pki.server.key,
-            cafile=tls_pki.ca.cert,
-            require_certificate=True,
-        ),
-    )
+    broker = mtls_broker
     key_file = tmp_path / "client.key"
     shutil.copyfile(tls_pki.client.key, key_file)
     settings = tls_settings(
@@ -286,11 +276,7 @@ async def test_a_key_file_broken_after_start_is_named_and_retried(
     )
     shutil.copyfile(tls_pki.server.key, key_file)  # replaced by another key after the check
     async with gateway_running(settings) as (gateway, task):
-        await wait_until(
-            lambda: bool(events(log_output, "mqtt_tls_failed")) or task.done(),
-            message="mqtt_tls_failed",
-        )
-        assert not task.done()
+        await wait_for_tls_failure(log_output, task)
         shutil.copyfile(tls_pki.client.key, key_file)
         assert gateway.ingest is not None
         ingest = gateway.ingest
@@ -353,10 +339,7 @@ async def test_tls_to_a_plain_listener_never_falls_back_to_plain_text(
         tls_broker, sandbox, tmp_path, port=tls_broker.port, ca_file=tls_pki.ca.cert
     )
     async with gateway_running(settings) as (_, task):
-        await wait_until(
-            lambda: bool(events(log_output, "mqtt_tls_failed")) or task.done(),
-            message="mqtt_tls_failed",
-        )
+        await wait_for_tls_failure(log_output, task)
         await asyncio.sleep(1.0)  # several attempts
         assert not task.done()
     [failure] = events(log_output, "mqtt_tls_failed")
