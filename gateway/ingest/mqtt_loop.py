@@ -212,7 +212,7 @@ class MqttConnection:
             except (OSError, TimeoutError, ConnectionError, TlsSetupError) as exc:
                 attempt += 1
                 event, fields = self._connect_failure(client, exc)
-                error = f"{event} {fields}"
+                error = f"{event} {fields.get('reason') or fields.get('error')}"
                 if attempt == 1 or error != last_error:
                     # A TLS failure is a configuration problem: it does not heal by waiting.
                     write = log.error if event == "mqtt_tls_failed" else log.warning
@@ -283,6 +283,7 @@ class MqttConnection:
         self, client: mqtt.Client, exc: BaseException
     ) -> tuple[str, dict[str, str]]:
         """The log event and fields for a failed attempt: a TLS failure named as such.
+        Repeats are recognised by `reason` (or `error`) alone.
 
         The TLS error the client noted comes first: after the handshake (the broker
         refusing our certificate) `exc` only says the connection closed before CONNACK.
@@ -297,7 +298,10 @@ class MqttConnection:
             elif isinstance(exc, ssl.SSLError | TlsSetupError):
                 failure = tls.explain(exc, during_handshake=True, port=self._settings.port)
             if failure is not None:
-                return "mqtt_tls_failed", {"reason": failure.reason, "hint": failure.hint}
+                fields = {"reason": failure.reason, "hint": failure.hint}
+                if failure.detail:
+                    fields["detail"] = failure.detail
+                return "mqtt_tls_failed", fields
         return "mqtt_connect_failed", {"error": f"{type(exc).__name__}: {exc}"}
 
     def _new_client(self) -> mqtt.Client:

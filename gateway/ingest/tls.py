@@ -49,16 +49,30 @@ _ALERT_HINTS = (
 
 @dataclass(frozen=True)
 class TlsFailure:
-    """What the log says about a failed TLS connection attempt."""
+    """What the log says about a failed TLS connection attempt.
+
+    `reason` is what repeats count against (see the connect loop): `detail` may differ
+    between attempts that fail for the same reason (whether the broker's alert or its
+    close arrives first is a race), and must not make a line per attempt.
+    """
 
     reason: str
     hint: str
+    detail: str = ""
+
+
+_REFUSED_AFTER_HANDSHAKE = "the broker ended the TLS connection before CONNACK"
+_REFUSED_HINT = (
+    "does the broker require a client certificate (mqtt.cert_file, key_file), or refuse "
+    "the one sent (unknown CA, expired)? Its log says which"
+)
 
 
 def explain(error: BaseException, *, during_handshake: bool, port: int) -> TlsFailure | None:
     """The reason and hint for `error`, or None if it is not about TLS.
 
-    `during_handshake`: the error ended the handshake (else: the first reads after it).
+    `during_handshake`: the error ended the handshake (else: the first reads after it,
+    where TLS 1.3 tells us that the broker refused our certificate).
     """
     not_tls_port = (
         f"is port {port} the broker's TLS listener? (MQTT over TLS usually listens on "
@@ -70,25 +84,8 @@ def explain(error: BaseException, *, during_handshake: bool, port: int) -> TlsFa
         return TlsFailure(
             f"certificate verify failed: {error.verify_message}", _verify_hint(error.verify_code)
         )
-    if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError):
-        if during_handshake:
-            return TlsFailure(
-                "the broker closed the connection during the TLS handshake", not_tls_port
-            )
-        return TlsFailure(
-            "the broker closed the TLS connection before CONNACK",
-            "does the broker require a client certificate (mqtt.cert_file, key_file), or "
-            "refuse the one sent (unknown CA, expired)? Its log says which",
-        )
     if isinstance(error, ssl.SSLError):
-        reason = str(error.reason or error)
-        if reason == "WRONG_VERSION_NUMBER":
-            return TlsFailure("the broker did not answer in TLS", not_tls_port)
-        hint = next((text for key, text in _ALERT_HINTS if key in reason), "see the broker's log")
-        if "_ALERT_" in reason:  # TLSV13_ALERT_CERTIFICATE_REQUIRED -> certificate required
-            alert = reason.split("_ALERT_", 1)[1].replace("_", " ").lower()
-            reason = f"the broker sent the TLS alert '{alert}'"
-        return TlsFailure(reason, hint)
+        return _explain_ssl_error(error, during_handshake=during_handshake, port_hint=not_tls_port)
     if during_handshake and isinstance(error, OSError):
         if isinstance(error, TimeoutError):
             return TlsFailure("no answer to the TLS handshake in time", not_tls_port)
@@ -96,6 +93,29 @@ def explain(error: BaseException, *, during_handshake: bool, port: int) -> TlsFa
             return TlsFailure("connection reset during the TLS handshake", not_tls_port)
         return TlsFailure(f"{type(error).__name__} during the TLS handshake: {error}", not_tls_port)
     return None
+
+
+def _explain_ssl_error(
+    error: ssl.SSLError, *, during_handshake: bool, port_hint: str
+) -> TlsFailure:
+    code = str(getattr(error, "reason", None) or "")  # absent on some (SSLEOFError)
+    alert = ""
+    if "_ALERT_" in code:  # TLSV13_ALERT_CERTIFICATE_REQUIRED -> certificate required
+        alert = code.split("_ALERT_", 1)[1].replace("_", " ").lower()
+    hint = next((text for key, text in _ALERT_HINTS if key in code), "")
+    closed = isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError)
+    if not during_handshake and (closed or alert):
+        detail = f"TLS alert '{alert}'" if alert else "closed without a TLS alert"
+        return TlsFailure(_REFUSED_AFTER_HANDSHAKE, hint or _REFUSED_HINT, detail)
+    if closed:
+        return TlsFailure("the broker closed the connection during the TLS handshake", port_hint)
+    if code == "WRONG_VERSION_NUMBER":
+        return TlsFailure("the broker did not answer in TLS", port_hint)
+    if alert:
+        return TlsFailure(
+            f"the broker sent the TLS alert '{alert}'", hint or "see the broker's log"
+        )
+    return TlsFailure(code or str(error), "see the broker's log")
 
 
 def _verify_hint(code: int) -> str:
