@@ -14,6 +14,7 @@ import io
 import re
 import shutil
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,42 @@ async def test_tls_to_a_plain_listener_never_falls_back_to_plain_text(
     assert f"is port {tls_broker.port} the broker's TLS listener?" in failure["hint"]
     assert not gateway_logged_in(tls_broker)  # no CONNECT ever went out in plain text
     assert not events(log_output, "mqtt_connected")
+
+
+async def test_a_refused_login_over_tls_is_not_called_a_tls_failure(
+    broker_factory: BrokerFactory,
+    sandbox: SandboxCloud,
+    tmp_path: Path,
+    tls_pki: TlsPki,
+    log_output: io.StringIO,
+) -> None:
+    """TLS worked and the broker answered CONNACK "not authorized", then closed: that is
+    a login problem (mqtt_connect_failed), whatever the TLS layer read after it."""
+    passwords = tmp_path / "passwords"
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwords), "gateway", "right"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    broker = broker_factory(
+        "login",
+        tls=TlsListener(tls_pki.server.cert, tls_pki.server.key),
+        extra_config=["allow_anonymous false", f"password_file {passwords}"],
+    )
+    settings = tls_settings(
+        broker, sandbox, tmp_path, ca_file=tls_pki.ca.cert, username="gateway", password="wrong"
+    )
+    async with gateway_running(settings) as (_, task):
+        await wait_until(
+            lambda: bool(events(log_output, "mqtt_connect_failed")) or task.done(),
+            message="mqtt_connect_failed",
+        )
+        seen = tls_connections(broker)
+        await wait_until(lambda: tls_connections(broker) >= seen + 2, message="more attempts")
+    assert not events(log_output, "mqtt_tls_failed")
+    failures = events(log_output, "mqtt_connect_failed")
+    assert {f["error"] for f in failures} == {
+        "ConnectionError: broker refused connection: Not authorized"
+    }
 
 
 def test_the_alert_and_the_close_after_the_handshake_are_one_reason() -> None:

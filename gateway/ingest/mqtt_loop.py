@@ -231,6 +231,9 @@ class MqttConnection:
                 self._close_client(client)
                 await self._sleep_backoff(attempt)
                 continue
+            except asyncio.CancelledError:  # shutdown mid-attempt: no half-open socket left
+                self._close_client(client)
+                raise
             if attempt > 1 and failures_since_log:
                 log.info("mqtt_connect_recovered", failed_attempts=attempt)
             attempt = 0
@@ -288,7 +291,7 @@ class MqttConnection:
         The TLS error the client noted comes first: after the handshake (the broker
         refusing our certificate) `exc` only says the connection closed before CONNACK.
         """
-        if self._settings.tls:
+        if self._settings.tls and self._last_refusal is None:  # else TLS worked: a CONNACK
             noted = client.tls_error if isinstance(client, ChunkedClient) else None
             failure = None
             if noted is not None:
@@ -347,6 +350,7 @@ class MqttConnection:
         assert self._loop is not None
         self._generation += 1
         self.connected.clear()
+        self._last_refusal = None  # this attempt's CONNACK, not an earlier one's
         properties: Properties | None = None
         clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
         if self._settings.protocol == "5":

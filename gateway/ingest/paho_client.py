@@ -9,11 +9,13 @@ is served from a 64 KiB chunk read in one call, and a run of queued control pack
 
 It also skips paho's per-message topic matcher when no per-topic callback exists.
 
-Over TLS the socket is an `ssl.SSLSocket`. Its `recv` returns the plaintext of (at most)
-one TLS record, so what the record held beyond the chunk waits inside the SSL object where
-the event loop cannot see it: `unread_bytes` counts it with our own buffer, and whoever
-drives `loop_read` keeps reading while that is non-zero (the plain paho client reads a
-packet in small pieces, so that matters even more there). A TLS failure is recorded in
+Over TLS the socket is an `ssl.SSLSocket`. Its `recv` returns the plaintext of at most
+one TLS record, and what it does not return waits decrypted inside the SSL object, where
+no readable-socket event announces it. A 64 KiB chunk takes a whole record (16 KiB at
+most), but the plain paho client reads a packet a few bytes at a time, and one record may
+hold many packets (a TLS terminator in front of the broker packs them): `unread_bytes`
+counts those bytes with our own buffer, and whoever drives `loop_read` keeps reading
+while that is non-zero. A TLS failure is recorded in
 `tls_error` for the connect-failure log line: during the handshake it is also raised by
 `connect()`, but after it (TLS 1.3: the broker refusing our certificate) paho swallows the
 read error and reports only a lost connection.
