@@ -109,7 +109,9 @@ install_project() {
 }
 
 ensure_mosquitto
-# The tests also use: openssl (a self-signed certificate for the TLS probe test), and
+# The tests also use: openssl (a self-signed certificate for the TLS probe test, and the
+# CA, broker and client certificates of the MQTT-over-TLS tests: gateway/testing/certs.py;
+# mosquitto_passwd comes with the mosquitto package), and
 # unshare + ip (the network watcher is tested in a private network namespace), and
 # systemd-analyze (the unit's verify and security score; the package only adds the tools,
 # it does not replace the container's init).

@@ -12,7 +12,8 @@ import pytest
 
 from gateway import log as gateway_log
 from gateway.config import Settings
-from gateway.testing.broker import BrokerFactory, MosquittoBroker
+from gateway.testing.broker import BrokerFactory, MosquittoBroker, TlsListener
+from gateway.testing.certs import TlsPki, make_test_pki
 from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
@@ -46,6 +47,20 @@ def broker_factory(tmp_path: Path) -> Iterator[BrokerFactory]:
 def broker(broker_factory: BrokerFactory) -> MosquittoBroker:
     """A started private mosquitto in tmp_path/"broker" (persistence on, autosave 1 s)."""
     return broker_factory("broker")
+
+
+@pytest.fixture(scope="session")
+def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> TlsPki:
+    """Test certificates (gateway/testing/certs.py), made once per session."""
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_broker(broker_factory: BrokerFactory, tls_pki: TlsPki) -> MosquittoBroker:
+    """A private mosquitto with a plain listener on ``port`` and a TLS one on ``tls_port``
+    (certificate for 127.0.0.1/localhost from ``tls_pki.ca``; no client certificate needed)."""
+    listener = TlsListener(tls_pki.server.cert, tls_pki.server.key, cafile=tls_pki.ca.cert)
+    return broker_factory("tls-broker", tls=listener)
 
 
 @pytest.fixture

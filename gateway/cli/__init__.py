@@ -81,9 +81,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "check-config":
         settings = load_settings(args.config)
+        mqtt = settings.mqtt
+        tls = ""
+        if mqtt.tls:
+            tls = " over TLS" + (" with a client certificate" if mqtt.cert_file else "")
         print(
             f"{args.config}: OK ({len(settings.routes)} routes, broker "
-            f"{settings.mqtt.host}:{settings.mqtt.port}, cloud {settings.cloud.server}, "
+            f"{mqtt.host}:{mqtt.port}{tls}, cloud {settings.cloud.server}, "
             f"buffer {settings.store.path})"
         )
         for route in settings.routes:

@@ -2,8 +2,9 @@
 
 No paho network thread: paho's socket is registered with the event loop (`add_reader` /
 `add_writer`) and a timer calls `loop_misc`, as aiomqtt 2.x does. Only the blocking
-`connect()` runs in an executor, so only the socket callbacks it triggers are marshalled
-with `call_soon_threadsafe`; every other callback already runs on the loop thread.
+`connect()` (with `tls`: reading the TLS files and the handshake too) runs in an executor,
+so only the socket callbacks it triggers are marshalled with `call_soon_threadsafe`; every
+other callback already runs on the loop thread.
 
 The broker keeps our session (fixed client id, clean session off) and messages are
 acknowledged by hand (`manual_ack=True`), by whoever has made them safe. Each connection
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -28,8 +30,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway.aio import wait_any
-from gateway.config import MqttSettings
-from gateway.ingest.paho_client import ChunkedClient, supported
+from gateway.config import MqttSettings, TlsSetupError
+from gateway.ingest import tls
+from gateway.ingest.paho_client import ChunkedClient, supported, unread_bytes
 from gateway.log import Throttle, get_logger, truncate
 
 log = get_logger("ingest")
@@ -209,15 +212,18 @@ class MqttConnection:
             self._disconnected.clear()
             try:
                 await self._connect(client)
-            except (OSError, TimeoutError, ConnectionError) as exc:
+            except (OSError, TimeoutError, ConnectionError, TlsSetupError) as exc:
                 attempt += 1
-                error = f"{type(exc).__name__}: {exc}"
+                event, fields = self._connect_failure(client, exc)
+                error = f"{event} {fields.get('reason') or fields.get('error')}"
                 if attempt == 1 or error != last_error:
-                    log.warning(
-                        "mqtt_connect_failed",
+                    # A TLS failure is a configuration problem: it does not heal by waiting.
+                    write = log.error if event == "mqtt_tls_failed" else log.warning
+                    write(
+                        event,
                         host=self._settings.host,
                         port=self._settings.port,
-                        error=error,
+                        **fields,
                         attempt=attempt,
                         previous_failures=failures_since_log,
                     )
@@ -228,6 +234,9 @@ class MqttConnection:
                 self._close_client(client)
                 await self._sleep_backoff(attempt)
                 continue
+            except asyncio.CancelledError:  # shutdown mid-attempt: no half-open socket left
+                self._close_client(client)
+                raise
             if attempt > 1 and failures_since_log:
                 log.info("mqtt_connect_recovered", failed_attempts=attempt)
             attempt = 0
@@ -276,6 +285,31 @@ class MqttConnection:
 
     # ------------------------------------------------------------------ connection
 
+    def _connect_failure(
+        self, client: mqtt.Client, exc: BaseException
+    ) -> tuple[str, dict[str, str]]:
+        """The log event and fields for a failed attempt: a TLS failure named as such.
+        Repeats are recognised by `reason` (or `error`) alone.
+
+        The TLS error the client noted comes first: after the handshake (the broker
+        refusing our certificate) `exc` only says the connection closed before CONNACK.
+        """
+        if self._settings.tls and self._last_refusal is None:  # else TLS worked: a CONNACK
+            noted = client.tls_error if isinstance(client, ChunkedClient) else None
+            failure = None
+            if noted is not None:
+                failure = tls.explain(
+                    noted.error, during_handshake=noted.during_handshake, port=self._settings.port
+                )
+            elif isinstance(exc, ssl.SSLError | TlsSetupError):
+                failure = tls.explain(exc, during_handshake=True, port=self._settings.port)
+            if failure is not None:
+                fields = {"reason": failure.reason, "hint": failure.hint}
+                if failure.detail:
+                    fields["detail"] = failure.detail
+                return "mqtt_tls_failed", fields
+        return "mqtt_connect_failed", {"error": f"{type(exc).__name__}: {exc}"}
+
     def _new_client(self) -> mqtt.Client:
         protocol = (
             MQTTProtocolVersion.MQTTv5
@@ -319,6 +353,7 @@ class MqttConnection:
         assert self._loop is not None
         self._generation += 1
         self.connected.clear()
+        self._last_refusal = None  # this attempt's CONNACK, not an earlier one's
         properties: Properties | None = None
         clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
         if self._settings.protocol == "5":
@@ -327,20 +362,32 @@ class MqttConnection:
             properties.ReceiveMaximum = self._settings.inflight_window
             clean_start = False
         await self._loop.run_in_executor(
-            None,
-            lambda: client.connect(
-                self._settings.host,
-                self._settings.port,
-                keepalive=self._settings.keepalive_s,
-                clean_start=clean_start,
-                properties=properties,
-            ),
+            None, lambda: self._open(client, clean_start=clean_start, properties=properties)
         )
         answered = await wait_any(self.connected, self._disconnected, timeout_s=CONNACK_TIMEOUT_S)
         if not answered:
             raise TimeoutError(f"no CONNACK within {CONNACK_TIMEOUT_S:.0f} s")
         if not self.connected.is_set():
             raise ConnectionError(self._last_refusal or "connection closed before CONNACK")
+
+    def _open(
+        self,
+        client: mqtt.Client,
+        *,
+        clean_start: bool | Literal[3],
+        properties: Properties | None,
+    ) -> None:
+        """In an executor thread: the TLS files, the TCP connect, the TLS handshake (with
+        paho's connect timeout per blocking step), CONNECT. Never plain text when `tls`."""
+        if self._settings.tls:
+            client.tls_set_context(self._settings.tls_context())
+        client.connect(
+            self._settings.host,
+            self._settings.port,
+            keepalive=self._settings.keepalive_s,
+            clean_start=clean_start,
+            properties=properties,
+        )
 
     def _close_client(self, client: mqtt.Client) -> None:
         sock = client.socket()
@@ -460,6 +507,7 @@ class MqttConnection:
             host=self._settings.host,
             port=self._settings.port,
             client_id=self._settings.client_id,
+            tls=self._settings.tls,
             session_present=session_present,
             subscribed=len(missing),
         )
@@ -575,4 +623,4 @@ class MqttConnection:
 
 
 def _buffered(client: mqtt.Client) -> int:
-    return client.buffered_bytes if isinstance(client, ChunkedClient) else 0
+    return unread_bytes(client)  # ours and, over TLS, the SSL object's

@@ -9,15 +9,29 @@ is served from a 64 KiB chunk read in one call, and a run of queued control pack
 
 It also skips paho's per-message topic matcher when no per-topic callback exists.
 
-These override private paho methods (`_sock_recv`, `_packet_write`, `_handle_on_message`),
-written against paho 2.1-2.2 (pyproject pins <3); on any other paho `supported()` is False
-and the daemon uses the plain client (slower, same behaviour). tests/test_paho_client.py
-pins each behaviour.
+Over TLS the socket is an `ssl.SSLSocket`. Its `recv` returns the plaintext of at most
+one TLS record, and what it does not return waits decrypted inside the SSL object, where
+no readable-socket event announces it. A 64 KiB chunk takes a whole record (16 KiB at
+most), but the plain paho client reads a packet a few bytes at a time, and one record may
+hold many packets (a TLS terminator in front of the broker packs them): `unread_bytes`
+counts those bytes with our own buffer, and whoever drives `loop_read` keeps reading
+while that is non-zero. A TLS failure is recorded in
+`tls_error` for the connect-failure log line: during the handshake it is also raised by
+`connect()`, but after it (TLS 1.3: the broker refusing our certificate) paho swallows the
+read error and reports only a lost connection.
+
+These override private paho methods (`_sock_recv`, `_sock_send`, `_packet_write`,
+`_ssl_wrap_socket`, `_handle_on_message`), written against paho 2.1-2.2 (pyproject pins
+<3); on any other paho `supported()` is False and the daemon uses the plain client (slower,
+TLS failures after the handshake logged as a closed connection, otherwise the same).
+tests/test_paho_client.py and tests/test_mqtt_tls.py pin each behaviour.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import socket
+import ssl
+from typing import Any, NamedTuple
 
 import paho.mqtt
 import paho.mqtt.client as mqtt
@@ -28,6 +42,13 @@ RECV_CHUNK_BYTES = 65536
 # copy the whole queue again).
 SEND_BATCH_BYTES = 65536
 _PUBLISH = 0x30
+
+
+class TlsError(NamedTuple):
+    """The first TLS error of a connection, and whether it ended the handshake."""
+
+    error: OSError
+    during_handshake: bool
 
 
 class ChunkedClient(mqtt.Client):
@@ -42,6 +63,7 @@ class ChunkedClient(mqtt.Client):
         self._rx_chunk = b""
         self._rx_pos = 0
         self._filtered_callbacks = False
+        self.tls_error: TlsError | None = None
 
     def message_callback_add(self, sub: str, callback: Any) -> None:
         self._filtered_callbacks = True
@@ -60,15 +82,19 @@ class ChunkedClient(mqtt.Client):
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes read from the socket that paho has not consumed yet."""
-        return len(self._rx_chunk) - self._rx_pos
+        """Bytes out of the kernel that paho has not consumed yet: ours and the TLS layer's."""
+        return len(self._rx_chunk) - self._rx_pos + _tls_pending(self._sock)
 
     def _sock_recv(self, bufsize: int) -> bytes:
         chunk, pos = self._rx_chunk, self._rx_pos
         if pos >= len(chunk):
             # Empty: one real read. b"" (the broker closed) and BlockingIOError pass on to
             # paho unchanged, as from the plain client.
-            chunk = super()._sock_recv(RECV_CHUNK_BYTES)
+            try:
+                chunk = super()._sock_recv(RECV_CHUNK_BYTES)
+            except ssl.SSLError as exc:  # want-read/write arrive as BlockingIOError
+                self._note_tls_error(exc, during_handshake=False)
+                raise
             if not chunk:
                 return chunk
             pos = 0
@@ -76,6 +102,45 @@ class ChunkedClient(mqtt.Client):
         end = pos + bufsize
         self._rx_pos = end
         return chunk[pos:end]
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except ssl.SSLError as exc:
+            self._note_tls_error(exc, during_handshake=False)
+            raise
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        """The handshake, as paho does it (in `connect()`, off the event loop), but a
+        failed one closes its socket (paho leaves that to the garbage collector: one file
+        descriptor per failed attempt until then) and is noted in `tls_error`.
+
+        Only for contexts that check the host name themselves (the daemon's always do);
+        paho's own code, which can also check it afterwards, handles any other.
+        """
+        context = self._ssl_context
+        if context is None or not context.check_hostname:
+            return super()._ssl_wrap_socket(tcp_sock)
+        try:
+            ssl_sock = context.wrap_socket(
+                tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
+            )
+        except OSError as exc:
+            tcp_sock.close()
+            self._note_tls_error(exc, during_handshake=True)
+            raise
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except OSError as exc:  # a verify failure, a reset, a timeout: raised on by connect()
+            ssl_sock.close()
+            self._note_tls_error(exc, during_handshake=True)
+            raise
+        return ssl_sock
+
+    def _note_tls_error(self, exc: OSError, *, during_handshake: bool) -> None:
+        if self.tls_error is None:
+            self.tls_error = TlsError(exc, during_handshake)
 
     def _sock_close(self) -> None:
         self._rx_chunk = b""
@@ -125,6 +190,23 @@ class ChunkedClient(mqtt.Client):
         return super()._packet_write()
 
 
+def unread_bytes(client: mqtt.Client) -> int:
+    """Bytes of `client`'s connection that a readable event would not announce."""
+    if isinstance(client, ChunkedClient):
+        return client.buffered_bytes
+    return _tls_pending(client.socket())
+
+
+def _tls_pending(sock: object) -> int:
+    """Decrypted bytes waiting inside an SSL socket (0 for a plain or closed one)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return 0
+    try:
+        return sock.pending()
+    except (OSError, ValueError):
+        return 0
+
+
 def supported() -> bool:
     """Is this the paho (2.x) whose private methods ChunkedClient overrides?"""
     version = getattr(paho.mqtt, "__version__", "")
@@ -134,6 +216,7 @@ def supported() -> bool:
             "_sock_recv",
             "_sock_send",
             "_sock_close",
+            "_ssl_wrap_socket",
             "_packet_write",
             "_handle_on_message",
         )

@@ -1,5 +1,6 @@
-"""The development kit: a private Mosquitto broker, a Blynk-compatible sandbox cloud, an
-acknowledged QoS-1 publisher, a runner for the daemon as a subprocess, and the demo.
+"""The development kit: a private Mosquitto broker (optionally with a TLS listener, test
+certificates for it, a TLS terminator in front of it), a Blynk-compatible sandbox cloud,
+an acknowledged QoS-1 publisher, a runner for the daemon as a subprocess, and the demo.
 
 Used by the tests, the benchmarks and the CLI's ``sandbox`` and ``demo`` commands; the daemon
 itself never imports it.

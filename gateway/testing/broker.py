@@ -5,6 +5,9 @@ port, with its config, persistence database and log inside ``workdir``. The port
 across :meth:`MosquittoBroker.restart` / :meth:`MosquittoBroker.kill` + :meth:`start`, so
 clients configured with ``broker.host``/``broker.port`` can reconnect to the "same" broker.
 
+With ``tls=TlsListener(...)`` it also listens for MQTT over TLS on ``broker.tls_port`` (the
+plain listener stays, for publishers); certificates for it: `gateway.testing.certs`.
+
 Never talks to the system broker on 127.0.0.1:1883.
 """
 
@@ -18,10 +21,11 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["BrokerFactory", "MosquittoBroker", "find_free_port", "find_mosquitto"]
+__all__ = ["BrokerFactory", "MosquittoBroker", "TlsListener", "find_free_port", "find_mosquitto"]
 
 _FALLBACK_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto")
 
@@ -70,6 +74,25 @@ class _PortInUse(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class TlsListener:
+    """A second listener, for MQTT over TLS: the broker's certificate and key, and the CA
+    that client certificates must come from (needed with ``require_certificate``)."""
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path | None = None
+    require_certificate: bool = False
+
+    def config_lines(self, host: str, port: int) -> list[str]:
+        lines = [f"listener {port} {host}", f"certfile {self.certfile}", f"keyfile {self.keyfile}"]
+        if self.cafile is not None:
+            lines.append(f"cafile {self.cafile}")
+        if self.require_certificate:
+            lines.append("require_certificate true")
+        return lines
+
+
 class MosquittoBroker:
     """A mosquitto subprocess with its config, persistence and log in ``workdir``."""
 
@@ -87,10 +110,14 @@ class MosquittoBroker:
         log_types: Sequence[str] = DEFAULT_LOG_TYPES,
         extra_config: Sequence[str] = (),
         start_timeout: float = 10.0,
+        tls: TlsListener | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self._auto_port = port is None
         self.port: int = port if port is not None else find_free_port(self.host)
+        # May be replaced before a (re)start: the listener keeps its port, the files change.
+        self.tls = tls
+        self.tls_port: int = find_free_port(self.host)
         self.max_inflight_messages = max_inflight_messages
         self.max_queued_messages = max_queued_messages
         self.persistence = persistence
@@ -161,6 +188,8 @@ class MosquittoBroker:
             # write the log/persistence into a root-owned (0700) pytest tmp dir.
             lines.append("user root")
         lines += list(self.extra_config)
+        if self.tls is not None:  # last: listener options apply to the listener above them
+            lines += self.tls.config_lines(self.host, self.tls_port)
         return "\n".join(lines) + "\n"
 
     # -------------------------------------------------------------- lifecycle
@@ -180,13 +209,16 @@ class MosquittoBroker:
                 if self._ever_started or not self._auto_port or attempt == 2:
                     raise
                 self.port = find_free_port(self.host)
+                self.tls_port = find_free_port(self.host)
 
     def _start_once(self) -> None:
-        if _port_accepts(self.host, self.port):
-            raise _PortInUse(
-                f"port {self.host}:{self.port} is already in use by another process; "
-                f"cannot start mosquitto there (workdir {self.workdir})"
-            )
+        ports = [self.port] + ([self.tls_port] if self.tls is not None else [])
+        for port in ports:
+            if _port_accepts(self.host, port):
+                raise _PortInUse(
+                    f"port {self.host}:{port} is already in use by another process; "
+                    f"cannot start mosquitto there (workdir {self.workdir})"
+                )
         self.config_path.write_text(self.config_text())
         self._starts += 1
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
@@ -221,7 +253,7 @@ class MosquittoBroker:
                 ready = " running" in self._log_since(log_offset)
             else:
                 ready = time.monotonic() > started_at + 0.3
-            if ready and _port_accepts(self.host, self.port):
+            if ready and all(_port_accepts(self.host, port) for port in ports):
                 return
             if time.monotonic() > deadline:
                 self.kill()
