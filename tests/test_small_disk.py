@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 
 from gateway.config import Settings
-from gateway.store import Store
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from harness import InProcessGateway, accepted_set, events, wait_until
@@ -125,7 +124,7 @@ async def fill_with_readings(
     messages, expected = readings(count, base)
     assert await publish_all(publisher, messages) == count
     store, ingest = gateway.store, gateway.ingest
-    await wait_until(lambda: store.disk_full and ingest.holding, 120, "the disk to fill up")
+    await wait_until(lambda: store.disk_full and ingest.holding, 60, "the disk to fill up")
     return expected
 
 
@@ -167,3 +166,90 @@ async def test_a_3_mib_disk_filled_to_0_bytes_delivers_every_reading_with_defaul
     assert not events(log_output, "flush_store_unavailable")
     assert len(events(log_output, "disk_full")) == 1
     assert len(events(log_output, "disk_space_recovered")) == 1
+
+
+async def test_with_no_room_for_a_reserve_at_start_a_disk_at_0_bytes_still_uploads(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    make_tiny_fs: Callable[[int], TinyFs],
+    log_output: io.StringIO,
+) -> None:
+    """The commit guard and a checkpoint after every commit alone keep deletes possible."""
+    fs = make_tiny_fs(3 * MiB)
+    fs.occupy("other-application.log", 3 * MiB - 200 * 1024)  # 200 KiB left
+    settings = make_settings(routes=ROUTES, store={"path": str(fs.db_path)})
+    base = now_ms()
+    await sandbox.set_fault("down")
+    async with InProcessGateway(settings) as gateway:
+        [unavailable] = events(log_output, "disk_reserve_unavailable")
+        assert unavailable["wanted_bytes"] == 8 * MiB
+        assert not events(log_output, "disk_reserve_reduced")
+        expected = await fill_with_readings(gateway, publisher, base, 1500)
+        fs.fill_to_zero()
+        await sandbox.set_fault("none")
+        await wait_until(lambda: accepted_set(sandbox) >= expected, 60, "every reading")
+        assert fs.free_bytes() == 0
+    assert accepted_set(sandbox) == expected
+    assert len(sandbox.accepted) == len(expected)
+    assert not events(log_output, "flush_store_unavailable")
+
+
+async def test_another_program_taking_the_last_bytes_and_the_released_reserve(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    make_tiny_fs: Callable[[int], TinyFs],
+    log_output: io.StringIO,
+) -> None:
+    """Not our commits but a neighbour fills the disk, while the WAL holds pages not yet
+    in the file: the next commit is refused, the released reserve lets the checkpoint
+    through, and then the neighbour takes the released reserve too."""
+    fs = make_tiny_fs(3 * MiB)
+    settings = make_settings(routes=ROUTES, store={"path": str(fs.db_path)})
+    base = now_ms()
+    await sandbox.set_fault("down")
+    async with InProcessGateway(settings) as gateway:
+        store, ingest = gateway.store, gateway.ingest
+        assert store is not None and ingest is not None
+        first, expected = readings(600, base)
+        assert await publish_all(publisher, first) == 600
+        await wait_until(lambda: store.pending_points == 600)
+        neighbour = fs.fill_to_zero("neighbour")
+        more, points = readings(3000, base, offset=600)
+        expected |= points
+        assert await publish_all(publisher, more) == 3000
+        await wait_until(lambda: store.disk_full and ingest.holding, 60, "the full disk")
+        fs.fill_to_zero("neighbour")  # the released reserve goes the same way
+        assert neighbour.stat().st_size > 0
+        await sandbox.set_fault("none")
+        await wait_until(lambda: accepted_set(sandbox) >= expected, 60, "every reading")
+        assert fs.free_bytes() == 0
+    assert accepted_set(sandbox) == expected
+    [full] = events(log_output, "disk_full")
+    assert full["reserve_released"] is True
+
+
+async def test_a_restart_on_a_disk_at_0_bytes_opens_the_buffer_and_uploads(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    make_tiny_fs: Callable[[int], TinyFs],
+    log_output: io.StringIO,
+) -> None:
+    """A clean stop removes the WAL and SHM; a start on a full disk needs room for them:
+    the reserve the last run left on disk gives it back."""
+    fs = make_tiny_fs(3 * MiB)
+    settings = make_settings(routes=ROUTES, store={"path": str(fs.db_path)})
+    base = now_ms()
+    messages, expected = readings(2000, base)
+    await sandbox.set_fault("down")
+    async with InProcessGateway(settings) as gateway:
+        assert gateway.store is not None
+        assert await publish_all(publisher, messages) == 2000
+        await wait_until(lambda: gateway.store is not None and gateway.store.pending_points == 2000)
+    fs.fill_to_zero()
+    await sandbox.set_fault("none")
+    async with InProcessGateway(settings) as gateway:
+        await wait_until(lambda: accepted_set(sandbox) >= expected, 60, "every reading")
+    assert accepted_set(sandbox) == expected

@@ -42,13 +42,13 @@ from gateway.aio import Notifier
 from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
-from gateway.store import deadletters, ledger, recovery, schema, streams
+from gateway.store import deadletters, files, ledger, recovery, schema, streams
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
     DeadLetterOps,
     RejectedPayload,
 )
-from gateway.store.disk import DiskGuard, StoreFault, checkpoint_restart
+from gateway.store.disk import DiskGuard, StoreFault
 from gateway.store.inspection import ReadViews
 from gateway.store.ledger import QuotaLedger
 from gateway.store.rawpages import check_header
@@ -128,7 +128,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         # Pass-through: readings offered for upload before any write (see staging.py).
         self.staging = Staging()
         self._reservations = QuotaReservations()
-        self._disk = DiskGuard(path, capacity.disk_reserve_bytes)
+        self._disk = DiskGuard(path, capacity.disk_reserve_bytes, owner=owner)
+        # Full disk: parts of batches acked so far, by (batch, day) (see `_ack_in_parts`).
+        self._acked_parts: dict[tuple[Batch, str], list[tuple[int, int]]] = {}
         self._clean_record = False
         self._data_version = 0
         self.recovery: SalvageReport | None = None
@@ -157,7 +159,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         inject one).
         """
         started = time.perf_counter()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(files.prepare_buffer_path, path, owner=owner)
         store = cls(
             path,
             clock_ms=clock_ms or (lambda: time.time_ns() // 1_000_000),
@@ -167,6 +169,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             page_size=page_size,
             monotonic=monotonic or time.monotonic,
         )
+        await asyncio.to_thread(store._disk.open_reserve)
         try:
             await store._connect()
         except StoreCorrupt as exc:
@@ -177,8 +180,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             store.recovery = report
             report.emit(buffered=store.pending_points)
         store.started_clean = store._clean_record
-        if owner:
-            await asyncio.to_thread(store._disk.ensure_reserve)
+        await store._disk.size_reserve(store._db, store.page_size)
         store.open_ms = (time.perf_counter() - started) * 1000
         return store
 
@@ -220,6 +222,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         await recovery.probe(db, self._stream_keys)
         (self._data_version,) = await fetch_one(db, "PRAGMA data_version")
         self.used_bytes = await used_bytes(db, self.page_size)
+        await self._disk.connected(db, self.page_size)
 
     async def close(self) -> None:
         """Close; the owner also records the row count and lets SQLite refresh its stats.
@@ -236,6 +239,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
                 with contextlib.suppress(sqlite3.Error):
                     await self._write_clean_record()
             await self._db.close()
+            self._disk.close()
 
     async def _write_clean_record(self) -> None:
         """Remember the exact row count, so the next start need not count a big backlog.
@@ -294,6 +298,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
                             # The file is about to change: the recorded count goes stale.
                             await self._db.execute("DELETE FROM meta WHERE key = 'pending_points'")
                         result, on_commit = await work()
+                        await self._disk.check_commit(self._db, self.page_size)
                         await _uncancelled(self._commit(on_commit))
                     except BaseException:
                         # Even if the connection is not in a transaction yet: a cancelled
@@ -311,8 +316,10 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
                             self._db, str(exc), buffered=self.pending_points
                         )
                     raise error from exc
-                if self.disk_full:
-                    await checkpoint_restart(self._db)
+                except DiskFull as exc:  # refused by the commit guard, nothing written
+                    await self._disk.enter_full(self._db, str(exc), buffered=self.pending_points)
+                    raise
+                await self._disk.committed(self._db, self.page_size)
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -520,8 +527,23 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         Each transaction costs an fsync and a few page writes whatever its size, so a flush
         that uploads several small batches in a pass wears the SD card less by acking them
         together (benchmarks/sd_wear.py: the per-batch acks dominate the steady state).
+        On a full disk a transaction must fit into the WAL file as it is: the batches are
+        then acked one by one, halved until they fit (`_ack_in_parts`).
         """
+        if not delivered:
+            return
+        if not self.disk_full:
+            try:
+                await self._in_transaction(self._ack_work(delivered))
+                return
+            except DiskFull:
+                pass  # the reserve is released now: again, in parts that fit
+        for batch, day in delivered:
+            await self._ack_in_parts(batch, day)
 
+    def _ack_work(
+        self, delivered: Sequence[tuple[Batch, str]]
+    ) -> Callable[[], Awaitable[tuple[int, Callable[[], None]]]]:
         async def work() -> tuple[int, Callable[[], None]]:
             deleted = 0
             for batch, day in delivered:
@@ -539,8 +561,33 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
 
             return deleted, on_commit
 
-        if delivered:
-            await self._in_transaction(work)
+        return work
+
+    async def _ack_in_parts(self, batch: Batch, day: str) -> None:
+        """Ack one batch in transactions small enough for a full disk, halving on DiskFull.
+
+        The parts already acked are remembered until the whole batch is, so the flush
+        loop's retry of a batch that failed half-way neither deletes nor counts a point
+        against the quota twice.
+        """
+        done = self._acked_parts.setdefault((batch, day), [])
+        todo = [(0, len(batch.points))]
+        while todo:
+            start, end = todo.pop()
+            if any(low <= start and end <= high for low, high in done):
+                continue
+            if not any(start <= low and high <= end for low, high in done):
+                part = Batch(batch.stream, batch.points[start:end])
+                try:
+                    await self._in_transaction(self._ack_work([(part, day)]))
+                    done.append((start, end))
+                    continue
+                except DiskFull:
+                    if end - start <= 1:
+                        raise
+            middle = (start + end) // 2
+            todo += [(middle, end), (start, middle)]
+        del self._acked_parts[(batch, day)]
 
     def _rows_left(self, count: int) -> None:
         self.pending_points -= count

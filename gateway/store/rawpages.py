@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.store.files import create_private_file
+
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _WAL_MAGICS = (0x377F0682, 0x377F0683)
 _PAGE_TYPES = {0x02, 0x05, 0x0A, 0x0D}
@@ -73,12 +75,20 @@ def repair_header(path: Path, *, default_page_size: int) -> Path | None:
     if page_size is None or size < 2 * page_size:
         return None
     repaired = path.with_name(path.name + ".repaired")
-    shutil.copyfile(path, repaired)
+    _private_copy(path, repaired)
     if wal.exists():
-        shutil.copyfile(wal, Path(f"{repaired}-wal"))
+        _private_copy(wal, Path(f"{repaired}-wal"))
     with repaired.open("r+b") as handle:
         handle.write(_header(page_size, size // page_size))
     return repaired
+
+
+def _private_copy(source: Path, target: Path) -> None:
+    """A copy only the daemon's user can read: it holds the same payloads."""
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    create_private_file(target)
+    shutil.copyfile(source, target)
 
 
 def _header(page_size: int, page_count: int) -> bytes:
