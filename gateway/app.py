@@ -101,6 +101,7 @@ class Gateway:
             ),
             owner=True,
             page_size=settings.store.page_size,
+            stop=self._stop_requested,  # a disk too full to open the buffer: wait for room
         )
         self.cloud = cloud = BlynkCloud(
             settings.cloud.server,

@@ -23,7 +23,10 @@ from typing import Any
 
 import pytest
 
+from gateway.app import Gateway
 from gateway.config import Settings
+from gateway.errors import StoreError
+from gateway.store import disk
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from harness import InProcessGateway, accepted_set, events, wait_until
@@ -253,3 +256,50 @@ async def test_a_restart_on_a_disk_at_0_bytes_opens_the_buffer_and_uploads(
     async with InProcessGateway(settings) as gateway:
         await wait_until(lambda: accepted_set(sandbox) >= expected, 60, "every reading")
     assert accepted_set(sandbox) == expected
+
+
+async def test_a_first_start_on_a_disk_at_0_bytes_waits_for_room_instead_of_exiting(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    make_tiny_fs: Callable[[int], TinyFs],
+    log_output: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No reserve of ours, no WAL to reuse, no room for the -shm: the daemon cannot open
+    the buffer. It says so once and waits (systemd would give up restarting it)."""
+    monkeypatch.setattr(disk, "OPEN_RETRY_S", 0.1)
+    fs = make_tiny_fs(3 * MiB)
+    filler = fs.fill_to_zero()
+    settings = make_settings(routes=ROUTES, store={"path": str(fs.db_path)})
+    gateway = Gateway(settings)
+    running = asyncio.create_task(gateway.run())
+    await wait_until(lambda: bool(events(log_output, "store_open_waiting_for_space")))
+    await asyncio.sleep(0.5)  # several more tries: still waiting, still one line
+    assert not running.done()
+    [waiting] = events(log_output, "store_open_waiting_for_space")
+    assert waiting["free_disk_bytes"] == 0 and waiting["level"] == "error"
+    filler.unlink()  # the operator frees space
+    await wait_until(lambda: gateway.ingest is not None and gateway.ingest.connected.is_set())
+    messages, expected = readings(10, now_ms())
+    assert await publish_all(publisher, messages) == 10
+    await wait_until(lambda: accepted_set(sandbox) >= expected, 30, "the readings")
+    gateway.request_stop()
+    await running
+    assert len(events(log_output, "store_opened")) == 1
+
+
+async def test_a_stop_while_waiting_for_room_to_open_ends_the_wait(
+    make_settings: Callable[..., Settings],
+    make_tiny_fs: Callable[[int], TinyFs],
+    log_output: io.StringIO,
+) -> None:
+    fs = make_tiny_fs(3 * MiB)
+    fs.fill_to_zero()
+    gateway = Gateway(make_settings(routes=ROUTES, store={"path": str(fs.db_path)}))
+    running = asyncio.create_task(gateway.run())
+    await wait_until(lambda: bool(events(log_output, "store_open_waiting_for_space")))
+    gateway.request_stop()
+    with pytest.raises(StoreError, match="stopped while waiting for room"):
+        async with asyncio.timeout(2):  # not OPEN_RETRY_S
+            await running

@@ -48,7 +48,7 @@ from gateway.store.deadletters import (
     DeadLetterOps,
     RejectedPayload,
 )
-from gateway.store.disk import DiskGuard, StoreFault
+from gateway.store.disk import DiskGuard, PartialAcks, StoreFault
 from gateway.store.inspection import ReadViews
 from gateway.store.ledger import QuotaLedger
 from gateway.store.rawpages import check_header
@@ -129,8 +129,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         self.staging = Staging()
         self._reservations = QuotaReservations()
         self._disk = DiskGuard(path, capacity.disk_reserve_bytes, owner=owner)
-        # Full disk: parts of batches acked so far, by (batch, day) (see `_ack_in_parts`).
-        self._acked_parts: dict[tuple[Batch, str], list[tuple[int, int]]] = {}
+        self._partial_acks = PartialAcks()
         self._clean_record = False
         self._data_version = 0
         self.recovery: SalvageReport | None = None
@@ -150,13 +149,15 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         owner: bool = False,
         page_size: int = DEFAULT_PAGE_SIZE,
         monotonic: Callable[[], float] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> Store:
         """Open (creating or upgrading) the buffer.
 
         `owner=True` is the daemon: only the owner writes the clean-shutdown record and
         recovers a damaged file (moving it aside while `status` reads it would be wrong).
-        Anyone else gets `StoreCorrupt`. `monotonic` paces the summary log lines (tests
-        inject one).
+        Anyone else gets `StoreCorrupt`. The owner also waits for room on a disk too full to
+        open the file until `stop` is set (`DiskGuard.connect_when_room`). `monotonic`
+        paces the summary log lines (tests inject one).
         """
         started = time.perf_counter()
         await asyncio.to_thread(files.prepare_buffer_path, path, owner=owner)
@@ -171,7 +172,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         )
         await asyncio.to_thread(store._disk.open_reserve)
         try:
-            await store._connect()
+            await store._disk.connect_when_room(store._connect, stop)
         except StoreCorrupt as exc:
             if not owner:
                 raise
@@ -528,7 +529,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         that uploads several small batches in a pass wears the SD card less by acking them
         together (benchmarks/sd_wear.py: the per-batch acks dominate the steady state).
         On a full disk a transaction must fit into the WAL file as it is: the batches are
-        then acked one by one, halved until they fit (`_ack_in_parts`).
+        then acked one by one, halved until they fit (`disk.PartialAcks`).
         """
         if not delivered:
             return
@@ -539,7 +540,11 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             except DiskFull:
                 pass  # the reserve is released now: again, in parts that fit
         for batch, day in delivered:
-            await self._ack_in_parts(batch, day)
+
+            async def ack(part: Batch, day: str = day) -> None:
+                await self._in_transaction(self._ack_work([(part, day)]))
+
+            await self._partial_acks.ack(batch, day, ack)
 
     def _ack_work(
         self, delivered: Sequence[tuple[Batch, str]]
@@ -562,32 +567,6 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             return deleted, on_commit
 
         return work
-
-    async def _ack_in_parts(self, batch: Batch, day: str) -> None:
-        """Ack one batch in transactions small enough for a full disk, halving on DiskFull.
-
-        The parts already acked are remembered until the whole batch is, so the flush
-        loop's retry of a batch that failed half-way neither deletes nor counts a point
-        against the quota twice.
-        """
-        done = self._acked_parts.setdefault((batch, day), [])
-        todo = [(0, len(batch.points))]
-        while todo:
-            start, end = todo.pop()
-            if any(low <= start and end <= high for low, high in done):
-                continue
-            if not any(start <= low and high <= end for low, high in done):
-                part = Batch(batch.stream, batch.points[start:end])
-                try:
-                    await self._in_transaction(self._ack_work([(part, day)]))
-                    done.append((start, end))
-                    continue
-                except DiskFull:
-                    if end - start <= 1:
-                        raise
-            middle = (start + end) // 2
-            todo += [(middle, end), (start, middle)]
-        del self._acked_parts[(batch, day)]
 
     def _rows_left(self, count: int) -> None:
         self.pending_points -= count

@@ -36,14 +36,16 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import aiosqlite
 
-from gateway.errors import DiskFull
+from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
+from gateway.models import Batch
 from gateway.store.files import PRIVATE_FILE_MODE
 from gateway.store.sql import fetch_one
 
@@ -68,6 +70,8 @@ DEFAULT_CHECKPOINT_PAGES = 1000
 _CHANGED_PAGES_MARGIN = 64
 # Opening the buffer needs its -shm (32 KiB) and the WAL's first frames.
 OPEN_ROOM_BYTES = 64 * 1024
+# While the disk is too full to open the buffer, the owner tries again this often.
+OPEN_RETRY_S = 5.0
 # Disk-full mode ends when, with the reserve taken back, this much is still free.
 RECOVERED_MARGIN_BYTES = 256 * 1024
 
@@ -188,6 +192,7 @@ class DiskGuard:
         self._directory = path.parent
         self._reserve = ReserveFile(path.with_name(path.name + ".reserve"))
         self._wanted = reserve_bytes
+        self._owner = owner
         # The daemon keeps a reserve unless configured not to (0).
         self._keeps_reserve = owner and reserve_bytes > 0
         # Disk full: appends only into freed pages until the reserve can be re-created.
@@ -217,6 +222,46 @@ class DiskGuard:
         if short > 0:
             held = self._reserve.held()
             self._reserve.shrink_to(max(0, held - short - _FS_BLOCK))
+
+    async def connect_when_room(
+        self, connect: Callable[[], Awaitable[None]], stop: asyncio.Event | None
+    ) -> None:
+        """`connect`; while the disk is too full even to open the buffer (no room for its
+        -shm, and no reserve to give back), the owner waits for room instead of exiting:
+        systemd would soon give up restarting it, and the broker keeps the readings
+        meanwhile. One line when it starts waiting; `stop` ends the wait (StoreError)."""
+        since: float | None = None
+        while True:
+            try:
+                await connect()
+            except StoreCorrupt:
+                raise
+            except StoreError as exc:
+                free = await asyncio.to_thread(free_disk_bytes, self._directory)
+                if not self._owner or free >= OPEN_ROOM_BYTES:
+                    raise
+                if since is None:
+                    since = time.monotonic()
+                    log.error(
+                        "store_open_waiting_for_space",
+                        error=str(exc),
+                        db=str(self._path),
+                        free_disk_bytes=free,
+                        action="the disk is too full to open the buffer; free some space: "
+                        f"the gateway tries again every {OPEN_RETRY_S:g} s",
+                    )
+                if stop is not None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(OPEN_RETRY_S):
+                            await stop.wait()
+                    if stop.is_set():
+                        raise StoreError(f"stopped while waiting for room: {exc}") from exc
+                else:
+                    await asyncio.sleep(OPEN_RETRY_S)
+                continue
+            if since is not None:
+                log.info("store_opened", waited_s=round(time.monotonic() - since, 1))
+            return
 
     async def connected(self, db: aiosqlite.Connection, page_size: int) -> None:
         """A new connection (open, or after a salvage): bound its WAL to the reserve."""
@@ -419,6 +464,39 @@ class DiskGuard:
             await db.execute(f"PRAGMA max_page_count={int(pages)}")
         else:
             await db.execute(f"PRAGMA max_page_count={_MAX_PAGE_COUNT}")
+
+
+class PartialAcks:
+    """On a full disk a transaction must fit into the WAL file as it is: a batch is acked
+    in parts, halving a part that does not fit (`DiskFull`).
+
+    The parts acked are remembered until the whole batch is, so the flush loop's retry
+    of a batch that failed half-way neither deletes nor counts a point twice. A single
+    point that does not fit raises (the flush loop retries later).
+    """
+
+    def __init__(self) -> None:
+        # (start, end) slices acked so far, by (batch, quota day)
+        self._done: dict[tuple[Batch, str], list[tuple[int, int]]] = {}
+
+    async def ack(self, batch: Batch, day: str, ack: Callable[[Batch], Awaitable[None]]) -> None:
+        done = self._done.setdefault((batch, day), [])
+        todo = [(0, len(batch.points))]
+        while todo:
+            start, end = todo.pop()
+            if any(low <= start and end <= high for low, high in done):
+                continue
+            if not any(start <= low and high <= end for low, high in done):
+                try:
+                    await ack(Batch(batch.stream, batch.points[start:end]))
+                    done.append((start, end))
+                    continue
+                except DiskFull:
+                    if end - start <= 1:
+                        raise
+            middle = (start + end) // 2
+            todo += [(middle, end), (start, middle)]
+        del self._done[(batch, day)]
 
 
 def _round_up(size: int) -> int:
