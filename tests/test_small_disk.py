@@ -25,7 +25,8 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.errors import StoreError
+from gateway.errors import DiskFull, StoreError
+from gateway.models import Batch, Point, StreamKey
 from gateway.store import disk
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
@@ -303,3 +304,27 @@ async def test_a_stop_while_waiting_for_room_to_open_ends_the_wait(
     with pytest.raises(StoreError, match="stopped while waiting for room"):
         async with asyncio.timeout(2):  # not OPEN_RETRY_S
             await running
+
+
+async def test_acks_on_a_full_disk_are_halved_until_they_fit_and_a_retry_counts_none_twice() -> (
+    None
+):
+    """`PartialAcks` alone: a transaction that does not fit into the WAL file (DiskFull) is
+    halved; parts acked before a failure are not acked again when the flush loop retries."""
+    batch = Batch(StreamKey(101, 7), tuple(Point(i, f'"{i}"') for i in range(100)))
+    acked: list[int] = []
+    room = {"points": 30, "transactions": 2}  # what fits in one, how many more fit at all
+
+    async def ack(part: Batch) -> None:
+        if len(part.points) > room["points"] or room["transactions"] == 0:
+            raise DiskFull("disk full: the WAL file cannot grow")
+        room["transactions"] -= 1
+        acked.extend(point.ts_ms for point in part.points)
+
+    partial = disk.PartialAcks()
+    with pytest.raises(DiskFull):
+        await partial.ack(batch, "2026-12-05", ack)
+    assert sorted(acked) == list(range(50))  # two transactions of 25 made it
+    room["transactions"] = 100  # uploads freed pages: the flush loop retries the batch
+    await partial.ack(batch, "2026-12-05", ack)
+    assert sorted(acked) == list(range(100))  # each point exactly once
