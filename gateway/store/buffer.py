@@ -17,8 +17,9 @@ Storage rules (kept simple on purpose, like litestream's):
 6. A damaged file never stops the gateway: the owner (the daemon) moves it aside, salvages
    every row it can still read into a fresh file, logs `buffer_corrupt`, and carries on
    (`recovery.py`, `rawpages.py`).
-7. A full disk must not stop uploads: the owner keeps a reserve file to release when
-   SQLite reports SQLITE_FULL, so deletes can still be written (`disk.py`).
+7. A full disk must not stop uploads: a commit that extends the file needs room for its
+   checkpoint, and the owner keeps a reserve sized to the disk to release when it fills,
+   so deletes can always be written (`disk.py`).
 
 `ingest` writes here and `flush` reads here; they never talk to each other directly. The
 `new_rows` notifier is how the flush loop learns that there is something to send, and
