@@ -315,7 +315,8 @@ async def test_acks_on_a_full_disk_are_halved_until_they_fit_and_a_retry_counts_
     acked: list[int] = []
     room = {"points": 30, "transactions": 2}  # what fits in one, how many more fit at all
 
-    async def ack(part: Batch) -> None:
+    async def ack(part: Batch, day: str) -> None:
+        assert day == "2026-12-05"
         if len(part.points) > room["points"] or room["transactions"] == 0:
             raise DiskFull("disk full: the WAL file cannot grow")
         room["transactions"] -= 1

@@ -541,11 +541,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             except DiskFull:
                 pass  # the reserve is released now: again, in parts that fit
         for batch, day in delivered:
-
-            async def ack(part: Batch, day: str = day) -> None:
-                await self._in_transaction(self._ack_work([(part, day)]))
-
-            await self._partial_acks.ack(batch, day, ack)
+            await self._partial_acks.ack(
+                batch, day, lambda part, day: self._in_transaction(self._ack_work([(part, day)]))
+            )
 
     def _ack_work(
         self, delivered: Sequence[tuple[Batch, str]]

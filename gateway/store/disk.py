@@ -479,7 +479,9 @@ class PartialAcks:
         # (start, end) slices acked so far, by (batch, quota day)
         self._done: dict[tuple[Batch, str], list[tuple[int, int]]] = {}
 
-    async def ack(self, batch: Batch, day: str, ack: Callable[[Batch], Awaitable[None]]) -> None:
+    async def ack(
+        self, batch: Batch, day: str, ack: Callable[[Batch, str], Awaitable[object]]
+    ) -> None:
         done = self._done.setdefault((batch, day), [])
         todo = [(0, len(batch.points))]
         while todo:
@@ -488,7 +490,7 @@ class PartialAcks:
                 continue
             if not any(start <= low and high <= end for low, high in done):
                 try:
-                    await ack(Batch(batch.stream, batch.points[start:end]))
+                    await ack(Batch(batch.stream, batch.points[start:end]), day)
                     done.append((start, end))
                     continue
                 except DiskFull:
