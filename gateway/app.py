@@ -105,6 +105,7 @@ class Gateway:
             owner=True,
             page_size=settings.store.page_size,
             long_work=self.notifier,
+            stop=self._stop_requested,  # a disk too full to open the buffer: wait for room
         )
         self.cloud = cloud = BlynkCloud(
             settings.cloud.server,

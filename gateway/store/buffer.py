@@ -18,8 +18,9 @@ Storage rules (kept simple on purpose, like litestream's):
    every row it can still read into a fresh file, logs `buffer_corrupt`, and carries on
    (`recovery.py`, `rawpages.py`). Long work (salvage, upgrade, full check) reports its
    progress to the owner's `LongWorkObserver` (`progress.py`): systemd must not kill it.
-7. A full disk must not stop uploads: the owner keeps a reserve file to release when
-   SQLite reports SQLITE_FULL, so deletes can still be written (`disk.py`).
+7. A full disk must not stop uploads: a commit that extends the file needs room for its
+   checkpoint, and the owner keeps a reserve sized to the disk to release when it fills,
+   so deletes can always be written (`disk.py`).
 
 `ingest` writes here and `flush` reads here; they never talk to each other directly. The
 `new_rows` notifier is how the flush loop learns that there is something to send, and
@@ -43,14 +44,14 @@ from gateway.aio import Notifier
 from gateway.errors import DiskFull, StoreCorrupt, StoreError, UnstorableValue
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
-from gateway.store import deadletters, ledger, recovery, schema, streams
+from gateway.store import deadletters, files, ledger, recovery, schema, streams
 from gateway.store.bindable import BINDING_ERRORS
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
     DeadLetterOps,
     RejectedPayload,
 )
-from gateway.store.disk import DiskGuard, StoreFault, checkpoint_restart
+from gateway.store.disk import DiskGuard, PartialAcks, StoreFault
 from gateway.store.inspection import ReadViews
 from gateway.store.ledger import QuotaLedger
 from gateway.store.progress import LongWorkObserver
@@ -133,7 +134,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         # Pass-through: readings offered for upload before any write (see staging.py).
         self.staging = Staging()
         self._reservations = QuotaReservations()
-        self._disk = DiskGuard(path, capacity.disk_reserve_bytes)
+        self._disk = DiskGuard(path, capacity.disk_reserve_bytes, owner=owner)
+        self._partial_acks = PartialAcks()
         self._clean_record = False
         self._data_version = 0
         self.recovery: SalvageReport | None = None
@@ -154,17 +156,19 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         page_size: int = DEFAULT_PAGE_SIZE,
         monotonic: Callable[[], float] | None = None,
         long_work: LongWorkObserver | None = None,
+        stop: asyncio.Event | None = None,
     ) -> Store:
         """Open (creating or upgrading) the buffer.
 
         `owner=True` is the daemon: only the owner writes the clean-shutdown record and
         recovers a damaged file (moving it aside while `status` reads it would be wrong).
-        Anyone else gets `StoreCorrupt`. `monotonic` paces the summary log lines (tests
-        inject one). `long_work` hears how a salvage, an upgrade or the full check
-        progresses, here and for as long as the store is open.
+        Anyone else gets `StoreCorrupt`. The owner also waits for room on a disk too full to
+        open the file until `stop` is set (`DiskGuard.connect_when_room`). `monotonic`
+        paces the summary log lines (tests inject one). `long_work` hears how a salvage, an
+        upgrade or the full check progresses, here and for as long as the store is open.
         """
         started = time.perf_counter()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(files.prepare_buffer_path, path, owner=owner)
         store = cls(
             path,
             clock_ms=clock_ms or (lambda: time.time_ns() // 1_000_000),
@@ -175,8 +179,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             monotonic=monotonic or time.monotonic,
             long_work=long_work,
         )
+        await asyncio.to_thread(store._disk.open_reserve)
         try:
-            await store._connect()
+            await store._disk.connect_when_room(store._connect, stop)
         except StoreCorrupt as exc:
             if not owner:
                 raise
@@ -187,8 +192,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             store.recovery = report
             report.emit(buffered=store.pending_points)
         store.started_clean = store._clean_record
-        if owner:
-            await asyncio.to_thread(store._disk.ensure_reserve)
+        await store._disk.size_reserve(store._db, store.page_size)
         store.open_ms = (time.perf_counter() - started) * 1000
         return store
 
@@ -234,6 +238,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         await recovery.probe(db, self._stream_keys)
         (self._data_version,) = await fetch_one(db, "PRAGMA data_version")
         self.used_bytes = await used_bytes(db, self.page_size)
+        await self._disk.connected(db, self.page_size)
 
     async def close(self) -> None:
         """Close; the owner also records the row count and lets SQLite refresh its stats.
@@ -250,6 +255,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
                 with contextlib.suppress(sqlite3.Error):
                     await self._write_clean_record()
             await self._db.close()
+            self._disk.close()
 
     async def _write_clean_record(self) -> None:
         """Remember the exact row count, so the next start need not count a big backlog.
@@ -308,6 +314,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
                             # The file is about to change: the recorded count goes stale.
                             await self._db.execute("DELETE FROM meta WHERE key = 'pending_points'")
                         result, on_commit = await work()
+                        await self._disk.check_commit(self._db, self.page_size)
                         await _uncancelled(self._commit(on_commit))
                     except BaseException:
                         # Even if the connection is not in a transaction yet: a cancelled
@@ -325,8 +332,10 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
                             self._db, str(exc), buffered=self.pending_points
                         )
                     raise error from exc
-                if self.disk_full:
-                    await checkpoint_restart(self._db)
+                except DiskFull as exc:  # refused by the commit guard, nothing written
+                    await self._disk.enter_full(self._db, str(exc), buffered=self.pending_points)
+                    raise
+                await self._disk.committed(self._db, self.page_size)
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -542,8 +551,25 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         Each transaction costs an fsync and a few page writes whatever its size, so a flush
         that uploads several small batches in a pass wears the SD card less by acking them
         together (benchmarks/sd_wear.py: the per-batch acks dominate the steady state).
+        On a full disk a transaction must fit into the WAL file as it is: the batches are
+        then acked one by one, halved until they fit (`disk.PartialAcks`).
         """
+        if not delivered:
+            return
+        if not self.disk_full:
+            try:
+                await self._in_transaction(self._ack_work(delivered))
+                return
+            except DiskFull:
+                pass  # the reserve is released now: again, in parts that fit
+        for batch, day in delivered:
+            await self._partial_acks.ack(
+                batch, day, lambda part, day: self._in_transaction(self._ack_work([(part, day)]))
+            )
 
+    def _ack_work(
+        self, delivered: Sequence[tuple[Batch, str]]
+    ) -> Callable[[], Awaitable[tuple[int, Callable[[], None]]]]:
         async def work() -> tuple[int, Callable[[], None]]:
             deleted = 0
             for batch, day in delivered:
@@ -561,8 +587,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
 
             return deleted, on_commit
 
-        if delivered:
-            await self._in_transaction(work)
+        return work
 
     def _rows_left(self, count: int) -> None:
         self.pending_points -= count

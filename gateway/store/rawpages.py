@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from gateway.store.files import create_private_file
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _WAL_MAGICS = (0x377F0682, 0x377F0683)
@@ -82,21 +83,24 @@ def repair_header(path: Path, *, default_page_size: int, on_page: OnPage = _noth
     if page_size is None or size < 2 * page_size:
         return None
     repaired = path.with_name(path.name + ".repaired")
-    _copy(path, repaired, on_page)
+    _private_copy(path, repaired, on_page)
     if wal.exists():
-        _copy(wal, Path(f"{repaired}-wal"), on_page)
+        _private_copy(wal, Path(f"{repaired}-wal"), on_page)
     with repaired.open("r+b") as handle:
         handle.write(_header(page_size, size // page_size))
     return repaired
 
 
-def _copy(source: Path, target: Path, on_chunk: OnPage) -> None:
-    """`shutil.copyfile` by chunks: a big file on an SD card takes a while to copy."""
+def _private_copy(source: Path, target: Path, on_chunk: OnPage) -> None:
+    """A copy by chunks (a big file on an SD card takes a while) that only the daemon's
+    user can read: it holds the same payloads."""
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    create_private_file(target)
     with source.open("rb") as reader, target.open("wb") as writer:
         while chunk := reader.read(_COPY_CHUNK):
             writer.write(chunk)
             on_chunk()
-    shutil.copymode(source, target)
 
 
 def _header(page_size: int, page_count: int) -> bytes:

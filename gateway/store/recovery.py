@@ -26,6 +26,7 @@ import aiosqlite
 from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
 from gateway.store import rawpages
+from gateway.store.files import create_private_file
 from gateway.store.progress import LongWorkObserver, WorkProgress
 from gateway.store.rawpages import check_header
 from gateway.store.schema import create_schema
@@ -156,6 +157,7 @@ def recover_file(
             )
             if repaired is not None and _schema_readable(repaired):
                 source, header_repaired = repaired, True
+        create_private_file(path)  # SQLite would create it with the umask's mode
         fresh = sqlite3.connect(path, isolation_level=None)
         try:
             progress.watch(fresh)
