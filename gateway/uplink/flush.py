@@ -49,6 +49,7 @@ from gateway.log import get_logger
 from gateway.models import Batch, StreamKey
 from gateway.ops.systemd import Heartbeat, format_duration
 from gateway.store import Store, StreamState
+from gateway.uplink.admission import Admission, StreamEvents
 from gateway.uplink.cloud import CloudClient
 from gateway.uplink.link import Uplink
 from gateway.uplink.passthrough import PassThrough
@@ -166,7 +167,14 @@ class FlushLoop:
         self._recovering = store.pending_points > 0
         self._final_flush_active = False
         self._exhausted_logged: set[tuple[int, str]] = set()
-        self._parked_logged: set[StreamKey] = set()
+        # Proven streams first, the others at a bounded rate (admission.py).
+        self._admission = Admission(settings.new_stream_tries_per_min)
+        # Streams that were parked when this pass began: parking them again is not news.
+        self._parked_before: set[StreamKey] = set()
+        self._refusals = 0  # streams parked so far: tells a refused try from the others
+        self._untried = 0  # new streams waiting for a try, as of the last pass
+        self._parked_log = StreamEvents("stream_parked", "streams_parked", "error")
+        self._unparked_log = StreamEvents("stream_unparked", "streams_unparked", "info")
         self._skew_logged = False
         self._next_expiry_sweep = 0.0
         self._store_failures = 0
@@ -199,12 +207,15 @@ class FlushLoop:
         self._cloud_settings = cloud_settings
         self._quota = DailyQuota(cloud_settings.daily_points_limit, cloud_settings.day_timezone)
         self.uplink.reconfigure(settings)
+        self._admission.allowance.reconfigure(settings.new_stream_tries_per_min)
         self._new_rows.set()
 
     async def unpark_all(self) -> None:
-        """Retry every parked stream now: after a config reload the ids may have been fixed."""
+        """Retry every parked stream: after a config reload the ids may have been fixed.
+
+        They become new streams again, tried at the bounded rate (no burst of requests).
+        """
         await self._store.unpark()
-        self._parked_logged.clear()
         self._new_rows.set()
 
     # ------------------------------------------------------------------ loop
@@ -243,6 +254,7 @@ class FlushLoop:
                 continue
             if self._new_rows.is_set():
                 await self._linger()
+        self._report_stream_events(force=True)
 
     async def _linger(self) -> None:
         """Let a trickle of new readings gather into one request and one delete
@@ -360,12 +372,16 @@ class FlushLoop:
             self._final_flush_active = False
             with contextlib.suppress(StoreError):
                 await self._ack_delivered()
+                await self._remember_accepted()
+            self._report_stream_events(force=True)
 
     # ------------------------------------------------------------------ one pass
 
     async def run_pass(self) -> PassOutcome:
         self.stats.passes += 1
         await self._ack_delivered()
+        await self._remember_accepted()
+        self._report_stream_events()
         self._new_rows.clear()
         await self._expire_if_due()
         streams = await self._store.pending_streams()
@@ -378,30 +394,58 @@ class FlushLoop:
         finally:
             self._log_expired(self._pass_expired, "send")
             await self._ack_delivered()
+            await self._remember_accepted()
 
     async def _visit(self, streams: list[StreamState]) -> PassOutcome:
-        count = len(streams)
-        start = self._rotation % count
+        """Every proven stream (in rotation), then trials while the allowance lasts."""
+        plan = self._admission.plan(streams, self._clock_ms())
+        self._parked_before = {s.key for s in streams if s.parked_reason is not None}
+        served = plan.rotated(self._rotation)
         self._rotation += 1
         sent_any = False
-        for stream in streams[start:] + streams[:start]:
+        for index, stream in enumerate(served + plan.trials):
             if self._stop.is_set() and not self._final_flush_active:
                 break
+            trial = index >= len(served)
+            # The rest wait for the allowance to refill; at shutdown, for the next start.
+            if trial and (self._final_flush_active or not self._admission.allowance.take()):
+                break
             self.heartbeat.beat()
-            if not await self._sendable(stream):
-                continue
+            refusals = self._refusals
             outcome = await self._send_stream(stream)
+            if trial and self._refusals == refusals:
+                self._admission.allowance.give_back()  # not refused: the try cost nothing
             if outcome is PassOutcome.BACKOFF:
                 return outcome
             sent_any = sent_any or outcome is PassOutcome.SENT
             if self._unacked and time.monotonic() - self._unacked_since >= ACK_HOLD_MAX_S:
                 await self._ack_delivered()
+        self._untried = plan.untried
         return PassOutcome.SENT if sent_any else PassOutcome.IDLE
 
-    async def _sendable(self, stream: StreamState) -> bool:
-        if stream.parked_reason is None:
-            return True
-        return stream.parked_until_ms is None or stream.parked_until_ms <= self._clock_ms()
+    async def _remember_accepted(self) -> None:
+        """Load the proven streams once; write the newly proven ones (one transaction).
+
+        A failed write keeps them for the next pass: it is only a hint, and whatever
+        failed will fail the pass's own store calls too, which report it.
+        """
+        if not self._admission.loaded:
+            self._admission.load(await self._store.accepted_streams())
+        unsaved = set(self._admission.unsaved)
+        if not unsaved:
+            return
+        with contextlib.suppress(StoreError):
+            await self._store.mark_accepted(unsaved)
+            self._admission.saved(unsaved)
+
+    def _report_stream_events(self, *, force: bool = False) -> None:
+        """End the parked/unparked summary intervals that are over (every pass)."""
+        self._parked_log.flush(
+            force=force,
+            untried_streams=self._untried,
+            tries_per_min=self._settings.new_stream_tries_per_min,
+        )
+        self._unparked_log.flush(force=force)
 
     def _cutoff_ms(self, now_ms: int | None = None) -> int:
         """Points older than this are not sent: the cloud would refuse them for age."""
@@ -440,12 +484,7 @@ class FlushLoop:
         outcome = await self._deliver(batch)
         if outcome is PassOutcome.SENT and stream.parked_reason is not None:
             await self._store.unpark(stream.key)
-            self._parked_logged.discard(stream.key)
-            log.info(
-                "stream_unparked",
-                device_id=stream.key.device_id,
-                datastream_id=stream.key.datastream_id,
-            )
+            self._unparked_log.note(stream.key)
         return outcome
 
     async def _deliver(self, batch: Batch) -> PassOutcome:
@@ -490,6 +529,7 @@ class FlushLoop:
         error: BaseException | None = None
         try:
             await self._cloud.upload(batch)
+            self._admission.accepted(batch.stream)
         except BaseException as exc:
             error = exc
             raise
@@ -587,15 +627,16 @@ class FlushLoop:
         )
 
     async def _park(self, stream: StreamKey, reason: str) -> None:
+        """Hold the stream back for `parked_retry_s` (its data kept); logged when it was
+        not parked already, many streams in one line per interval."""
         until_ms = self._clock_ms() + int(self._settings.parked_retry_s * 1000)
         await self._store.park(stream, reason, until_ms)
-        if stream not in self._parked_logged:
-            self._parked_logged.add(stream)
-            log.error(
-                "stream_parked",
-                device_id=stream.device_id,
-                datastream_id=stream.datastream_id,
-                reason=reason,
+        self._refusals += 1
+        if stream not in self._parked_before:
+            self._parked_before.add(stream)
+            self._parked_log.note(
+                stream,
+                reason,
                 retry_in_s=self._settings.parked_retry_s,
                 action="data kept; check the ids in the route, or create them in Blynk",
             )
