@@ -68,7 +68,7 @@ class TryAllowance:
 
     def take(self) -> bool:
         self._refill()
-        if self._tokens < 1.0:
+        if self._tokens < 1.0 - 1e-9:  # refilled in float steps: 0.99999... is a whole try
             return False
         self._tokens -= 1.0
         return True

@@ -254,7 +254,6 @@ class FlushLoop:
                 continue
             if self._new_rows.is_set():
                 await self._linger()
-        self._report_stream_events(force=True)
 
     async def _linger(self) -> None:
         """Let a trickle of new readings gather into one request and one delete
@@ -350,6 +349,12 @@ class FlushLoop:
     async def final_flush(self, timeout_s: float) -> None:
         """Bounded last effort at shutdown; whatever is left stays buffered for next start."""
         try:
+            await self._final_flush(timeout_s)
+        finally:
+            self._report_stream_events(force=True)
+
+    async def _final_flush(self, timeout_s: float) -> None:
+        try:
             await self._ack_delivered()
         except StoreError as exc:
             log.error("final_flush_store_unavailable", error=str(exc))
@@ -373,7 +378,6 @@ class FlushLoop:
             with contextlib.suppress(StoreError):
                 await self._ack_delivered()
                 await self._remember_accepted()
-            self._report_stream_events(force=True)
 
     # ------------------------------------------------------------------ one pass
 
@@ -407,9 +411,8 @@ class FlushLoop:
             if self._stop.is_set() and not self._final_flush_active:
                 break
             trial = index >= len(served)
-            # The rest wait for the allowance to refill; at shutdown, for the next start.
-            if trial and (self._final_flush_active or not self._admission.allowance.take()):
-                break
+            if trial and not self._admission.allowance.take():
+                break  # the rest wait for the allowance to refill
             self.heartbeat.beat()
             refusals = self._refusals
             outcome = await self._send_stream(stream)
