@@ -24,15 +24,17 @@ refused trials are queued ahead of it).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.errors import StoreError
 from gateway.log import get_logger
 from gateway.models import StreamKey
-from gateway.store import StreamState
+from gateway.store import Store, StreamState
 
 log = get_logger("flush")
 
@@ -115,8 +117,21 @@ class Admission:
             self.proven.add(key)
             self.unsaved.add(key)
 
-    def saved(self, keys: set[StreamKey]) -> None:
-        self.unsaved -= keys
+    async def remember(self, store: Store) -> None:
+        """Load the proven streams once; write the newly proven ones (one transaction).
+
+        The flush loop calls this after its acks. A failed write keeps them for the next
+        call: it is only a hint, and whatever failed fails the pass's own store calls too,
+        which report it.
+        """
+        if not self.loaded:
+            self.load(await store.accepted_streams())
+        unsaved = set(self.unsaved)
+        if not unsaved:
+            return
+        with contextlib.suppress(StoreError):
+            await store.mark_accepted(unsaved)
+            self.unsaved -= unsaved
 
     def plan(self, streams: list[StreamState], now_ms: int) -> Plan:
         served: list[StreamState] = []

@@ -2,12 +2,15 @@
 
 Each pass visits every stream that has buffered readings once, in rotation, and sends at
 most one batch per stream, so a device with a 50,000-point backlog cannot starve one with
-ten new points. Before sending, a batch is trimmed to the device's remaining daily quota,
-and the age rule is applied at the moment of sending (to every batch and every half of a
-bisected one): points older than the cloud accepts are dead-lettered as `expired`, so no
-request carries a point the cloud will refuse for age. The outcome of every upload is one
-of: delivered (acked in the store, charged to the quota day in which the cloud accepted
-it), buffered (retried later), or dead-lettered with the cloud's reason.
+ten new points. Streams the cloud has accepted before go first; new and parked ones are
+tried at a bounded rate after them (admission.py), so thousands of ids the cloud does not
+know cannot delay a device it does. Before sending, a batch is trimmed to the device's
+remaining daily quota, and the age rule is applied at the moment of sending (to every
+batch and every half of a bisected one): points older than the cloud accepts are
+dead-lettered as `expired`, so no request carries a point the cloud will refuse for age.
+The outcome of every upload is one of: delivered (acked in the store, charged to the quota
+day in which the cloud accepted it), buffered (retried later), or dead-lettered with the
+cloud's reason.
 
 Two kinds of trouble are told apart. When the cloud cannot be reached at all, the loop
 probes it with a bare TCP (and TLS) connect every `probe_interval_s` and uploads as soon as
@@ -377,14 +380,14 @@ class FlushLoop:
             self._final_flush_active = False
             with contextlib.suppress(StoreError):
                 await self._ack_delivered()
-                await self._remember_accepted()
+                await self._admission.remember(self._store)
 
     # ------------------------------------------------------------------ one pass
 
     async def run_pass(self) -> PassOutcome:
         self.stats.passes += 1
         await self._ack_delivered()
-        await self._remember_accepted()
+        await self._admission.remember(self._store)
         self._report_stream_events()
         self._new_rows.clear()
         await self._expire_if_due()
@@ -398,7 +401,7 @@ class FlushLoop:
         finally:
             self._log_expired(self._pass_expired, "send")
             await self._ack_delivered()
-            await self._remember_accepted()
+            await self._admission.remember(self._store)
 
     async def _visit(self, streams: list[StreamState]) -> PassOutcome:
         """Every proven stream (in rotation), then trials while the allowance lasts."""
@@ -425,21 +428,6 @@ class FlushLoop:
                 await self._ack_delivered()
         self._untried = plan.untried
         return PassOutcome.SENT if sent_any else PassOutcome.IDLE
-
-    async def _remember_accepted(self) -> None:
-        """Load the proven streams once; write the newly proven ones (one transaction).
-
-        A failed write keeps them for the next pass: it is only a hint, and whatever
-        failed will fail the pass's own store calls too, which report it.
-        """
-        if not self._admission.loaded:
-            self._admission.load(await self._store.accepted_streams())
-        unsaved = set(self._admission.unsaved)
-        if not unsaved:
-            return
-        with contextlib.suppress(StoreError):
-            await self._store.mark_accepted(unsaved)
-            self._admission.saved(unsaved)
 
     def _report_stream_events(self, *, force: bool = False) -> None:
         """End the parked/unparked summary intervals that are over (every pass)."""
