@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from store_kit import sql
 
 from gateway.config import Settings
@@ -64,13 +65,16 @@ async def known_reading_arrives(
     return time.monotonic() - started
 
 
+@pytest.mark.parametrize("pass_through", [False, True], ids=["buffered", "pass_through"])
 async def test_thousands_of_unknown_streams_never_delay_a_known_device(
     make_settings: Callable[..., Settings],
     sandbox: SandboxCloud,
     publisher: AckedPublisher,
     log_output: io.StringIO,
+    pass_through: bool,
 ) -> None:
-    settings = make_settings([ROUTE], devices=DEVICES, flush={"parked_retry_s": 5.0})
+    flush = {"parked_retry_s": 5.0, "pass_through": pass_through}
+    settings = make_settings([ROUTE], devices=DEVICES, flush=flush)
     runner = InProcessGateway(settings, clock_ms=sandbox.now_ms)
     async with runner as gateway:
         assert gateway.store is not None
