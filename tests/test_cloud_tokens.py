@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.errors import CloudServerError
@@ -100,6 +101,40 @@ async def test_each_malformed_token_is_a_retryable_cloud_error(
         assert "access_token" in str(info.value)
         sandbox.bad_tokens = None
         assert await client.access_token()  # the next request gets a good one
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lifetime_s"),
+    [(10**400, None), ("soon", None), ([1], None), (float("inf"), 300), (-5, 300), (None, 300)],
+)
+async def test_an_odd_expires_in_is_a_cloud_error_or_a_short_lifetime(
+    expires_in: object, lifetime_s: float | None
+) -> None:
+    body = json.dumps({"access_token": "good-token-1234", "expires_in": expires_in})
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body.encode())
+
+    clock = [0.0]
+    client = BlynkCloud(
+        "http://127.0.0.1:9",
+        "id",
+        "secret",
+        transport=httpx.MockTransport(answer),
+        monotonic=lambda: clock[0],
+    )
+    try:
+        if lifetime_s is None:
+            with pytest.raises(CloudServerError, match="expires_in"):
+                await client.access_token()
+            return
+        assert await client.access_token() == "good-token-1234"
+        assert client.token_renewals == 1
+        clock[0] = lifetime_s * 0.9  # renewed 10 % before the end, as for any lifetime
+        await client.access_token()
+        assert client.token_renewals == 2
     finally:
         await client.aclose()
 

@@ -110,7 +110,7 @@ def parse_token_answer(response: httpx.Response) -> tuple[str, float]:
         raise unusable(f"an unusable access_token: {problem}")
     try:
         lifetime_s = token_lifetime_s(document.get("expires_in"))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit integer
         raise unusable("an expires_in that is not a number") from None
     assert isinstance(access_token, str)  # token_problem said so
     return access_token, lifetime_s
