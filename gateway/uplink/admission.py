@@ -6,9 +6,10 @@ stream with buffered readings is a *trial*: new streams nobody has tried yet, an
 streams whose retry time has come. Each trial costs one try from an allowance of
 `flush.new_stream_tries_per_min` (a minute's worth at once, then refilled evenly), and a
 try the cloud does not refuse is given back. So a config with thousands of wrong ids (or
-thousands of junk topic names taken for ids) costs that many requests a minute, however many
-streams it buffers, and never stands between a proven device and the cloud; a real new
-device costs nothing, unless it queues behind refused ones (then it waits its turn).
+thousands of junk topic names taken for ids) costs at most that many refused requests a
+minute, however many streams it buffers, and never stands between a proven device and the
+cloud; a real new device costs nothing, unless it queues behind refused ones (then it waits
+its turn). The allowance lives in memory only: each start begins with a minute's worth.
 
 Trials go in this order: parked streams that were proven before (a device deleted and
 re-created, a clock problem), new streams of a device that has a proven stream (a new
