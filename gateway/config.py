@@ -329,6 +329,12 @@ class FlushSettings(_Section):
     probe_interval_s: Annotated[float, Field(gt=0, le=300)] = 5.0
     auth_retry_s: PositiveFloat = 300.0
     parked_retry_s: PositiveFloat = 600.0
+    # Streams the cloud has accepted before are served first; the others (new ones, and
+    # parked ones due for a retry) are tried at most this many per minute, a minute's worth
+    # at once. A try the cloud accepts costs nothing, so real new devices are not held
+    # back; only refusals (404) use it up. Thousands of wrong ids then cost 10 requests a
+    # minute instead of a burst that delays every device.
+    new_stream_tries_per_min: Annotated[int, Field(ge=1, le=100_000)] = 10
     shutdown_flush_s: Annotated[float, Field(ge=0, le=600)] = 10.0
     # Pass-through: while the cloud is reachable and nothing is buffered, upload a group of
     # readings first and PUBACK what the cloud accepted without writing it (the broker keeps

@@ -27,6 +27,7 @@ LogFormat = Literal["auto", "json", "console", "logfmt"]
 
 _SECRET_FIELD_PARTS = ("secret", "password", "token", "authorization")
 _MASK = "***"
+ROTATING_KEPT = 2
 # sd-daemon(3) prefixes: the journal turns them into the entry's PRIORITY.
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 # Fields whose text comes from publishers or the cloud, and how much of it a line shows.
@@ -58,13 +59,30 @@ class SecretScrubber:
     """A structlog processor that masks secret-looking fields and known secret values."""
 
     def __init__(self) -> None:
-        self._secret_values: set[str] = set()
+        # Replaced, never changed in place: a thread logging meanwhile scrubs with either.
+        self._secret_values: frozenset[str] = frozenset()
+        # Secrets that are replaced over time (the cloud's tokens): the newest few per slot,
+        # so a daemon that renews its token daily for years does not scrub an ever-longer
+        # list. The one before the newest stays: a line about its last use may follow.
+        self._rotating: dict[str, list[str]] = {}
 
     def register(self, *values: str | None) -> None:
         """Remember secret values (e.g. the client secret) so they are scrubbed everywhere."""
         for value in values:
             if value and len(value) >= 4:
-                self._secret_values.add(value)
+                self._secret_values |= {value}
+
+    def register_rotating(self, slot: str, value: object) -> None:
+        """A new value of a secret that replaces older ones (an access token), as received:
+        anything that is not text of 4 characters or more is ignored."""
+        if not isinstance(value, str) or len(value) < 4:
+            return
+        kept = self._rotating.setdefault(slot, [])
+        if value in kept:
+            return
+        kept.append(value)
+        dropped = {kept.pop(0)} if len(kept) > ROTATING_KEPT else set()
+        self._secret_values = (self._secret_values - dropped) | {value}
 
     def _is_secret_key(self, key: str) -> bool:
         lowered = key.lower()

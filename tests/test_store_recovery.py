@@ -203,6 +203,21 @@ async def test_salvage_keeps_dead_letters_with_their_detail(
     assert {letter.detail for letter in letters} == {"Invalid value 'x' at index 0."}
 
 
+async def test_salvage_keeps_the_streams_the_cloud_accepted(
+    db_path: Path, make_store: MakeStore
+) -> None:
+    """Lost, they would be tried at the new-stream rate until the cloud accepts them again."""
+    await build_file(db_path, per_stream=100)
+    store = await Store.open(db_path, owner=True)
+    await store.mark_accepted({BOILER, KITCHEN})
+    await store.close()
+    with db_path.open("r+b") as handle:
+        handle.write(os.urandom(100))
+    store = await make_store()
+    assert store.recovery is not None
+    assert await store.accepted_streams() == {BOILER, KITCHEN}
+
+
 async def test_trashed_first_page_falls_back_to_a_raw_page_scan(
     db_path: Path, make_store: MakeStore
 ) -> None:

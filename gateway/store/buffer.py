@@ -61,7 +61,7 @@ from gateway.store.reservations import QuotaReservations
 from gateway.store.schema import DEFAULT_PAGE_SIZE
 from gateway.store.sql import changes_many, fetch_one, used_bytes
 from gateway.store.staging import Staging
-from gateway.store.streams import StreamState
+from gateway.store.streams import AcceptedStreams, StreamState
 
 log = get_logger("store")
 
@@ -94,7 +94,7 @@ class Lease:
     expired: int
 
 
-class Store(QuotaLedger, DeadLetterOps, ReadViews):
+class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
     """Async facade over one SQLite connection; every operation is one transaction."""
 
     def __init__(

@@ -99,7 +99,7 @@ async def probe(db: aiosqlite.Connection, stream_ids: Iterable[int]) -> None:
     (`quick_check`) runs in the background once the gateway is up. Damage it meets raises
     `StoreCorrupt` or the sqlite3 error.
     """
-    for table in ("streams", "meta", "quota_days", "capacity_drops"):
+    for table in ("streams", "meta", "quota_days", "capacity_drops", "accepted_streams"):
         rows = [row[0] for row in await db.execute_fetchall(f"PRAGMA quick_check({table})")]
         if rows != ["ok"]:
             raise StoreCorrupt(f"quick_check({table}): {rows[0]}")
@@ -412,6 +412,13 @@ def _salvage_rows(
                         "SELECT device_id, evicted, refused, last_at_ms FROM capacity_drops"
                     ).fetchall(),
                 )
+        # Schema v4 on: which streams the cloud accepted (lost, they are only tried at the
+        # bounded rate of new streams until the cloud accepts them again).
+        with contextlib.suppress(sqlite3.Error):
+            fresh.executemany(
+                "INSERT OR IGNORE INTO accepted_streams (device_id, datastream_id) VALUES (?, ?)",
+                source.execute("SELECT device_id, datastream_id FROM accepted_streams").fetchall(),
+            )
         fresh.execute("COMMIT")
     finally:
         source.close()

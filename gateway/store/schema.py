@@ -17,7 +17,7 @@ from gateway.store.progress import LongWorkObserver, WorkProgress
 
 log = get_logger("store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # New files only (SQLite fixes the page size when the file is created). A commit writes
 # every page it touches to the WAL, and small commits touch a few pages each: 1 KiB pages
@@ -98,6 +98,23 @@ _MIGRATIONS: dict[int, str] = {
     # (the bad number, the cloud's wording) goes to `detail`, so grouping by reason works.
     3: """
         ALTER TABLE dead_letters ADD COLUMN detail TEXT;
+    """,
+    # Version 4: the streams the cloud has accepted a batch of. The flush loop serves them
+    # before streams it never heard the cloud accept, which it tries at a bounded rate
+    # (uplink/admission.py). Keyed by ids, not by stream row: pass-through uploads accept
+    # streams that were never written. An older file did not record it: a stream counts as
+    # accepted if its device has points in the quota ledger (the last few days) and the
+    # cloud did not answer 404 for it.
+    4: """
+        CREATE TABLE accepted_streams (
+            device_id INTEGER NOT NULL,
+            datastream_id INTEGER NOT NULL,
+            PRIMARY KEY (device_id, datastream_id)
+        ) WITHOUT ROWID;
+        INSERT INTO accepted_streams (device_id, datastream_id)
+            SELECT device_id, datastream_id FROM streams
+            WHERE device_id IN (SELECT device_id FROM quota_days WHERE points > 0)
+            AND (parked_reason IS NULL OR parked_reason NOT LIKE '%not_found%');
     """,
 }
 

@@ -1,14 +1,19 @@
 """The `streams` table: one row per (device, datastream), the small integer id its readings
-carry, and whether the flush loop holds it back (parked) and why."""
+carry, and whether the flush loop holds it back (parked) and why; and `accepted_streams`,
+the streams the cloud has accepted a batch of."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiosqlite
 
 from gateway.errors import StoreError
 from gateway.models import StreamKey
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +71,41 @@ async def unpark(db: aiosqlite.Connection, stream: StreamKey | None) -> None:
         f"UPDATE streams SET parked_reason = NULL, parked_until_ms = NULL WHERE {where}",
         params,
     )
+
+
+async def accepted(db: aiosqlite.Connection) -> set[StreamKey]:
+    """Every stream the cloud has accepted a batch of (schema v4, `accepted_streams`)."""
+    rows = await db.execute_fetchall("SELECT device_id, datastream_id FROM accepted_streams")
+    return {StreamKey(device_id, datastream_id) for device_id, datastream_id in rows}
+
+
+async def mark_accepted(db: aiosqlite.Connection, keys: Iterable[StreamKey]) -> None:
+    """Remember streams the cloud accepted (inside the caller's transaction)."""
+    await db.executemany(
+        "INSERT OR IGNORE INTO accepted_streams (device_id, datastream_id) VALUES (?, ?)",
+        [(key.device_id, key.datastream_id) for key in keys],
+    )
+
+
+class AcceptedStreams:
+    """The store's memory of which streams the cloud accepted, mixed into `Store`.
+
+    The flush loop keeps the set in memory (one entry per real stream: only the cloud's
+    acceptance adds one, so junk topics cannot grow it) and writes each new entry once.
+    """
+
+    _db: aiosqlite.Connection
+
+    async def _read(self, work: Callable[[], Awaitable[T]]) -> T:
+        raise NotImplementedError  # pragma: no cover - Store provides it
+
+    async def _write(self, work: Callable[[], Awaitable[object]]) -> None:
+        raise NotImplementedError  # pragma: no cover - Store provides it
+
+    async def accepted_streams(self) -> set[StreamKey]:
+        return await self._read(lambda: accepted(self._db))
+
+    async def mark_accepted(self, keys: Collection[StreamKey]) -> None:
+        """One transaction for all of `keys` (a no-op for none)."""
+        if keys:
+            await self._write(lambda: mark_accepted(self._db, keys))

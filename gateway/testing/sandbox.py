@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from aiohttp import BasicAuth, web
 from aiohttp.typedefs import Handler
 
-from gateway.testing.sandbox_rules import check_types, short_repr, value_fits
+from gateway.testing.sandbox_rules import BAD_TOKENS, check_types, short_repr, value_fits
 
 __all__ = [
     "FAULT_MODES",
@@ -136,6 +136,9 @@ class SandboxCloud:
         self.token_ttl_s = token_ttl_s
         # When set, every import is answered 308 towards this base URL (wrong-region simulation).
         self.redirect_to: str | None = None
+        # When set (a key of `sandbox_rules.BAD_TOKENS`), the token endpoint answers 200 with
+        # that malformed access (and refresh) token.
+        self.bad_tokens: str | None = None
 
         self._clock_offset_ms = 0.0
         self._tokens: dict[str, int] = {}  # access token -> expiry (sandbox ms)
@@ -404,11 +407,12 @@ class SandboxCloud:
         self._tokens[access] = self.now_ms() + self.token_ttl_s * 1000
         self._refresh_tokens.add(refresh)
         self._tokens_issued += 1
+        bad = BAD_TOKENS[self.bad_tokens] if self.bad_tokens is not None else None
         body = {
-            "access_token": access,
+            "access_token": access if bad is None else bad,
             "token_type": "Bearer",
             "expires_in": self.token_ttl_s,
-            "refresh_token": refresh,
+            "refresh_token": refresh if bad is None else bad,
         }
         return web.json_response(body)
 

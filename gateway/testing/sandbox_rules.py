@@ -59,3 +59,18 @@ def check_types(types: Mapping[int, str]) -> dict[int, str]:
     if bad:
         raise ValueError(f"unknown datastream types {bad}; use one of {sorted(DATASTREAM_TYPES)}")
     return dict(types)
+
+
+# Malformed tokens the sandbox can hand out (`SandboxCloud.bad_tokens`), as a broken or
+# hostile token endpoint might: each must be a cloud error at the gateway, never a crash,
+# and must never be echoed in its log or status. The texts share a marker tests look for.
+BAD_TOKEN_MARKER = "leaked"
+BAD_TOKENS: dict[str, object] = {
+    "newline": f"{BAD_TOKEN_MARKER}-access-token\nX-Injected: 1",
+    "non_ascii": f"{BAD_TOKEN_MARKER}-access-tökén-ümlaut",
+    "control": f"{BAD_TOKEN_MARKER}-access\x00token\x7f",
+    "space": f"{BAD_TOKEN_MARKER} access token",
+    "empty": "",
+    "not_string": {"token": f"{BAD_TOKEN_MARKER}-access-token"},
+    "number": 424242424242,
+}

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import math
 import re
 import ssl
 import time
@@ -34,6 +35,7 @@ from gateway.errors import (
     UnknownTarget,
     WrongRegion,
 )
+from gateway.log import scrubber
 from gateway.models import Batch
 
 IMPORT_PATH = "/api/v1/organization/device/import/batch"
@@ -52,6 +54,13 @@ _REDIRECTS = (301, 302, 307, 308)
 # A probe is one TCP connect (plus TLS handshake): it answers in milliseconds when the
 # cloud is there, so it needs no more time than this even on a slow uplink.
 PROBE_TIMEOUT_S = 10.0
+# What a token must look like to be sent as `Authorization: Bearer <token>`: visible ASCII,
+# no spaces (RFC 6750's b64token is stricter; this is what HTTP can carry unharmed). A
+# token with a newline, a control character or a non-ASCII letter cannot be sent, and its
+# text must never reach a log line or `status` through an HTTP library's error message.
+_SENDABLE_TOKEN = re.compile(r"[\x21-\x7e]+")
+MAX_TOKEN_CHARS = 8192
+DEFAULT_TOKEN_LIFETIME_S = 300.0
 
 Endpoint = Literal["token", "import"]
 
@@ -60,6 +69,61 @@ Endpoint = Literal["token", "import"]
 class _Token:
     access_token: str
     renew_at: float
+
+
+def token_problem(token: object) -> str | None:
+    """Why `token` cannot be sent as a Bearer token (never quoting it), or None."""
+    if not isinstance(token, str):
+        return f"not a string but {type(token).__name__}"
+    if not token:
+        return "empty"
+    if len(token) > MAX_TOKEN_CHARS:
+        return f"{len(token)} characters, more than {MAX_TOKEN_CHARS}"
+    if not token.isascii():
+        return f"not ASCII ({len(token)} characters)"
+    if not _SENDABLE_TOKEN.fullmatch(token):
+        return f"contains spaces or control characters ({len(token)} characters)"
+    return None
+
+
+def parse_token_answer(response: httpx.Response) -> tuple[str, float]:
+    """(access token, lifetime in seconds) from a 200, or a retryable `CloudServerError`.
+
+    The tokens join the log scrubber the moment they are read, whatever else is wrong with
+    the answer; the error never quotes them.
+    """
+
+    def unusable(problem: str) -> CloudServerError:
+        return CloudServerError(f"token endpoint answered 200 with {problem}", status=200)
+
+    try:
+        document: Any = response.json()
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise unusable("a body that is not JSON") from None
+    if not isinstance(document, dict):
+        raise unusable("JSON that is not an object")
+    access_token = document.get("access_token")
+    scrubber.register_rotating("cloud_access_token", access_token)
+    scrubber.register_rotating("cloud_refresh_token", document.get("refresh_token"))
+    problem = "no access_token" if access_token is None else token_problem(access_token)
+    if problem is not None:
+        raise unusable(f"an unusable access_token: {problem}")
+    try:
+        lifetime_s = token_lifetime_s(document.get("expires_in"))
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a 400-digit integer
+        raise unusable("an expires_in that is not a number") from None
+    assert isinstance(access_token, str)  # token_problem said so
+    return access_token, lifetime_s
+
+
+def token_lifetime_s(expires_in: object) -> float:
+    """`expires_in` in seconds; absent, not a finite positive number: a short default."""
+    if expires_in is None:
+        return DEFAULT_TOKEN_LIFETIME_S
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float | str):
+        raise TypeError(f"expires_in is {type(expires_in).__name__}")
+    lifetime = float(expires_in)  # ValueError for text that is not a number
+    return lifetime if math.isfinite(lifetime) and lifetime > 0 else DEFAULT_TOKEN_LIFETIME_S
 
 
 def build_body(batch: Batch) -> bytes:
@@ -181,6 +245,7 @@ class BlynkCloud:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server = server.rstrip("/")
+        self._credentials = (client_id, client_secret)
         self._auth = httpx.BasicAuth(client_id, client_secret)
         self._monotonic = monotonic
         self._token: _Token | None = None
@@ -202,7 +267,14 @@ class BlynkCloud:
         self._token = None
 
     def set_credentials(self, client_id: str, client_secret: str) -> None:
-        """New OAuth client credentials (a reload): the next request fetches a new token."""
+        """New OAuth client credentials (a reload): the next request fetches a new token.
+
+        The same credentials again (a reload that changed something else) keep the token:
+        dropping it would cost a token request per reload for nothing.
+        """
+        if (client_id, client_secret) == self._credentials:
+            return
+        self._credentials = (client_id, client_secret)
         self._auth = httpx.BasicAuth(client_id, client_secret)
         self._token = None
 
@@ -265,14 +337,7 @@ class BlynkCloud:
         response = await self._send(request, auth=self._auth)
         if response.status_code != 200:
             raise classify_failure(response, "token")
-        try:
-            document = response.json()
-            access_token = str(document["access_token"])
-            expires_in = float(document.get("expires_in", 300))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CloudServerError(
-                f"token endpoint answered 200 without a usable token: {exc}", status=200
-            ) from exc
+        access_token, expires_in = parse_token_answer(response)
         margin = min(300.0, expires_in * 0.1)
         self._token = _Token(access_token, self._monotonic() + max(1.0, expires_in - margin))
         self.token_renewals += 1

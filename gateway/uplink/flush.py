@@ -2,12 +2,15 @@
 
 Each pass visits every stream that has buffered readings once, in rotation, and sends at
 most one batch per stream, so a device with a 50,000-point backlog cannot starve one with
-ten new points. Before sending, a batch is trimmed to the device's remaining daily quota,
-and the age rule is applied at the moment of sending (to every batch and every half of a
-bisected one): points older than the cloud accepts are dead-lettered as `expired`, so no
-request carries a point the cloud will refuse for age. The outcome of every upload is one
-of: delivered (acked in the store, charged to the quota day in which the cloud accepted
-it), buffered (retried later), or dead-lettered with the cloud's reason.
+ten new points. Streams the cloud has accepted before go first; new and parked ones are
+tried at a bounded rate after them (admission.py), so thousands of ids the cloud does not
+know cannot delay a device it does. Before sending, a batch is trimmed to the device's
+remaining daily quota, and the age rule is applied at the moment of sending (to every
+batch and every half of a bisected one): points older than the cloud accepts are
+dead-lettered as `expired`, so no request carries a point the cloud will refuse for age.
+The outcome of every upload is one of: delivered (acked in the store, charged to the quota
+day in which the cloud accepted it), buffered (retried later), or dead-lettered with the
+cloud's reason.
 
 Two kinds of trouble are told apart. When the cloud cannot be reached at all, the loop
 probes it with a bare TCP (and TLS) connect every `probe_interval_s` and uploads as soon as
@@ -49,6 +52,7 @@ from gateway.log import format_duration, get_logger
 from gateway.models import Batch, StreamKey
 from gateway.progress import Heartbeat
 from gateway.store import Store, StreamState
+from gateway.uplink.admission import Admission, StreamEvents
 from gateway.uplink.cloud import CloudClient
 from gateway.uplink.link import Uplink
 from gateway.uplink.passthrough import PassThrough
@@ -166,7 +170,14 @@ class FlushLoop:
         self._recovering = store.pending_points > 0
         self._final_flush_active = False
         self._exhausted_logged: set[tuple[int, str]] = set()
-        self._parked_logged: set[StreamKey] = set()
+        # Proven streams first, the others at a bounded rate (admission.py).
+        self._admission = Admission(settings.new_stream_tries_per_min)
+        # Streams that were parked when this pass began: parking them again is not news.
+        self._parked_before: set[StreamKey] = set()
+        self._refusals = 0  # streams parked so far: tells a refused try from the others
+        self._untried = 0  # new streams waiting for a try, as of the last pass
+        self._parked_log = StreamEvents("stream_parked", "streams_parked", "error")
+        self._unparked_log = StreamEvents("stream_unparked", "streams_unparked", "info")
         self._skew_logged = False
         self._next_expiry_sweep = 0.0
         self._store_failures = 0
@@ -199,12 +210,15 @@ class FlushLoop:
         self._cloud_settings = cloud_settings
         self._quota = DailyQuota(cloud_settings.daily_points_limit, cloud_settings.day_timezone)
         self.uplink.reconfigure(settings)
+        self._admission.allowance.reconfigure(settings.new_stream_tries_per_min)
         self._new_rows.set()
 
     async def unpark_all(self) -> None:
-        """Retry every parked stream now: after a config reload the ids may have been fixed."""
+        """Retry every parked stream: after a config reload the ids may have been fixed.
+
+        They become new streams again, tried at the bounded rate (no burst of requests).
+        """
         await self._store.unpark()
-        self._parked_logged.clear()
         self._new_rows.set()
 
     # ------------------------------------------------------------------ loop
@@ -338,6 +352,12 @@ class FlushLoop:
     async def final_flush(self, timeout_s: float) -> None:
         """Bounded last effort at shutdown; whatever is left stays buffered for next start."""
         try:
+            await self._final_flush(timeout_s)
+        finally:
+            self._report_stream_events(force=True)
+
+    async def _final_flush(self, timeout_s: float) -> None:
+        try:
             await self._ack_delivered()
         except StoreError as exc:
             log.error("final_flush_store_unavailable", error=str(exc))
@@ -360,12 +380,15 @@ class FlushLoop:
             self._final_flush_active = False
             with contextlib.suppress(StoreError):
                 await self._ack_delivered()
+                await self._admission.remember(self._store)
 
     # ------------------------------------------------------------------ one pass
 
     async def run_pass(self) -> PassOutcome:
         self.stats.passes += 1
         await self._ack_delivered()
+        await self._admission.remember(self._store)
+        self._report_stream_events()
         self._new_rows.clear()
         await self._expire_if_due()
         streams = await self._store.pending_streams()
@@ -378,30 +401,42 @@ class FlushLoop:
         finally:
             self._log_expired(self._pass_expired, "send")
             await self._ack_delivered()
+            await self._admission.remember(self._store)
 
     async def _visit(self, streams: list[StreamState]) -> PassOutcome:
-        count = len(streams)
-        start = self._rotation % count
+        """Every proven stream (in rotation), then trials while the allowance lasts."""
+        plan = self._admission.plan(streams, self._clock_ms())
+        self._parked_before = {s.key for s in streams if s.parked_reason is not None}
+        served = plan.rotated(self._rotation)
         self._rotation += 1
         sent_any = False
-        for stream in streams[start:] + streams[:start]:
+        for index, stream in enumerate(served + plan.trials):
             if self._stop.is_set() and not self._final_flush_active:
                 break
+            trial = index >= len(served)
+            if trial and not self._admission.allowance.take():
+                break  # the rest wait for the allowance to refill
             self.heartbeat.beat()
-            if not await self._sendable(stream):
-                continue
+            refusals = self._refusals
             outcome = await self._send_stream(stream)
+            if trial and self._refusals == refusals:
+                self._admission.allowance.give_back()  # not refused: the try cost nothing
             if outcome is PassOutcome.BACKOFF:
                 return outcome
             sent_any = sent_any or outcome is PassOutcome.SENT
             if self._unacked and time.monotonic() - self._unacked_since >= ACK_HOLD_MAX_S:
                 await self._ack_delivered()
+        self._untried = plan.untried
         return PassOutcome.SENT if sent_any else PassOutcome.IDLE
 
-    async def _sendable(self, stream: StreamState) -> bool:
-        if stream.parked_reason is None:
-            return True
-        return stream.parked_until_ms is None or stream.parked_until_ms <= self._clock_ms()
+    def _report_stream_events(self, *, force: bool = False) -> None:
+        """End the parked/unparked summary intervals that are over (every pass)."""
+        self._parked_log.flush(
+            force=force,
+            untried_streams=self._untried,
+            tries_per_min=self._settings.new_stream_tries_per_min,
+        )
+        self._unparked_log.flush(force=force)
 
     def _cutoff_ms(self, now_ms: int | None = None) -> int:
         """Points older than this are not sent: the cloud would refuse them for age."""
@@ -440,12 +475,7 @@ class FlushLoop:
         outcome = await self._deliver(batch)
         if outcome is PassOutcome.SENT and stream.parked_reason is not None:
             await self._store.unpark(stream.key)
-            self._parked_logged.discard(stream.key)
-            log.info(
-                "stream_unparked",
-                device_id=stream.key.device_id,
-                datastream_id=stream.key.datastream_id,
-            )
+            self._unparked_log.note(stream.key)
         return outcome
 
     async def _deliver(self, batch: Batch) -> PassOutcome:
@@ -490,6 +520,7 @@ class FlushLoop:
         error: BaseException | None = None
         try:
             await self._cloud.upload(batch)
+            self._admission.accepted(batch.stream)
         except BaseException as exc:
             error = exc
             raise
@@ -587,15 +618,16 @@ class FlushLoop:
         )
 
     async def _park(self, stream: StreamKey, reason: str) -> None:
+        """Hold the stream back for `parked_retry_s` (its data kept); logged when it was
+        not parked already, many streams in one line per interval."""
         until_ms = self._clock_ms() + int(self._settings.parked_retry_s * 1000)
         await self._store.park(stream, reason, until_ms)
-        if stream not in self._parked_logged:
-            self._parked_logged.add(stream)
-            log.error(
-                "stream_parked",
-                device_id=stream.device_id,
-                datastream_id=stream.datastream_id,
-                reason=reason,
+        self._refusals += 1
+        if stream not in self._parked_before:
+            self._parked_before.add(stream)
+            self._parked_log.note(
+                stream,
+                reason,
                 retry_in_s=self._settings.parked_retry_s,
                 action="data kept; check the ids in the route, or create them in Blynk",
             )
