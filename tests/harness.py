@@ -96,7 +96,7 @@ class InProcessGateway:
         self._task = asyncio.create_task(self.gateway.run(), name="gateway-under-test")
         await wait_until(
             lambda: (
-                (self.gateway.ingest is not None and self.gateway.ingest.connected.is_set())
+                (self.gateway.ingest is not None and self.gateway.ingest.subscribed.is_set())
                 or (self._task is not None and self._task.done())
             ),
             message="gateway connected to the broker",

@@ -144,3 +144,33 @@ def test_per_topic_callbacks_still_get_their_messages(broker: MosquittoBroker) -
         client.loop(0.05)
     client.disconnect()
     assert set(filtered) == {"a/x"} and set(general) == {"b/y"}
+
+
+async def test_subscribed_means_a_publish_reaches_us_on_a_brand_new_session(
+    broker: MosquittoBroker, publisher: AckedPublisher
+) -> None:
+    """`connected` is set at CONNACK, before the broker has our subscription: a reading
+    published then is dropped by the broker. `subscribed` (and the `mqtt_connected` line)
+    wait for the SUBACK, so a publish right after it always arrives. Ten fresh sessions."""
+    for attempt in range(10):
+        await _first_publish_arrives(broker, publisher, f"fresh-session-{attempt}")
+
+
+async def _first_publish_arrives(
+    broker: MosquittoBroker, publisher: AckedPublisher, client_id: str
+) -> None:
+    settings = MqttSettings(host=broker.host, port=broker.port, client_id=client_id)
+    received: list[bytes] = []
+    connection = MqttConnection(
+        settings,
+        [TOPIC],
+        on_message=lambda message, _generation: received.append(bytes(message.payload)),
+        on_session_lost=lambda: None,
+    )
+    task = asyncio.create_task(connection.run())
+    await asyncio.wait_for(connection.subscribed.wait(), 10)
+    assert connection.connected.is_set()
+    assert await publish(publisher, [(TOPIC, client_id.encode())]) == 1
+    await wait_until(lambda: received == [client_id.encode()], 5, "the first publish")
+    await connection.close()
+    await asyncio.wait_for(task, 10)

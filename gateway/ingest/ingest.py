@@ -158,6 +158,11 @@ class MqttIngest:
         return self._mqtt.connected
 
     @property
+    def subscribed(self) -> asyncio.Event:
+        """Set once the broker confirmed our subscriptions on this connection."""
+        return self._mqtt.subscribed
+
+    @property
     def routes(self) -> RouteTable:
         return self._admission.routes
 

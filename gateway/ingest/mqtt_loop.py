@@ -75,6 +75,11 @@ class MqttConnection:
         self._session_lost = on_session_lost
         self._held_messages = held_messages
         self.connected = asyncio.Event()
+        # Set once the broker has confirmed this connection's subscriptions (SUBACK), or at
+        # CONNACK when a resumed session needs none: from then on a publish reaches us.
+        self.subscribed = asyncio.Event()
+        self._connect_suback_mid: int | None = None
+        self._connected_fields: dict[str, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._generation = 0
@@ -353,6 +358,7 @@ class MqttConnection:
         assert self._loop is not None
         self._generation += 1
         self.connected.clear()
+        self.subscribed.clear()
         self._last_refusal = None  # this attempt's CONNACK, not an earlier one's
         properties: Properties | None = None
         clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
@@ -390,6 +396,7 @@ class MqttConnection:
         )
 
     def _close_client(self, client: mqtt.Client) -> None:
+        self.subscribed.clear()
         sock = client.socket()
         if sock is not None and self._loop is not None:
             self._loop.remove_reader(sock)
@@ -500,30 +507,40 @@ class MqttConnection:
             self._session_first_generation = self._generation
             self._session_lost()
         missing = [topic for topic in self._subscriptions if topic not in self._subscribed]
-        self._subscribe(client, missing)
+        self._connect_suback_mid = self._subscribe(client, missing)
         self.connected.set()
-        log.info(
-            "mqtt_connected",
-            host=self._settings.host,
-            port=self._settings.port,
-            client_id=self._settings.client_id,
-            tls=self._settings.tls,
-            session_present=session_present,
-            subscribed=len(missing),
-        )
+        self._connected_fields = {
+            "host": self._settings.host,
+            "port": self._settings.port,
+            "client_id": self._settings.client_id,
+            "tls": self._settings.tls,
+            "session_present": session_present,
+            "subscribed": len(missing),
+        }
+        if self._connect_suback_mid is None:
+            self._ready_for_messages()
 
-    def _subscribe(self, client: mqtt.Client, topics: list[str]) -> None:
+    def _ready_for_messages(self) -> None:
+        """`mqtt_connected` once a publish would reach us: logging it at CONNACK, before
+        the SUBACK, told operators (and tests) too early."""
+        self._connect_suback_mid = None
+        self.subscribed.set()
+        log.info("mqtt_connected", **self._connected_fields)
+
+    def _subscribe(self, client: mqtt.Client, topics: list[str]) -> int | None:
+        """Subscribe `topics`; the SUBSCRIBE's message id, or None if none was sent."""
         if not topics:
-            return
+            return None
         if self._settings.protocol == "5":
             # Retained messages only on a brand-new subscription, never on a resumed one.
             options = SubscribeOptions(
                 qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
             )
-            client.subscribe([(topic, options) for topic in topics])
+            _, mid = client.subscribe([(topic, options) for topic in topics])
         else:
-            client.subscribe([(topic, 1) for topic in topics])
+            _, mid = client.subscribe([(topic, 1) for topic in topics])
         self._subscribed.update(topics)
+        return mid
 
     def set_subscriptions(self, subscriptions: Sequence[str]) -> tuple[list[str], list[str]]:
         """Subscribe what is new and unsubscribe what is gone, keeping the session.
@@ -555,6 +572,8 @@ class MqttConnection:
         refused = [str(code) for code in reason_codes if code.is_failure]
         if refused:
             log.error("mqtt_subscribe_refused", reasons=refused)
+        if mid == self._connect_suback_mid:
+            self._ready_for_messages()
 
     def _on_unsubscribe(
         self,
@@ -577,6 +596,7 @@ class MqttConnection:
     ) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
+        self.subscribed.clear()
         self._disconnected.set()
         if self._resyncing:
             self._resyncing = False
