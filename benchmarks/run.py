@@ -38,8 +38,8 @@ latency     the sandbox answering 0 ms and 100 ms late
 ==========  ==============================================  ==============================
 
     .venv/bin/python benchmarks/run.py                   # the full suite, ~35 min on 2 vCPU
-    .venv/bin/python benchmarks/run.py --only latency    # issue 18's figures, ~11 min
-    .venv/bin/python benchmarks/run.py --quick --json-out /tmp/bench.json   # CI, < 1 min
+    .venv/bin/python benchmarks/run.py --only latency    # issue 18's figures, ~9 min
+    .venv/bin/python benchmarks/run.py --quick --json-out /tmp/bench.json   # CI, ~1.5 min
     .venv/bin/python benchmarks/run.py --only memory --burst 200000 --repeats 5
 
 `--quick` only proves the suite still works: its N are too small for the figures to mean
