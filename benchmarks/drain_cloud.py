@@ -12,7 +12,12 @@ this process: from the first point the sandbox accepts to the last, so neither p
 its start-up; the difference is what reading, leasing, acknowledging and deleting in
 SQLite, plus the flush loop's bookkeeping, cost per point.
 
+`--latency-ms` makes the sandbox answer every request that much later, for both (a real
+cloud is 30-300 ms away; issue 18). The baseline posts one request at a time, as the
+daemon did when this was written: at 100 ms it is bound to ~10 batches/s.
+
     .venv/bin/python benchmarks/drain_cloud.py --readings 200000 --repeats 3
+    .venv/bin/python benchmarks/drain_cloud.py --readings 200000 --latency-ms 100
 """
 
 from __future__ import annotations
@@ -116,17 +121,26 @@ def measure(
     broker: MosquittoBroker,
     sandbox: SandboxThread,
     workdir: Path,
+    latency_ms: float = 0.0,
 ) -> tuple[float, float]:
-    """(daemon points/s, raw httpx points/s) for one repeat, the sandbox up."""
+    """(daemon points/s, raw httpx points/s) for one repeat, the sandbox up and answering
+    `latency_ms` late (back to its previous latency afterwards)."""
     sandbox.call(lambda cloud: cloud.set_fault("none"))
+    previous = sandbox.call(lambda cloud: cloud.latency)
+    sandbox.call(lambda cloud: cloud.set_latency(latency_ms))
     copy = workdir / "drain-run.db"
     shutil.copyfile(source, copy)
     try:
-        daemon = daemon_drain(copy, readings, broker, sandbox, workdir)
+        try:
+            daemon = daemon_drain(copy, readings, broker, sandbox, workdir)
+        finally:
+            for suffix in ("", "-wal", "-shm", ".reserve"):
+                Path(f"{copy}{suffix}").unlink(missing_ok=True)
+        return daemon, httpx_drain(readings, base_ts, sandbox)
     finally:
-        for suffix in ("", "-wal", "-shm", ".reserve"):
-            Path(f"{copy}{suffix}").unlink(missing_ok=True)
-    return daemon, httpx_drain(readings, base_ts, sandbox)
+        sandbox.call(
+            lambda cloud: cloud.set_latency(previous.latency_ms, jitter_ms=previous.jitter_ms)
+        )
 
 
 def main() -> int:
@@ -134,6 +148,7 @@ def main() -> int:
     parser.add_argument("--readings", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="sandbox round trip")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix=".bench-drain-", dir=args.workdir or REPO))
     broker = MosquittoBroker(workdir / "broker", persistence=False)
@@ -145,7 +160,7 @@ def main() -> int:
         broker.start()
         sandbox.start()
         results = [
-            measure(source, args.readings, base_ts, broker, sandbox, workdir)
+            measure(source, args.readings, base_ts, broker, sandbox, workdir, args.latency_ms)
             for _ in range(args.repeats)
         ]
     finally:
@@ -160,7 +175,8 @@ def main() -> int:
         )
     )
     print(
-        f"drain: daemon {daemon:,.0f} points/s, raw httpx {raw:,.0f} points/s: {daemon / raw:.2f}x"
+        f"drain at {args.latency_ms:g} ms: daemon {daemon:,.0f} points/s, "
+        f"raw httpx {raw:,.0f} points/s: {daemon / raw:.2f}x"
     )
     return 0
 

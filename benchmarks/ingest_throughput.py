@@ -27,6 +27,13 @@ Variants (``--only PREFIX`` keeps some; the baselines always run):
                      table's last line gives its readings/s against the plain-value variant.
 * ``gateway-*``      the whole ``Gateway`` in-process, the sandbox cloud in a child process:
                      timed until the cloud has accepted every reading.
+* ``… x20``          the backlog spread round-robin over 20 devices (one topic and one route
+                     each), as a site's sensors queue it (issue 18); the bare client
+                     subscribes to all of them with one wildcard.
+
+``--cloud-latency-ms`` makes the sandbox answer every request that much later, as a real
+cloud 30-300 ms away does (`SandboxCloud.set_latency`); the bare clients never talk to the
+cloud, so their figures do not change and stay the baseline.
 
 Each repeat primes one persistent session per variant, publishes the backlog once per
 payload kind (the broker fans it out into every session's queue), then drains the sessions
@@ -101,10 +108,26 @@ class Variant:
     protocol: Protocol = "3.1.1"
     inflight_window: int = BROKER_INFLIGHT
     read_batch: int = 1  # what-if: packets read per readable event (see packets_per_read)
+    devices: int = 1  # the backlog round-robin over this many devices (topics, routes)
+    cloud_latency_ms: float = 0.0  # the sandbox's added round trip (gateway variants)
 
     @property
     def topic(self) -> str:
-        return f"bench/{self.payload}"
+        """The filter the session subscribes to (and a one-device backlog's topic)."""
+        if self.devices == 1:
+            return f"bench/{self.payload}"
+        return f"bench/{self.payload}-x{self.devices}/+"
+
+    def device_topic(self, index: int) -> str:
+        """Where the backlog's message `index` is published."""
+        if self.devices == 1:
+            return self.topic
+        return f"bench/{self.payload}-x{self.devices}/{index % self.devices}"
+
+    @property
+    def backlog_key(self) -> tuple[str, int]:
+        """Variants with the same key share one published backlog in a round."""
+        return self.payload, self.devices
 
     @property
     def slug(self) -> str:
@@ -125,6 +148,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("ingest-v5 plain", "ingest", "plain", "5", V5_RECEIVE_MAXIMUM),
     Variant("gateway-311 json", "gateway", "json"),
     Variant("gateway-v5 json", "gateway", "json", "5", V5_RECEIVE_MAXIMUM),
+    Variant("bare-paho-manual json x20", "bare-paho-manual", "json", devices=20),
+    Variant("gateway-311 json x20", "gateway", "json", devices=20),
 )
 
 
@@ -279,12 +304,16 @@ def prime_session(broker: MosquittoBroker, variant: Variant, client_id: str) -> 
     _disconnect(client)
 
 
-def publish_backlog(broker: MosquittoBroker, topic: str, payloads: list[bytes]) -> float:
-    """Publish counting PUBACKs, so the whole backlog is known to be queued; returns s."""
+def publish_backlog(broker: MosquittoBroker, variant: Variant, payloads: list[bytes]) -> float:
+    """Publish counting PUBACKs, so the whole backlog is known to be queued; returns s.
+
+    Message i goes to `variant.device_topic(i)`: round-robin over its devices.
+    """
     started = time.perf_counter()
+    messages = ((variant.device_topic(i), payload) for i, payload in enumerate(payloads))
     with AckedPublisher(broker.host, broker.port, "bench-publisher", max_inflight=1000) as pub:
         pub.connect()
-        pub.publish_many(((topic, payload) for payload in payloads), timeout=120)
+        pub.publish_many(messages, timeout=120)
     return time.perf_counter() - started
 
 
@@ -450,22 +479,38 @@ def gateway_settings(
             },
             "store": {"path": db_path},
             "log": {"level": "warning"},
-            "routes": [
-                {
-                    "topic": variant.topic,
-                    "device_id": DEVICE_ID,
-                    "fields": FIELDS_ROUTE,
-                    "timestamp": "last_seen",
-                }
-                if variant.payload == "fields"
-                else {
-                    "topic": variant.topic,
-                    "device_id": DEVICE_ID,
-                    "datastream_id": DATASTREAM_ID,
-                }
-            ],
+            "routes": gateway_routes(variant),
         }
     )
+
+
+def gateway_routes(variant: Variant) -> list[dict[str, Any]]:
+    """One route per device: device `DEVICE_ID + i` for the backlog's topic i."""
+    if variant.payload == "fields":
+        if variant.devices != 1:
+            raise ValueError("the fields payload is measured on one device only")
+        return [
+            {
+                "topic": variant.topic,
+                "device_id": DEVICE_ID,
+                "fields": FIELDS_ROUTE,
+                "timestamp": "last_seen",
+            }
+        ]
+    return [
+        {
+            "topic": variant.device_topic(i),
+            "device_id": DEVICE_ID + i,
+            "datastream_id": DATASTREAM_ID,
+        }
+        for i in range(variant.devices)
+    ]
+
+
+def sandbox_devices(variant: Variant) -> str:
+    """The sandbox's devices for `gateway_routes`, as `parse_devices` reads them."""
+    streams = ",".join(str(s) for s in sorted({DATASTREAM_ID, *FIELDS_ROUTE.values()}))
+    return ";".join(f"{DEVICE_ID + i}:{streams}" for i in range(variant.devices))
 
 
 def _time_commits(store: Store, samples_ms: list[float]) -> None:
@@ -559,9 +604,10 @@ async def drain_gateway(
     own share, and its CPU had to be subtracted. `cpu_s` is this process's alone.
     """
     cloud = SandboxProcess(
-        f"{DEVICE_ID}:{DATASTREAM_ID}",
+        sandbox_devices(variant),
         daily_points_limit=10_000_000,
         counter_path=db_path.with_suffix(".accepted"),
+        latency_ms=variant.cloud_latency_ms,
     )
     url = await asyncio.to_thread(cloud.start)
     gateway = Gateway(gateway_settings(variant, broker, client_id, db_path, url))
@@ -783,15 +829,20 @@ def run_round(
     for variant in variants:
         prime_session(broker, variant, client_ids[variant.name])
     now_ms = time.time_ns() // 1_000_000
-    for kind in sorted({v.payload for v in variants}):
-        seconds = publish_backlog(broker, f"bench/{kind}", make_payloads(kind, n, now_ms))
-        print(f"  round {round_no}: queued {n} {kind} messages in {seconds:.1f} s", flush=True)
+    for key in sorted({v.backlog_key for v in variants}):
+        first = next(v for v in variants if v.backlog_key == key)
+        seconds = publish_backlog(broker, first, make_payloads(first.payload, n, now_ms))
+        print(
+            f"  round {round_no}: queued {n} {first.payload} messages for {first.devices} "
+            f"device(s) in {seconds:.1f} s",
+            flush=True,
+        )
     results: dict[str, Trial] = {}
     for variant in variants:
         trial = run_trial(broker, variant, client_ids[variant.name], n, workdir)
         results[variant.name] = trial
         print(
-            f"  round {round_no}: {variant.name:<22} {n / trial.elapsed_s:>9,.0f} readings/s"
+            f"  round {round_no}: {variant.name:<26} {n / trial.elapsed_s:>9,.0f} readings/s"
             f"  ack lag {trial.ack_lag_ms:>6.0f} ms  leftover {trial.leftover}",
             flush=True,
         )
@@ -810,7 +861,12 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def _baseline_rate(variant: Variant, rates: dict[str, float]) -> float | None:
-    """The bare-paho figure for the same payload kind (else any bare-paho figure)."""
+    """The bare-paho figure for the same payload kind (else any bare-paho figure); for a
+    backlog over several devices, the bare client that drained that very backlog."""
+    if variant.devices > 1:
+        same_backlog = rates.get(f"bare-paho-manual {variant.payload} x{variant.devices}")
+        if same_backlog is not None:
+            return same_backlog
     same = rates.get(f"bare-paho {variant.payload}")
     if same is not None:
         return same
@@ -829,7 +885,7 @@ def format_table(variants: list[Variant], trials: dict[str, list[Trial]], n: int
     """Medians per variant, one line each."""
     rates = {v.name: _median([n / t.elapsed_s for t in trials[v.name]]) for v in variants}
     header = (
-        f"{'variant':<22} {'rd/s':>7} {'min-max':>13} {'vs base':>7} {'µs/msg':>6} "
+        f"{'variant':<26} {'rd/s':>7} {'min-max':>13} {'vs base':>7} {'µs/msg':>6} "
         f"{'cpu µs':>6} {'mosq µs':>7} {'commit/s':>8} {'rd/commit':>9} {'commit ms':>9} "
         f"{'ack lag':>7} {'left':>4}"
     )
@@ -842,7 +898,7 @@ def format_table(variants: list[Variant], trials: dict[str, list[Trial]], n: int
         commits = [(t.commits, t.elapsed_s) for t in runs if t.commits]
         samples = [ms for t in runs for ms in t.commit_ms]
         lines.append(
-            f"{variant.name:<22} {rate:>7,.0f} {min(per_run):>6,.0f}-{max(per_run):<6,.0f} "
+            f"{variant.name:<26} {rate:>7,.0f} {min(per_run):>6,.0f}-{max(per_run):<6,.0f} "
             f"{_fmt(rate / base if base else math.nan, '.2f'):>7} "
             f"{_median([t.elapsed_s for t in runs]) / n * 1e6:>6.1f} "
             f"{_fmt(_median([t.watch.cpu_s for t in runs]) / n * 1e6, '.1f'):>6} "
@@ -893,7 +949,7 @@ def profile_variant(broker: MosquittoBroker, variant: Variant, n: int, workdir: 
     client_id = f"bench-profile-{variant.slug}"
     prime_session(broker, variant, client_id)
     payloads = make_payloads(variant.payload, n, time.time_ns() // 1_000_000)
-    publish_backlog(broker, variant.topic, payloads)
+    publish_backlog(broker, variant, payloads)
     watch = Stopwatch(broker.pid)
     db_path = workdir / f"{client_id}.db"
     drain_fn = drain_ingest if variant.driver == "ingest" else drain_gateway
@@ -945,6 +1001,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run only variants whose name starts with PREFIX (repeatable; baselines stay)",
     )
     parser.add_argument(
+        "--cloud-latency-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="the sandbox answers every request this much later (gateway-* variants)",
+    )
+    parser.add_argument(
         "--profile",
         metavar="VARIANT",
         help='after the table, cProfile one more drain of this variant, e.g. "ingest-311 json"',
@@ -969,12 +1032,12 @@ def select_variants(prefixes: list[str], read_batch: int = 1) -> list[Variant]:
     The twin runs in the same rounds as its original, so the two are compared under the
     same machine noise.
     """
+    wanted = [v for v in VARIANTS if not prefixes or any(v.name.startswith(p) for p in prefixes)]
+    backlogs = {v.backlog_key for v in wanted}
     chosen = [
         v
         for v in VARIANTS
-        if not prefixes
-        or v.driver.startswith("bare-paho")
-        or any(v.name.startswith(p) for p in prefixes)
+        if v in wanted or (v.driver.startswith("bare-paho") and v.backlog_key in backlogs)
     ]
     if read_batch <= 1:
         return chosen
@@ -989,7 +1052,10 @@ def select_variants(prefixes: list[str], read_batch: int = 1) -> list[Variant]:
 
 def run(args: argparse.Namespace, workdir: Path) -> int:
     n: int = args.messages
-    variants = select_variants(args.only, args.read_batch)
+    variants = [
+        replace(v, cloud_latency_ms=args.cloud_latency_ms) if v.driver == "gateway" else v
+        for v in select_variants(args.only, args.read_batch)
+    ]
     trials: dict[str, list[Trial]] = {v.name: [] for v in variants}
     started = time.monotonic()
     with private_broker(workdir, n) as broker:
@@ -1024,7 +1090,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(
         f"N={args.messages} messages, {args.repeats} repeats, {os.cpu_count()} CPUs, "
-        f"mosquitto max_inflight_messages={BROKER_INFLIGHT}, workdir {workdir}\n"
+        f"mosquitto max_inflight_messages={BROKER_INFLIGHT}, "
+        f"sandbox latency {args.cloud_latency_ms:g} ms, workdir {workdir}\n"
         f"gateway code: {code_version()}\n"
         f"ingest settings: {describe_settings(select_variants(args.only))}",
         flush=True,

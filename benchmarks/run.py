@@ -25,10 +25,21 @@ drain       upload points/s from a buffered backlog         raw httpx posting th
 outage      cloud back -> first batch accepted, after each  none by default (absolute);
             outage length (`outage_resume.py`)              `--outage-baseline REF` runs
                                                             an old commit's daemon
+latency     the sandbox answering 0 ms and 100 ms late
+            (issue 18; `--latencies`), at each:
+            (a) N queued QoS 1 readings over 20 devices     bare paho, manual ack, the
+                -> accepted by the cloud: readings/s        same backlog (`ingest_throughput
+                                                            .py`, `… x20` variants)
+            (b) drain R buffered readings over 20 devices   raw httpx, same batches, one at
+                (`drain_cloud.py`): points/s                a time, same latency
+            (c) 100 readings/s over 20 datastreams: import  pass-through off (write first),
+                requests per reading delivered, bytes       same latency
+                written per reading (`sd_wear.py`)
 ==========  ==============================================  ==============================
 
-    .venv/bin/python benchmarks/run.py                   # the full suite, ~24 min on 2 vCPU
-    .venv/bin/python benchmarks/run.py --quick --json-out /tmp/bench.json   # CI, < 1 min
+    .venv/bin/python benchmarks/run.py                   # the full suite, ~35 min on 2 vCPU
+    .venv/bin/python benchmarks/run.py --only latency    # issue 18's figures, ~9 min
+    .venv/bin/python benchmarks/run.py --quick --json-out /tmp/bench.json   # CI, ~1.5 min
     .venv/bin/python benchmarks/run.py --only memory --burst 200000 --repeats 5
 
 `--quick` only proves the suite still works: its N are too small for the figures to mean
@@ -53,7 +64,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -71,7 +82,7 @@ from gateway.testing.sandbox import SandboxCloud
 from gateway.testing.sandbox_run import SandboxThread
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("throughput", "wear", "memory", "startup", "drain", "outage")
+SECTIONS = ("throughput", "wear", "memory", "startup", "drain", "outage", "latency")
 DEVICES = {
     **sd_wear.DEVICES,
     **startup_backlog.DEVICES,
@@ -142,6 +153,12 @@ class Params:
     outages_s: list[float] = field(default_factory=lambda: [10.0, 120.0, 360.0])
     outage_repeats: int = 1
     outage_baseline: str | None = None
+    latencies_ms: list[float] = field(default_factory=lambda: [0.0, 100.0])
+    latency_backlog: int = 20_000  # latency (a): queued QoS 1 readings over 20 devices
+    latency_drain_rows: int = 200_000  # latency (b): buffered readings over 20 devices
+    steady_rate: float = 100.0  # latency (c): readings/s over 20 datastreams
+    steady_warmup_s: float = 5.0  # a start-up takes a few round trips to settle
+    steady_window_s: float = 10.0
 
     @classmethod
     def quick(cls) -> Params:
@@ -156,6 +173,11 @@ class Params:
             startup_settle_s=0.5,
             drain_rows=10_000,
             outages_s=[3.0],
+            # At 100 ms today's gateway drains a broker backlog at ~200-400 readings/s.
+            latency_backlog=1_000,
+            latency_drain_rows=10_000,
+            steady_warmup_s=1.0,
+            steady_window_s=3.0,
         )
 
 
@@ -467,6 +489,146 @@ def section_outage(ctx: Context) -> None:
             )
 
 
+@contextlib.contextmanager
+def sandbox_latency(sandbox: SandboxThread, latency_ms: float) -> Iterator[None]:
+    """The shared sandbox answering `latency_ms` late for the block, then at once again."""
+    sandbox.call(lambda cloud: cloud.set_latency(latency_ms))
+    try:
+        yield
+    finally:
+        sandbox.call(lambda cloud: cloud.set_latency(0.0))
+
+
+def section_latency(ctx: Context) -> None:
+    """Issue 18: the cloud a round trip away. Each figure at each latency, against a
+    baseline measured in the same run at the same latency."""
+    latency_backlog(ctx)
+    latency_drain(ctx)
+    latency_steady(ctx)
+
+
+def latency_backlog(ctx: Context) -> None:
+    """(a) `ingest_throughput`'s 20-device backlog: one bare client and one daemon per
+    latency drain their own copy of each round's backlog (one publish fills them all)."""
+    n = ctx.params.latency_backlog
+    by_name = {v.name: v for v in ingest_throughput.VARIANTS}
+    bare = by_name["bare-paho-manual json x20"]
+    daemon = by_name["gateway-311 json x20"]
+    daemons = {
+        ms: replace(daemon, name=f"{daemon.name} {ms:g}ms", cloud_latency_ms=ms)
+        for ms in ctx.params.latencies_ms
+    }
+    variants = [bare, *daemons.values()]
+    runs: dict[str, list[ingest_throughput.Trial]] = {v.name: [] for v in variants}
+    workdir = Path(tempfile.mkdtemp(prefix="latency-backlog-", dir=ctx.workdir))
+    with ingest_throughput.private_broker(workdir, n) as broker:
+        for round_no in range(ctx.params.repeats):
+            for name, trial in ingest_throughput.run_round(
+                broker, variants, n, round_no, workdir
+            ).items():
+                runs[name].append(trial)
+    ctx.problems += ingest_throughput.check_integrity(variants, runs, n)
+    for ms, variant in daemons.items():
+        ctx.add(
+            Figure(
+                "latency",
+                f"(a) broker backlog: {n:,} queued QoS 1 readings, {daemon.devices} devices "
+                f"-> accepted by the cloud, {ms:g} ms away",
+                "readings/s",
+                "bare paho, manual ack, same backlog",
+                [n / t.elapsed_s for t in runs[variant.name]],
+                [n / t.elapsed_s for t in runs[bare.name]],
+                ">= 0.8x" if ms == 0 else ">= 0.5x",
+            )
+        )
+
+
+def latency_drain(ctx: Context) -> None:
+    """(b) `drain_cloud.measure` at each latency, the latencies interleaved per repeat."""
+    rows = ctx.params.latency_drain_rows
+    base_ts = int(time.time() * 1000) - 3_600_000
+    source = ctx.workdir / "latency-drain-source.db"
+    startup_backlog.build(source, rows, base_ts)
+    daemon: dict[float, list[float]] = {ms: [] for ms in ctx.params.latencies_ms}
+    raw: dict[float, list[float]] = {ms: [] for ms in ctx.params.latencies_ms}
+    try:
+        for _ in range(ctx.params.repeats):
+            for ms in ctx.params.latencies_ms:
+                ours, theirs = drain_cloud.measure(
+                    source, rows, base_ts, ctx.broker, ctx.sandbox, ctx.workdir, ms
+                )
+                daemon[ms].append(ours)
+                raw[ms].append(theirs)
+    finally:
+        source.unlink(missing_ok=True)
+    for ms in ctx.params.latencies_ms:
+        ctx.add(
+            Figure(
+                "latency",
+                f"(b) buffered drain: {rows:,} readings, {startup_backlog.STREAMS} devices "
+                f"-> the cloud, {ms:g} ms away",
+                "points/s",
+                "raw httpx, same batches, one at a time",
+                daemon[ms],
+                raw[ms],
+                ">= 20,000" if ms >= 100 else "",
+            )
+        )
+
+
+def latency_steady(ctx: Context) -> None:
+    """(c) `sd_wear.measure_steady`: the daemon's defaults against pass-through off, both
+    at the same latency, 20 datastreams."""
+    params = ctx.params
+    sensors = sd_wear.MAX_SENSORS
+    by_name = {v.name: v for v in sd_wear.VARIANTS}
+    names = ("write-first", "default")
+    results: dict[tuple[float, str], list[sd_wear.Steady]] = {
+        (ms, name): [] for ms in params.latencies_ms for name in names
+    }
+    for _ in range(params.repeats):
+        for ms in params.latencies_ms:
+            with sandbox_latency(ctx.sandbox, ms):
+                for name in names:
+                    results[(ms, name)].append(
+                        sd_wear.measure_steady(
+                            by_name[name],
+                            ctx.workdir,
+                            ctx.broker,
+                            ctx.sandbox,
+                            params.steady_rate,
+                            params.steady_warmup_s,
+                            params.steady_window_s,
+                            sensors,
+                        )
+                    )
+    what = f"{params.steady_rate:g} readings/s over {sensors} datastreams"
+    for ms in params.latencies_ms:
+        ours, theirs = results[(ms, "default")], results[(ms, "write-first")]
+        for unit, pick, target in (
+            ("requests", lambda r: r.requests_per_reading, "<= 0.1"),
+            ("B", lambda r: r.bytes_per_reading, "<= 200 B"),
+        ):
+            ctx.add(
+                Figure(
+                    "latency",
+                    f"(c) {'requests' if unit == 'requests' else 'bytes written'} per reading, "
+                    f"{what}, cloud {ms:g} ms away",
+                    unit,
+                    "pass-through off (write first)",
+                    [pick(r) for r in ours],
+                    [pick(r) for r in theirs],
+                    target,
+                )
+            )
+        for name in names:
+            counts = ", ".join(f"{r.delivered}/{r.published}" for r in results[(ms, name)])
+            ctx.notes.append(
+                f"latency (c) {ms:g} ms, {name}: delivered/published in each "
+                f"{params.steady_window_s:g} s window: {counts}"
+            )
+
+
 SECTION_FUNCTIONS: dict[str, Callable[[Context], None]] = {
     "throughput": section_throughput,
     "wear": section_wear,
@@ -474,6 +636,7 @@ SECTION_FUNCTIONS: dict[str, Callable[[Context], None]] = {
     "startup": section_startup,
     "drain": section_drain,
     "outage": section_outage,
+    "latency": section_latency,
 }
 
 
@@ -575,6 +738,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outages", type=float, nargs="+", metavar="S", help="outage lengths")
     parser.add_argument("--outage-repeats", type=int)
     parser.add_argument(
+        "--latencies", type=float, nargs="+", metavar="MS", help="latency: sandbox round trips"
+    )
+    parser.add_argument("--latency-backlog", type=int, help="latency (a): queued readings")
+    parser.add_argument("--latency-drain-rows", type=int, help="latency (b): buffered rows")
+    parser.add_argument(
         "--outage-baseline", metavar="REF", help=f"e.g. {outage_resume.BASELINE_REF}"
     )
     parser.add_argument(
@@ -594,6 +762,9 @@ def params_from(args: argparse.Namespace) -> Params:
         "outages_s": args.outages,
         "outage_repeats": args.outage_repeats,
         "outage_baseline": args.outage_baseline,
+        "latencies_ms": args.latencies,
+        "latency_backlog": args.latency_backlog,
+        "latency_drain_rows": args.latency_drain_rows,
     }
     for key, value in overrides.items():
         if value is not None:

@@ -30,6 +30,11 @@ in this process.
 
 Figures are medians over repeats, and ratios against ``commit-per-message``.
 
+`measure_steady` also counts the import requests the sandbox received in the window, per
+reading it accepted, over any number of sensors (up to 20) and with the sandbox answering
+late: `benchmarks/run.py --only latency` uses it for 100 readings/s over 20 datastreams
+with the cloud 100 ms away (issue 18).
+
     .venv/bin/python benchmarks/sd_wear.py --window 15 --repeats 3
 """
 
@@ -60,8 +65,9 @@ from gateway.testing.sandbox_run import SandboxThread
 
 REPO = Path(__file__).resolve().parent.parent
 
-SENSORS = 5
-DEVICES = {200 + i: {1: "double"} for i in range(SENSORS)}
+SENSORS = 5  # the wear figures' sensors
+MAX_SENSORS = 20
+DEVICES = {200 + i: {1: "double"} for i in range(MAX_SENSORS)}
 
 
 @dataclass(frozen=True)
@@ -95,9 +101,12 @@ def write_bytes(pid: int) -> int:
 class Rate:
     """Publishes `per_second` readings, round-robin over the sensors, until stopped."""
 
-    def __init__(self, publisher: AckedPublisher, per_second: float) -> None:
+    def __init__(
+        self, publisher: AckedPublisher, per_second: float, sensors: int = SENSORS
+    ) -> None:
         self.publisher = publisher
         self.period_s = 1.0 / per_second
+        self.sensors = sensors
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -107,7 +116,7 @@ class Rate:
         while not self._stop.is_set():
             ts = int(time.time() * 1000)
             payload = json.dumps({"value": round(20 + (index % 100) / 10, 1), "ts": ts})
-            self.publisher.publish(f"bench/sensor{index % SENSORS}", payload)
+            self.publisher.publish(f"bench/sensor{index % self.sensors}", payload)
             index += 1
             next_at += self.period_s
             time.sleep(max(0.0, next_at - time.monotonic()))
@@ -134,9 +143,40 @@ def gateway(config_path: Path) -> Iterator[GatewayProcess]:
             process.stop(30.0)
 
 
+@dataclass(frozen=True)
+class Steady:
+    """One window of a steady rate: what the daemon wrote, and what the cloud saw."""
+
+    bytes_per_reading: float  # per reading the broker accepted in the window
+    requests_per_reading: float  # import requests per reading the cloud accepted
+    published: int  # readings the broker accepted in the window
+    delivered: int  # readings the cloud accepted in the window
+
+
 def measure(
     variant: Variant, workdir: Path, broker: MosquittoBroker, sandbox: SandboxThread, args: Any
 ) -> float:
+    """Bytes written per reading at `args.rate` over `SENSORS` sensors."""
+    steady = measure_steady(
+        variant, workdir, broker, sandbox, args.rate, args.warmup, args.window, SENSORS
+    )
+    return steady.bytes_per_reading
+
+
+def measure_steady(
+    variant: Variant,
+    workdir: Path,
+    broker: MosquittoBroker,
+    sandbox: SandboxThread,
+    rate: float,
+    warmup_s: float,
+    window_s: float,
+    sensors: int,
+) -> Steady:
+    """`rate` readings/s round-robin over `sensors` datastreams (one device each), the
+    daemon on a fresh buffer; counts over `window_s` after `warmup_s`."""
+    if not 1 <= sensors <= MAX_SENSORS:
+        raise ValueError(f"sensors must be 1..{MAX_SENSORS}")
     run_dir = Path(tempfile.mkdtemp(prefix=f"{variant.name}-", dir=workdir))
     config = daemon_config(
         broker.port,
@@ -144,7 +184,7 @@ def measure(
         run_dir / "buffer.db",
         [
             {"topic": f"bench/sensor{i}", "device_id": 200 + i, "datastream_id": 1}
-            for i in range(SENSORS)
+            for i in range(sensors)
         ],
         mqtt={"host": broker.host, "client_id": f"wear-{run_dir.name}"},
         store=variant.store,
@@ -156,11 +196,13 @@ def measure(
     publisher.connect()
     try:
         with gateway(config_path) as process:
-            with Rate(publisher, args.rate):
-                time.sleep(args.warmup)
+            with Rate(publisher, rate, sensors):
+                time.sleep(warmup_s)
                 bytes_0, acked_0 = write_bytes(process.pid), publisher.acked_count
-                time.sleep(args.window)
+                requests_0, accepted_0 = _cloud_counts(sandbox)
+                time.sleep(window_s)
                 bytes_1, acked_1 = write_bytes(process.pid), publisher.acked_count
+                requests_1, accepted_1 = _cloud_counts(sandbox)
             if variant.name == "offline-then-drain":
                 target = sandbox.call(lambda cloud: cloud.accepted_count()) + acked_1
                 sandbox.call(lambda cloud: cloud.set_fault("none"))
@@ -174,7 +216,18 @@ def measure(
     finally:
         publisher.close()
         shutil.rmtree(run_dir, ignore_errors=True)
-    return (bytes_1 - bytes_0) / max(1, acked_1 - acked_0)
+    delivered = accepted_1 - accepted_0
+    return Steady(
+        bytes_per_reading=(bytes_1 - bytes_0) / max(1, acked_1 - acked_0),
+        requests_per_reading=(requests_1 - requests_0) / max(1, delivered),
+        published=acked_1 - acked_0,
+        delivered=delivered,
+    )
+
+
+def _cloud_counts(sandbox: SandboxThread) -> tuple[int, int]:
+    """(import requests, points accepted) so far, read in one call on the sandbox's loop."""
+    return sandbox.call(lambda cloud: (len(cloud.requests), cloud.accepted_count()))
 
 
 def layout_bytes_per_reading(

@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--client-secret", default="sandbox-secret")
     sandbox.add_argument("--daily-points-limit", type=int, default=10_000)
     sandbox.add_argument("--max-age-days", type=int, default=30)
+    sandbox.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="answer every token and import request this late, like a cloud a round trip away",
+    )
+    sandbox.add_argument("--jitter-ms", type=float, default=0.0, help="± this much, uniformly")
 
     demo = commands.add_parser("demo", help="end-to-end demo with a private broker and cloud")
     demo.add_argument("--workdir", type=Path, default=Path(".demo"))
@@ -131,6 +138,10 @@ def _sandbox(args: argparse.Namespace) -> int:
         daily_points_limit=args.daily_points_limit,
         max_age_days=args.max_age_days,
     )
+    try:
+        cloud.set_latency(args.latency_ms, jitter_ms=args.jitter_ms)
+    except ValueError as exc:
+        raise ConfigError(f"--latency-ms/--jitter-ms: {exc}") from exc
     return run_sandbox(args.host, args.port, cloud)
 
 

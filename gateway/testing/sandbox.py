@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from aiohttp import BasicAuth, web
 from aiohttp.typedefs import Handler
 
+from gateway.testing.sandbox_latency import ADMIN_LATENCY_PATH, Latency, LatencySetting
 from gateway.testing.sandbox_rules import BAD_TOKENS, check_types, short_repr, value_fits
 
 __all__ = [
@@ -158,13 +159,17 @@ class SandboxCloud:
         # closes the idle ones at once.
         self._busy: set[asyncio.BaseTransport] = set()
         self._sleeping: set[asyncio.Task[Any]] = set()
+        self._latency = Latency()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen; port 0 picks a free one, which is then kept across "down" faults."""
         if self._runner is not None:
             raise RuntimeError("sandbox already started")
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[self._track_busy])
+        delay = self._latency.middleware((TOKEN_PATH, IMPORT_PATH))
+        app = web.Application(
+            client_max_size=MAX_REQUEST_BYTES, middlewares=[self._track_busy, delay]
+        )
         app.router.add_post(TOKEN_PATH, self._handle_token)
         app.router.add_post(IMPORT_PATH, self._handle_import)
         app.router.add_get("/_sandbox/state", self._admin_state)
@@ -173,6 +178,8 @@ class SandboxCloud:
         app.router.add_get("/_sandbox/points", self._admin_points)
         app.router.add_post("/_sandbox/revoke", self._admin_revoke)
         app.router.add_post("/_sandbox/precount", self._admin_precount)
+        app.router.add_get(ADMIN_LATENCY_PATH, self._latency.admin)
+        app.router.add_post(ADMIN_LATENCY_PATH, self._latency.admin)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         self._runner = runner
@@ -301,6 +308,21 @@ class SandboxCloud:
         """Invalidate every issued token, as a cloud-side rotation would."""
         self._tokens.clear()
         self._refresh_tokens.clear()
+
+    # ------------------------------------------------------------------ latency
+    def set_latency(self, latency_ms: float, *, jitter_ms: float = 0.0) -> LatencySetting:
+        """Answer every token and import request `latency_ms` (± `jitter_ms`) late, as a
+        cloud a round trip away would (`sandbox_latency`); a fault's `delay_s` adds to it."""
+        return self._latency.set(latency_ms, jitter_ms)
+
+    @property
+    def latency(self) -> LatencySetting:
+        return self._latency.setting
+
+    @property
+    def requests_in_round_trip(self) -> int:
+        """Token and import requests in their added latency right now."""
+        return self._latency.in_round_trip
 
     # ------------------------------------------------------------------ clock and quota
     def now_ms(self) -> int:

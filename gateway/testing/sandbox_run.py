@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 from gateway.testing.sandbox import SandboxCloud
+from gateway.testing.sandbox_latency import LatencySetting
 from gateway.testing.sandbox_rules import check_types
 
 T = TypeVar("T")
@@ -117,13 +118,22 @@ class SandboxProcess:
     A sandbox thread would take this process's GIL for every request it serves, which no
     real cloud does: timing a daemon against it measures the sandbox's share too. The
     child writes its accepted-point count into a small file every 5 ms, read here with
-    `pread` (no round trip).
+    `pread` (no round trip). `latency_ms` delays every answer (`SandboxCloud.set_latency`).
     """
 
-    def __init__(self, devices: str, *, daily_points_limit: int, counter_path: Path) -> None:
+    def __init__(
+        self,
+        devices: str,
+        *,
+        daily_points_limit: int,
+        counter_path: Path,
+        latency_ms: float = 0.0,
+        jitter_ms: float = 0.0,
+    ) -> None:
         self._devices = devices
         self._daily_points_limit = daily_points_limit
         self._counter_path = counter_path
+        self._latency = LatencySetting(latency_ms, jitter_ms)  # a bad value fails here
         self._process: subprocess.Popen[str] | None = None
         self._counter_fd: int | None = None
 
@@ -133,7 +143,8 @@ class SandboxProcess:
         self._counter_fd = os.open(self._counter_path, os.O_RDONLY)
         code = (
             "import sys; from gateway.testing.sandbox_run import serve_counting; "
-            "serve_counting(sys.argv[1], int(sys.argv[2]), sys.argv[3])"
+            "serve_counting(sys.argv[1], int(sys.argv[2]), sys.argv[3], "
+            "float(sys.argv[4]), float(sys.argv[5]))"
         )
         self._process = process = subprocess.Popen(
             [
@@ -143,6 +154,8 @@ class SandboxProcess:
                 self._devices,
                 str(self._daily_points_limit),
                 str(self._counter_path),
+                repr(float(self._latency.latency_ms)),
+                repr(float(self._latency.jitter_ms)),
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -176,9 +189,16 @@ class SandboxProcess:
             self._counter_fd = None
 
 
-def serve_counting(devices: str, daily_points_limit: int, counter_path: str) -> None:
+def serve_counting(
+    devices: str,
+    daily_points_limit: int,
+    counter_path: str,
+    latency_ms: float = 0.0,
+    jitter_ms: float = 0.0,
+) -> None:
     """SandboxProcess's child: `run_sandbox`, plus the counter file kept current."""
     cloud = SandboxCloud(parse_devices(devices), daily_points_limit=daily_points_limit)
+    cloud.set_latency(latency_ms, jitter_ms=jitter_ms)
 
     async def count_forever() -> None:
         fd = os.open(counter_path, os.O_WRONLY)
