@@ -27,7 +27,7 @@ from gateway.models import StreamKey
 from gateway.store import SCHEMA_VERSION, Store, StreamState, migrate
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from gateway.uplink.admission import Admission, StreamEvents, TryAllowance
+from gateway.uplink.stream_order import StreamEvents, StreamOrder, TryAllowance
 from harness import InProcessGateway, log_events, publish, ts_payload, wait_until
 
 ROUTE = {"topic": "plain/{device}", "datastream_id": 5}  # 101/5 is a Double in the sandbox
@@ -125,8 +125,8 @@ def state(device: int, datastream: int = 5, parked_until: int | None = None) -> 
 
 
 def test_a_plan_serves_proven_streams_and_orders_the_trials() -> None:
-    admission = Admission(10)
-    admission.load({StreamKey(1, 5), StreamKey(2, 5), StreamKey(3, 5)})
+    order = StreamOrder(10)
+    order.load({StreamKey(1, 5), StreamKey(2, 5), StreamKey(3, 5)})
     streams = [
         state(9),  # new, unknown device
         state(1),  # proven
@@ -136,7 +136,7 @@ def test_a_plan_serves_proven_streams_and_orders_the_trials() -> None:
         state(3, parked_until=1_000),  # proven, parked, due
         state(8, parked_until=1_500),  # refused, due earlier than 7
     ]
-    plan = admission.plan(streams, now_ms=3_000)
+    plan = order.plan(streams, now_ms=3_000)
     assert [s.key for s in plan.served] == [StreamKey(1, 5)]
     assert [(s.key.device_id, s.key.datastream_id) for s in plan.trials] == [
         (3, 5),
@@ -146,10 +146,10 @@ def test_a_plan_serves_proven_streams_and_orders_the_trials() -> None:
         (7, 5),
     ]
     assert plan.untried == 2
-    admission.accepted(StreamKey(9, 5))
-    admission.accepted(StreamKey(1, 5))  # known already: nothing to write
-    assert admission.unsaved == {StreamKey(9, 5)}
-    assert StreamKey(9, 5) in {s.key for s in admission.plan(streams, 3_000).served}
+    order.accepted(StreamKey(9, 5))
+    order.accepted(StreamKey(1, 5))  # known already: nothing to write
+    assert order.unsaved == {StreamKey(9, 5)}
+    assert StreamKey(9, 5) in {s.key for s in order.plan(streams, 3_000).served}
 
 
 def test_many_parked_streams_make_two_lines_per_interval(log_output: io.StringIO) -> None:

@@ -101,7 +101,7 @@ _MIGRATIONS: dict[int, str] = {
     """,
     # Version 4: the streams the cloud has accepted a batch of. The flush loop serves them
     # before streams it never heard the cloud accept, which it tries at a bounded rate
-    # (uplink/admission.py). Keyed by ids, not by stream row: pass-through uploads accept
+    # (uplink/stream_order.py). Keyed by ids, not by stream row: pass-through uploads accept
     # streams that were never written. An older file did not record it: a stream counts as
     # accepted if its device has points in the quota ledger (the last few days) and the
     # cloud did not answer 404 for it.

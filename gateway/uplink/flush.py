@@ -3,7 +3,7 @@
 Each pass visits every stream that has buffered readings once, in rotation, and sends at
 most one batch per stream, so a device with a 50,000-point backlog cannot starve one with
 ten new points. Streams the cloud has accepted before go first; new and parked ones are
-tried at a bounded rate after them (admission.py), so thousands of ids the cloud does not
+tried at a bounded rate after them (stream_order.py), so thousands of ids the cloud does not
 know cannot delay a device it does. Before sending, a batch is trimmed to the device's
 remaining daily quota, and the age rule is applied at the moment of sending (to every
 batch and every half of a bisected one): points older than the cloud accepts are
@@ -52,11 +52,11 @@ from gateway.log import format_duration, get_logger
 from gateway.models import Batch, StreamKey
 from gateway.progress import Heartbeat
 from gateway.store import Store, StreamState
-from gateway.uplink.admission import Admission, StreamEvents
 from gateway.uplink.cloud import CloudClient
 from gateway.uplink.link import Uplink
 from gateway.uplink.passthrough import PassThrough
 from gateway.uplink.quota import DailyQuota
+from gateway.uplink.stream_order import StreamEvents, StreamOrder
 
 log = get_logger("flush")
 
@@ -170,8 +170,8 @@ class FlushLoop:
         self._recovering = store.pending_points > 0
         self._final_flush_active = False
         self._exhausted_logged: set[tuple[int, str]] = set()
-        # Proven streams first, the others at a bounded rate (admission.py).
-        self._admission = Admission(settings.new_stream_tries_per_min)
+        # Proven streams first, the others at a bounded rate (stream_order.py).
+        self._stream_order = StreamOrder(settings.new_stream_tries_per_min)
         # Streams that were parked when this pass began: parking them again is not news.
         self._parked_before: set[StreamKey] = set()
         self._refusals = 0  # streams parked so far: tells a refused try from the others
@@ -210,7 +210,7 @@ class FlushLoop:
         self._cloud_settings = cloud_settings
         self._quota = DailyQuota(cloud_settings.daily_points_limit, cloud_settings.day_timezone)
         self.uplink.reconfigure(settings)
-        self._admission.allowance.reconfigure(settings.new_stream_tries_per_min)
+        self._stream_order.allowance.reconfigure(settings.new_stream_tries_per_min)
         self._new_rows.set()
 
     async def unpark_all(self) -> None:
@@ -380,14 +380,14 @@ class FlushLoop:
             self._final_flush_active = False
             with contextlib.suppress(StoreError):
                 await self._ack_delivered()
-                await self._admission.remember(self._store)
+                await self._stream_order.remember(self._store)
 
     # ------------------------------------------------------------------ one pass
 
     async def run_pass(self) -> PassOutcome:
         self.stats.passes += 1
         await self._ack_delivered()
-        await self._admission.remember(self._store)
+        await self._stream_order.remember(self._store)
         self._report_stream_events()
         self._new_rows.clear()
         await self._expire_if_due()
@@ -401,11 +401,11 @@ class FlushLoop:
         finally:
             self._log_expired(self._pass_expired, "send")
             await self._ack_delivered()
-            await self._admission.remember(self._store)
+            await self._stream_order.remember(self._store)
 
     async def _visit(self, streams: list[StreamState]) -> PassOutcome:
         """Every proven stream (in rotation), then trials while the allowance lasts."""
-        plan = self._admission.plan(streams, self._clock_ms())
+        plan = self._stream_order.plan(streams, self._clock_ms())
         self._parked_before = {s.key for s in streams if s.parked_reason is not None}
         served = plan.rotated(self._rotation)
         self._rotation += 1
@@ -414,13 +414,13 @@ class FlushLoop:
             if self._stop.is_set() and not self._final_flush_active:
                 break
             trial = index >= len(served)
-            if trial and not self._admission.allowance.take():
+            if trial and not self._stream_order.allowance.take():
                 break  # the rest wait for the allowance to refill
             self.heartbeat.beat()
             refusals = self._refusals
             outcome = await self._send_stream(stream)
             if trial and self._refusals == refusals:
-                self._admission.allowance.give_back()  # not refused: the try cost nothing
+                self._stream_order.allowance.give_back()  # not refused: the try cost nothing
             if outcome is PassOutcome.BACKOFF:
                 return outcome
             sent_any = sent_any or outcome is PassOutcome.SENT
@@ -520,7 +520,7 @@ class FlushLoop:
         error: BaseException | None = None
         try:
             await self._cloud.upload(batch)
-            self._admission.accepted(batch.stream)
+            self._stream_order.accepted(batch.stream)
         except BaseException as exc:
             error = exc
             raise

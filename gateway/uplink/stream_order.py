@@ -96,7 +96,7 @@ class Plan:
         return self.served[start:] + self.served[:start]
 
 
-class Admission:
+class StreamOrder:
     """The proven streams, and the plan of each pass (see the module docstring)."""
 
     def __init__(
