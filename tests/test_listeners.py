@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -38,8 +39,9 @@ from harness import InProcessGateway, events, publish, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"
 SLOW_CLIENTS = 1_100
-# The shipped unit's LimitNOFILE= (and systemd's default soft limit).
-DAEMON_NOFILE = 1_024
+# The shipped unit's LimitNOFILE= (1,024, also systemd's default soft limit).
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "blynk-gateway.service"
+(DAEMON_NOFILE,) = map(int, re.findall(r"^LimitNOFILE=(\d+)$", UNIT.read_text(), re.M))
 # The daemon's header timeout for `/metrics` (gateway.ops.metrics.HEADER_TIMEOUT_S).
 HEADER_TIMEOUT_S = 5.0
 # The attack's length: the ramp, then the checks below while the slow clients go on.
