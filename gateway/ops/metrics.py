@@ -59,6 +59,8 @@ MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 5.0
 CONNECTION_DEADLINE_S = HEADER_TIMEOUT_S + SCRAPE_TIMEOUT_S
 MAX_REQUEST_BYTES = 8192
+# How long an error answer waits for the client to stop sending (see _linger).
+LINGER_S = 1.0
 INDEX_HTML = b'<html><body><a href="/metrics">metrics</a></body></html>\n'
 
 
@@ -241,6 +243,18 @@ def response(
     return head if head_only else head + body
 
 
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After an error answer to a request that may not have been read to its end: say we
+    are done and read what is left for a moment, so closing with unread bytes does not
+    reset the connection before the client has read why."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(LINGER_S):
+            while await reader.read(MAX_REQUEST_BYTES):
+                pass
+
+
 class MetricsExporter:
     """The `/metrics` server and the textfile writer; a named task of the daemon."""
 
@@ -304,6 +318,9 @@ class MetricsExporter:
             answer = await self._answer(request)
         writer.write(answer)
         await writer.drain()
+        if isinstance(request, HttpError) or request.method not in ("GET", "HEAD"):
+            connection.waiting = True  # on the client again: it may make way
+            await _linger(reader, writer)
 
     async def _answer(self, request: Request) -> bytes:
         head_only = request.method == "HEAD"
