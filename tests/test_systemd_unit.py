@@ -14,11 +14,16 @@ import pytest
 
 from gateway.config import CLIENT_SECRET_CREDENTIAL, FlushSettings, StoreSettings
 from gateway.ingest.ingest import MqttIngest
+from gateway.ops import metrics, status_socket
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "blynk-gateway.service"
 MAX_EXPOSURE = 2.0
 # MqttIngest.stop(): commit and acknowledge what is held, at most this long by default.
 INGEST_STOP_S = 10.0
+# Descriptors besides the listeners' clients: the buffer (file, WAL, SHM, reserve), the
+# broker, the cloud's pool, netlink, sd_notify, epoll and the loop's pipes, with room.
+OTHER_DESCRIPTORS = 64
+FD_SETSIZE = 1024
 
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None,
@@ -80,6 +85,16 @@ def test_unit_has_what_the_daemon_relies_on() -> None:
     # end before systemd's SIGKILL.
     assert seconds(one("TimeoutStopSec")) > INGEST_STOP_S + FlushSettings().shutdown_flush_s
     assert inspect.signature(MqttIngest.stop).parameters["timeout_s"].default == INGEST_STOP_S
+
+
+def test_unit_limits_descriptors_with_room_for_full_listeners() -> None:
+    """An explicit LimitNOFILE= (soft = hard): the listeners' caps and everything else fit
+    twice over, and no descriptor can reach FD_SETSIZE. tests/test_listeners.py runs the
+    daemon under this limit against 1,100 slow clients."""
+    value = one("LimitNOFILE")
+    assert value.isdigit(), f"one number, soft and hard alike: {value!r}"
+    needed = metrics.MAX_CONNECTIONS + status_socket.MAX_CONNECTIONS + OTHER_DESCRIPTORS
+    assert 2 * needed <= int(value) <= FD_SETSIZE
 
 
 def test_unit_allows_the_socket_families_the_daemon_uses() -> None:

@@ -11,6 +11,11 @@ prints a JSON document in every case, also when there is nothing to report (no b
 an unreadable or damaged one, a bad config): the sections it could not fill are null and
 `error` says why with a stable code, so a monitoring script can always parse stdout. The
 exit code is the command line's: 0 a report, 1 the buffer could not be read, 2 the config.
+
+Its size is bounded whatever the buffer and the daemon hold (issue 16): text from outside
+(device names, the cloud's messages) is clipped to ~120 characters on one line
+(`gateway.ops.clip`), and each per-stream or per-device list keeps its `MAX_ROWS`
+largest entries (`<list>_omitted` counts the rest); the table shows `TABLE_ROWS` of them.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import json
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from gateway.errors import ConfigError, GatewayError, StoreCorrupt, StoreError
+from gateway.ops.clip import clip, clip_keys
 from gateway.ops.forecast import drain_eta_s, forecast_device
 
 if TYPE_CHECKING:
@@ -34,8 +41,17 @@ if TYPE_CHECKING:
     from gateway.models import StreamKey
     from gateway.store import StreamHead
 
+T = TypeVar("T")
+
 # Backlog histogram resolution for the forecast: an hour of timestamps per bucket.
 BUCKET_MS = 3_600_000
+# Rows kept per list in the report (the largest), and shown per table.
+MAX_ROWS = 1_000
+TABLE_ROWS = 50
+# Names from outside shown per list (the daemon sends its 20 most frequent).
+NAMES_SHOWN = 20
+# The cloud's last error message (the daemon keeps 300 characters of it).
+ERROR_CHARS = 300
 
 
 def add_parser(commands: Any) -> None:
@@ -274,57 +290,91 @@ async def collect(
         )
     backlog = sum(per_stream.values())
     oldest = min((head.oldest_ts_ms for head in heads), default=None)
+    stream_rows, streams_omitted = largest(
+        [_stream_row(head, per_stream.get(head.key, 0), now_ms) for head in heads],
+        lambda row: row["readings"],
+    )
+    quota_rows, quota_omitted = largest(
+        [
+            {
+                "device_id": device,
+                "used": used,
+                "left": quota.allowance(used, exhausted),
+                "refused_by_cloud": exhausted,
+            }
+            for device, (used, exhausted) in sorted(ledger.items())
+        ],
+        lambda row: row["used"],
+    )
+    forecast_rows, forecasts_omitted = largest(
+        forecasts, lambda row: (row["will_expire"], row["backlog"])
+    )
+    drop_rows, drops_omitted = largest(
+        [(str(d), {"evicted": e, "refused": r}) for d, (e, r) in drops.items()],
+        lambda row: row[1]["evicted"] + row[1]["refused"],
+    )
     return header | {
         "backlog": {
             "readings": backlog,
             "oldest": _iso(oldest),
             "oldest_age_s": _age_s(oldest, now_ms),
-            "streams": [
-                {
-                    "device_id": head.key.device_id,
-                    "datastream_id": head.key.datastream_id,
-                    "readings": per_stream.get(head.key, 0),
-                    "oldest": _iso(head.oldest_ts_ms),
-                    "oldest_age_s": _age_s(head.oldest_ts_ms, now_ms),
-                    "parked": head.parked_reason,
-                }
-                for head in heads
-            ],
+            "streams": stream_rows,
+            "streams_omitted": streams_omitted,
         },
         "quota": {
             "day": day,
             "timezone": cloud.day_timezone,
             "limit_per_device": cloud.daily_points_limit,
             "resets_at": _iso(quota.next_reset_ms(now_ms)),
-            "devices": [
-                {
-                    "device_id": device,
-                    "used": used,
-                    "left": quota.allowance(used, exhausted),
-                    "refused_by_cloud": exhausted,
-                }
-                for device, (used, exhausted) in sorted(ledger.items())
-            ],
+            "devices": quota_rows,
+            "devices_omitted": quota_omitted,
         },
         "forecast": {
             "max_age_days": cloud.max_age_days,
             "age_margin_hours": cloud.age_margin_hours,
             "order": settings.flush.order,
-            "will_expire": sum(item["will_expire"] for item in forecasts),
-            "devices": forecasts,
+            "will_expire": sum(row["will_expire"] for row in forecasts),
+            "devices": forecast_rows,
+            "devices_omitted": forecasts_omitted,
         },
         "drain": _drain(backlog, rates),
-        "dead_letters": {"total": sum(view.dead_letters.values()), "by_reason": view.dead_letters},
+        "dead_letters": {
+            "total": sum(view.dead_letters.values()),
+            "by_reason": clip_keys(view.dead_letters.items()),
+        },
         "evictions": {
             "evicted": sum(evicted for evicted, _ in drops.values()),
             "refused": sum(refused for _, refused in drops.values()),
-            "by_device": {str(d): {"evicted": e, "refused": r} for d, (e, r) in drops.items()},
+            "by_device": dict(drop_rows),
+            "by_device_omitted": drops_omitted,
         },
         "ingest": _ingest(live),
         "database": {
             "path": str(path),
             "file_bytes": view.file_bytes,
         },
+    }
+
+
+def largest(
+    rows: list[T], weight: Callable[[T], Any], limit: int = MAX_ROWS
+) -> tuple[list[T], int]:
+    """The `limit` heaviest rows, in their order, and how many were left out."""
+    if len(rows) <= limit:
+        return rows, 0
+    kept = sorted(sorted(range(len(rows)), key=lambda i: weight(rows[i]), reverse=True)[:limit])
+    return [rows[i] for i in kept], len(rows) - limit
+
+
+def _stream_row(head: StreamHead, readings: int, now_ms: int) -> dict[str, Any]:
+    parked = head.parked_reason
+    return {
+        "device_id": head.key.device_id,
+        "datastream_id": head.key.datastream_id,
+        "readings": readings,
+        "oldest": _iso(head.oldest_ts_ms),
+        "oldest_age_s": _age_s(head.oldest_ts_ms, now_ms),
+        "parked": None if parked is None else clip(parked),  # the cloud's words
     }
 
 
@@ -352,7 +402,7 @@ def _cloud(live: dict[str, Any] | None, settings: Settings, now_ms: int) -> dict
         "since": _iso(live["cloud_since_ms"]),
         "last_upload_ok": _iso(live["last_upload_ok_ms"]),
         "last_upload_ok_age_s": _age_s(live["last_upload_ok_ms"], now_ms),
-        "last_error": live["last_error"],
+        "last_error": None if live["last_error"] is None else clip(live["last_error"], ERROR_CHARS),
         "last_error_kind": live["last_error_kind"],
         "last_error_at": _iso(live["last_error_ms"]),
         "uploads": live["uploads"],
@@ -372,10 +422,12 @@ def _drain(backlog: int, rates: dict[str, float]) -> dict[str, Any]:
 def _ingest(live: dict[str, Any] | None) -> dict[str, Any] | None:
     if live is None:
         return None
+    # Clipped here too: the daemon clips them, but may be an older one.
+    unmapped = list(live["unmapped_devices"].items())[:NAMES_SHOWN]
     return {
         "readings": live["readings"],
-        "rejected_by_reason": live["rejected_by_reason"],
-        "unmapped_devices": live["unmapped_devices"],
+        "rejected_by_reason": clip_keys(live["rejected_by_reason"].items()),
+        "unmapped_devices": clip_keys(unmapped),
         "unmapped_devices_total": live["unmapped_devices_total"],
     }
 
@@ -415,6 +467,17 @@ def _table(rows: list[list[str]], indent: str = "    ") -> list[str]:
     ]
 
 
+def _cut(
+    rows: list[dict[str, Any]], omitted: int, weight: Callable[[dict[str, Any]], Any], what: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The TABLE_ROWS heaviest rows, and the line that says how many are not shown."""
+    shown, hidden = largest(rows, weight, TABLE_ROWS)
+    hidden += omitted
+    if not hidden:
+        return shown, []
+    return shown, [f"    ... and {hidden:,} more {what} (--json lists up to {MAX_ROWS:,})"]
+
+
 def render(report: dict[str, Any]) -> str:
     """The report as an operator reads it over SSH."""
     lines = [f"blynk-gateway status at {report['generated_at']}"]
@@ -448,6 +511,9 @@ def render(report: dict[str, Any]) -> str:
         + (f", oldest {_dur(backlog['oldest_age_s'])} old" if backlog["streams"] else "")
     )
     if backlog["streams"]:
+        streams, more = _cut(
+            backlog["streams"], backlog["streams_omitted"], lambda s: s["readings"], "streams"
+        )
         rows = [["device", "datastream", "readings", "oldest", "state"]]
         rows += [
             [
@@ -457,9 +523,9 @@ def render(report: dict[str, Any]) -> str:
                 _dur(s["oldest_age_s"]),
                 f"parked: {s['parked']}" if s["parked"] else "",
             ]
-            for s in backlog["streams"]
+            for s in streams
         ]
-        lines += _table(rows)
+        lines += _table(rows) + more
 
     quota = report["quota"]
     lines.append(
@@ -467,6 +533,9 @@ def render(report: dict[str, Any]) -> str:
         f"per device, resets {quota['resets_at']}"
     )
     if quota["devices"]:
+        devices, more = _cut(
+            quota["devices"], quota["devices_omitted"], lambda d: d["used"], "devices"
+        )
         rows = [["device", "used today", "left", ""]]
         rows += [
             [
@@ -475,9 +544,9 @@ def render(report: dict[str, Any]) -> str:
                 _n(d["left"]),
                 "refused by cloud" if d["refused_by_cloud"] else "",
             ]
-            for d in quota["devices"]
+            for d in devices
         ]
-        lines += _table(rows)
+        lines += _table(rows) + more
 
     forecast, drain = report["forecast"], report["drain"]
     lines.append(
@@ -486,6 +555,12 @@ def render(report: dict[str, Any]) -> str:
         f"{forecast['age_margin_hours']:g} h, {forecast['order']} first)"
     )
     if forecast["devices"]:
+        devices, more = _cut(
+            forecast["devices"],
+            forecast["devices_omitted"],
+            lambda f: (f["will_expire"], f["backlog"]),
+            "devices",
+        )
         rows = [["device", "backlog", "will send", "will expire", "cleared by", "at observed"]]
         rows += [
             [
@@ -498,9 +573,9 @@ def render(report: dict[str, Any]) -> str:
                 if f["observed_rate_per_s"]
                 else ("quota spent" if f["observed_rate_per_s"] == 0 else "-"),
             ]
-            for f in forecast["devices"]
+            for f in devices
         ]
-        lines += _table(rows)
+        lines += _table(rows) + more
     if drain["observed_out_per_s"] is not None:
         lines.append(
             f"drain       {drain['observed_out_per_s']:.1f}/s sent, "

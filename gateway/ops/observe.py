@@ -36,6 +36,7 @@ from gateway.errors import (
     WrongRegion,
 )
 from gateway.models import Batch
+from gateway.ops.clip import clip_keys
 from gateway.store.inspection import StreamHead
 from gateway.uplink.quota import DailyQuota
 
@@ -315,7 +316,7 @@ class Observer:
             uploads=dict(uploads.outcomes),
             upload_duration=uploads.duration.cumulative(),
             upload_duration_sum_s=round(uploads.duration.total, 6),
-            unmapped_devices=dict(unmapped.most_common(UNMAPPED_SHOWN)),
+            unmapped_devices=clip_keys(unmapped.most_common(UNMAPPED_SHOWN)),
             unmapped_devices_total=len(unmapped),
             quota_reserved_today=self._reserved_today(),
             rates_per_s=self.rates.rates(),

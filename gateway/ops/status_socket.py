@@ -6,6 +6,12 @@ question. Under systemd it lives in `$RUNTIME_DIRECTORY` (tmpfs, `/run/blynk-gat
 without systemd, next to the buffer and named after it. The protocol is the smallest that
 works: connect, read one JSON document, the daemon closes. The socket takes the process
 umask (0077 under the unit), so only the daemon's user and root can ask.
+
+Neither end can be held by the other (issue 16): the daemon serves through a
+`BoundedListener` (at most `MAX_CONNECTIONS` clients, the oldest making way for a new
+one; each connection aborted after `CONNECTION_DEADLINE_S` whether or not the client
+read its answer), and `query()` gives up after `QUERY_TIMEOUT_S` in all and
+`MAX_ANSWER_BYTES`, whatever the other end does.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import json
 import os
 import socket
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from gateway.log import get_logger
+from gateway.ops.listener import BoundedListener, Connection, listening_socket
 
 log = get_logger("status")
 
@@ -30,6 +38,11 @@ SYSTEMD_RUNTIME_DIR = Path("/run/blynk-gateway")
 # sun_path is 108 bytes including the terminating NUL.
 MAX_UNIX_PATH_BYTES = 107
 QUERY_TIMEOUT_S = 5.0
+# An answer is a few kilobytes (names in it are truncated); anything far larger is not one.
+MAX_ANSWER_BYTES = 1 << 20
+# The server: `status` runs now and then, by hand or from a monitoring check.
+MAX_CONNECTIONS = 8
+CONNECTION_DEADLINE_S = 5.0
 
 
 def socket_path(db_path: Path, runtime_dir: str | None = None) -> Path:
@@ -66,7 +79,11 @@ def _addressable(path: Path) -> Iterator[str]:
 
 
 def query(path: Path, timeout_s: float = QUERY_TIMEOUT_S) -> dict[str, Any] | None:
-    """The daemon's live state from the socket at `path`; None if nobody answers there."""
+    """The daemon's live state from the socket at `path`; None if nobody answers there
+    (within `timeout_s` in all, and `MAX_ANSWER_BYTES`)."""
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    received = 0
     try:
         with (
             _addressable(path) as address,
@@ -74,10 +91,16 @@ def query(path: Path, timeout_s: float = QUERY_TIMEOUT_S) -> dict[str, Any] | No
         ):
             sock.settimeout(timeout_s)
             sock.connect(address)
-            chunks = []
-            while chunk := sock.recv(65536):
+            while True:
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > MAX_ANSWER_BYTES:
+                    return None
                 chunks.append(chunk)
-    except OSError:
+    except OSError:  # refused, reset, timed out
         return None
     try:
         answer = json.loads(b"".join(chunks))
@@ -92,6 +115,7 @@ class StatusServer:
     def __init__(self, path: Path, answer: Callable[[], dict[str, Any]]) -> None:
         self.path = path
         self._answer = answer
+        self.listener: BoundedListener | None = None
 
     async def serve(self) -> None:
         """Until cancelled; the socket file is removed on the way out."""
@@ -99,14 +123,20 @@ class StatusServer:
             return
         try:
             with _addressable(self.path) as address:
-                server = await asyncio.start_unix_server(self._handle, path=address)
+                sock = listening_socket(socket.AF_UNIX, address)
         except OSError as exc:
             log.warning("status_socket_failed", path=str(self.path), error=str(exc))
             return
+        self.listener = BoundedListener(
+            "status_socket",
+            sock,
+            self._handle,
+            max_connections=MAX_CONNECTIONS,
+            deadline_s=CONNECTION_DEADLINE_S,
+        )
         log.info("status_socket_listening", path=str(self.path))
         try:
-            async with server:
-                await server.serve_forever()
+            await self.listener.serve()
         finally:
             with contextlib.suppress(OSError):
                 self.path.unlink()
@@ -129,13 +159,10 @@ class StatusServer:
         self.path.unlink()
         return True
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            writer.write(json.dumps(self._answer()).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("status_query_failed", error=str(exc))
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: Connection
+    ) -> None:
+        """The answer; the listener closes the connection (or aborts it at the deadline).
+        The connection stays `waiting` (on the client to read): it may make way."""
+        writer.write(json.dumps(self._answer()).encode() + b"\n")
+        await writer.drain()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -145,7 +146,9 @@ class GatewayProcess:
 
     ``log_path``: also append every line the daemon prints there (written by this
     process, not the daemon). ``env``: extra environment variables for the daemon.
-    ``python``: the interpreter command (default: this one).
+    ``python``: the interpreter command (default: this one). ``nofile``: the daemon's
+    RLIMIT_NOFILE (soft and hard), e.g. 1024 as under the shipped unit's `LimitNOFILE=`,
+    when a test is about running out of file descriptors; None: this process's limit.
     """
 
     def __init__(
@@ -155,8 +158,10 @@ class GatewayProcess:
         *,
         env: Mapping[str, str] | None = None,
         python: Sequence[str] | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.config_path = config_path
+        self.nofile = nofile
         self.log_path = log_path
         self.env = dict(env or {})
         # The interpreter command; a benchmark runs another checkout's daemon with
@@ -184,6 +189,10 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
+        if self.nofile is not None:
+            # Set from outside, not with preexec_fn (unsafe in a process with threads): the
+            # interpreter is still starting, long before the daemon opens its sockets.
+            resource.prlimit(self.process.pid, resource.RLIMIT_NOFILE, (self.nofile,) * 2)
         assert self.process.stdout is not None
         self._reader = threading.Thread(
             target=self._read, args=(self.process.stdout,), name="gateway-log", daemon=True
@@ -325,6 +334,11 @@ class GatewayProcess:
         """The last ``lines`` lines the daemon printed (JSON or not), for error messages."""
         with self._changed:
             return self._tail(lines)
+
+    def line_count(self) -> int:
+        """How many lines the daemon printed so far (JSON or not, tracebacks included)."""
+        with self._changed:
+            return len(self._lines)
 
     def _tail(self, lines: int = 40) -> str:
         return "\n".join(self._lines[-lines:])
