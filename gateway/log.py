@@ -36,11 +36,30 @@ OUTSIDE_TEXT_FIELDS = ("topic", "name", "excerpt", "detail", "hint")
 MAX_FIELD_CHARS = 120
 
 
-def truncate(text: str, limit: int = MAX_FIELD_CHARS) -> str:
-    """`text`, or its first `limit` characters and a marker saying how long it was."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}…({len(text)} chars)"
+def _escaped(char: str) -> str:
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
+def clip(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """Text from outside (a topic, a device name, the cloud's words) as a log line or
+    `status` shows it: control characters escaped (a newline cannot forge a line), at most
+    `limit` characters, a cut text ending with `…[N chars]` (N its length before).
+    Clipping a clipped text changes nothing. Before issue 16 one 60 KB topic level made
+    a 180 KB log line and twenty of them a 1.2 MB status answer."""
+    head = "".join(_escaped(char) for char in text[:limit])
+    if len(text) <= limit and len(head) <= limit:
+        return head
+    marker = f"…[{len(text)} chars]"
+    return head[: max(0, limit - len(marker))] + marker
+
+
+def clip_keys(counts: Iterable[tuple[str, int]], limit: int = MAX_FIELD_CHARS) -> dict[str, int]:
+    """Counts by name, names clipped; two names that clip alike share their count."""
+    clipped: dict[str, int] = {}
+    for name, count in counts:
+        key = clip(name, limit)
+        clipped[key] = clipped.get(key, 0) + count
+    return clipped
 
 
 def truncate_outside_text(
@@ -51,7 +70,7 @@ def truncate_outside_text(
     for key in OUTSIDE_TEXT_FIELDS:
         value = event_dict.get(key)
         if type(value) is str and len(value) > MAX_FIELD_CHARS:
-            event_dict[key] = truncate(value)
+            event_dict[key] = clip(value)
     return event_dict
 
 

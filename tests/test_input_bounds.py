@@ -384,9 +384,10 @@ def test_log_fields_with_outside_text_are_cut_with_a_marker() -> None:
     [line] = stream.getvalue().splitlines()
     assert len(line) < 1200
     event = json.loads(line)
-    assert event["topic"] == topic[:120] + "…(60006 chars)"
+    assert event["topic"] == topic[: 120 - 14] + "…[60006 chars]"
     for key in ("name", "hint", "excerpt", "detail"):
-        assert event[key].startswith(key[0] * 120 + "…(")
+        assert len(event[key]) <= 120 and event[key].endswith(" chars]")
+        assert event[key].startswith(key[0] * 100)
 
 
 # --------------------------------------------------------------------------- config

@@ -20,8 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.cli.status import MAX_ROWS, TABLE_ROWS
+from gateway.log import MAX_FIELD_CHARS as SHOWN_CHARS
+from gateway.log import clip, clip_keys
 from gateway.models import Reading, StreamKey
-from gateway.ops.clip import SHOWN_CHARS, clip, clip_keys
 from gateway.ops.status_socket import query, socket_path
 from gateway.store import Store
 from gateway.testing.process import GatewayProcess, write_config

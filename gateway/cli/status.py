@@ -14,7 +14,7 @@ exit code is the command line's: 0 a report, 1 the buffer could not be read, 2 t
 
 Its size is bounded whatever the buffer and the daemon hold (issue 16): text from outside
 (device names, the cloud's messages) is clipped to ~120 characters on one line
-(`gateway.ops.clip`), and each per-stream or per-device list keeps its `MAX_ROWS`
+(`gateway.log.clip`), and each per-stream or per-device list keeps its `MAX_ROWS`
 largest entries (`<list>_omitted` counts the rest); the table shows `TABLE_ROWS` of them.
 """
 
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from gateway.errors import ConfigError, GatewayError, StoreCorrupt, StoreError
-from gateway.ops.clip import clip, clip_keys
+from gateway.log import clip, clip_keys
 from gateway.ops.forecast import drain_eta_s, forecast_device
 
 if TYPE_CHECKING:

@@ -33,7 +33,7 @@ from gateway.aio import wait_any
 from gateway.config import MqttSettings, TlsSetupError
 from gateway.ingest import tls
 from gateway.ingest.paho_client import ChunkedClient, supported, unread_bytes
-from gateway.log import Throttle, get_logger, truncate
+from gateway.log import Throttle, clip, get_logger
 
 log = get_logger("ingest")
 
@@ -455,7 +455,7 @@ class MqttConnection:
             if allowed:
                 log.exception(
                     "mqtt_read_failed",
-                    error=truncate(f"{type(exc).__name__}: {exc}"),
+                    error=clip(f"{type(exc).__name__}: {exc}"),
                     action="reconnecting",
                     suppressed=suppressed,
                 )
@@ -634,7 +634,7 @@ class MqttConnection:
             topic = repr(bytes(message._topic))
         log.error(
             "mqtt_message_failed",
-            error=truncate(f"{type(exc).__name__}: {exc}"),
+            error=clip(f"{type(exc).__name__}: {exc}"),
             topic=topic,
             action="left unacknowledged; reading goes on",
             suppressed=suppressed,

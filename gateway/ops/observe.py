@@ -35,8 +35,8 @@ from gateway.errors import (
     UnknownTarget,
     WrongRegion,
 )
+from gateway.log import clip_keys
 from gateway.models import Batch
-from gateway.ops.clip import clip_keys
 from gateway.store.inspection import StreamHead
 from gateway.uplink.quota import DailyQuota
 
