@@ -198,14 +198,12 @@ class Context:
 # --------------------------------------------------------------------------- sections
 
 
-def section_throughput(ctx: Context) -> None:
-    """`ingest_throughput` rounds with the four variants the table needs, own broker
-    (Mosquitto's default in-flight window, no persistence, as that script sets it up)."""
-    n = ctx.params.messages
-    names = ("bare-paho json", "bare-paho-manual json", "ingest-311 json", "gateway-311 json")
-    variants = [v for v in ingest_throughput.VARIANTS if v.name in names]
-    runs: dict[str, list[ingest_throughput.Trial]] = {name: [] for name in names}
-    workdir = Path(tempfile.mkdtemp(prefix="throughput-", dir=ctx.workdir))
+def throughput_rounds(
+    ctx: Context, variants: list[ingest_throughput.Variant], n: int, prefix: str
+) -> dict[str, list[ingest_throughput.Trial]]:
+    """`ctx.params.repeats` rounds of `variants` on a private broker, integrity checked."""
+    runs: dict[str, list[ingest_throughput.Trial]] = {v.name: [] for v in variants}
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=ctx.workdir))
     with ingest_throughput.private_broker(workdir, n) as broker:
         for round_no in range(ctx.params.repeats):
             for name, trial in ingest_throughput.run_round(
@@ -213,6 +211,16 @@ def section_throughput(ctx: Context) -> None:
             ).items():
                 runs[name].append(trial)
     ctx.problems += ingest_throughput.check_integrity(variants, runs, n)
+    return runs
+
+
+def section_throughput(ctx: Context) -> None:
+    """`ingest_throughput` rounds with the four variants the table needs, own broker
+    (Mosquitto's default in-flight window, no persistence, as that script sets it up)."""
+    n = ctx.params.messages
+    names = ("bare-paho json", "bare-paho-manual json", "ingest-311 json", "gateway-311 json")
+    variants = [v for v in ingest_throughput.VARIANTS if v.name in names]
+    runs = throughput_rounds(ctx, variants, n, "throughput-")
 
     def rate(name: str) -> list[float]:
         return [n / t.elapsed_s for t in runs[name]]
@@ -519,15 +527,7 @@ def latency_backlog(ctx: Context) -> None:
         for ms in ctx.params.latencies_ms
     }
     variants = [bare, *daemons.values()]
-    runs: dict[str, list[ingest_throughput.Trial]] = {v.name: [] for v in variants}
-    workdir = Path(tempfile.mkdtemp(prefix="latency-backlog-", dir=ctx.workdir))
-    with ingest_throughput.private_broker(workdir, n) as broker:
-        for round_no in range(ctx.params.repeats):
-            for name, trial in ingest_throughput.run_round(
-                broker, variants, n, round_no, workdir
-            ).items():
-                runs[name].append(trial)
-    ctx.problems += ingest_throughput.check_integrity(variants, runs, n)
+    runs = throughput_rounds(ctx, variants, n, "latency-backlog-")
     for ms, variant in daemons.items():
         ctx.add(
             Figure(
