@@ -299,6 +299,29 @@ def deadband_keeps(
     return abs(number - last_number) > rule.deadband
 
 
+def deadband_verdict(
+    rule: DeadbandRule, last: tuple[int, str] | None, ts_ms: int, value: str
+) -> tuple[bool, str]:
+    """`deadband_keeps` with its reason, for people (`routes test`)."""
+    keep = deadband_keeps(rule, last, ts_ms, value)
+    if last is None:
+        return keep, "kept: the stream's first reading (no earlier kept reading is known)"
+    last_ts, last_value = last
+    since = format_duration_ms(abs(ts_ms - last_ts))
+    heartbeat = rule.heartbeat_ms
+    if heartbeat is not None and ts_ms - last_ts >= heartbeat:
+        every = format_duration_ms(heartbeat)
+        return keep, f"kept: {since} after the last kept reading, the heartbeat is {every}"
+    number, last_number = as_number(value), as_number(last_value)
+    if number is None or last_number is None:
+        moved = "differs from" if keep else "equals"
+        return keep, f"{'kept' if keep else 'suppressed'}: {moved} the last kept value {last_value}"
+    change = f"{abs(number - last_number):g} from the last kept value {last_value}"
+    if keep:
+        return keep, f"kept: moved {change}, more than the deadband {rule.deadband:g}"
+    return keep, f"suppressed: moved {change}, not more than the deadband {rule.deadband:g}"
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -449,10 +472,12 @@ def route_specs(
 
 @dataclass(frozen=True, slots=True)
 class DeviceStreams:
-    """The datastreams the configuration can route to a device, and each one's rule."""
+    """The datastreams the configuration can route to a device, and each one's rule
+    (`fitted`: those whose window `fit` chose)."""
 
     device_id: int
     rules: Mapping[int, Rule | None]
+    fitted: frozenset[int] = frozenset()
 
     @property
     def sampled(self) -> bool:
@@ -529,6 +554,7 @@ class SamplingPlan:
         """Every datastream the configuration can route to the device, with its rule (the
         first route in the file that names the datastream decides, as routing does)."""
         rules: dict[int, Rule | None] = {}
+        fitted: set[int] = set()
         for route in self._routes:
             if route.device_id is not None and route.device_id != device_id:
                 continue
@@ -543,7 +569,9 @@ class SamplingPlan:
                 value_type = entry.type if entry is not None else route.type
                 compiled = spec_rule(spec, value_type) if spec is not None else None
                 rules[datastream_id] = self.resolve(compiled, device_id)
-        return DeviceStreams(device_id, rules)
+                if isinstance(compiled, FitRule):
+                    fitted.add(datastream_id)
+        return DeviceStreams(device_id, rules, frozenset(fitted))
 
     def devices(self) -> list[int]:
         """Devices the configuration names: fixed `device_id`s and `[devices]` entries."""

@@ -24,7 +24,10 @@ from gateway.errors import GatewayError
 from gateway.ops.forecast import drain_eta_s, forecast_device
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from gateway.config import Settings
+    from gateway.sampling import Rule
 
 # Backlog histogram resolution for the forecast: an hour of timestamps per bucket.
 BUCKET_MS = 3_600_000
@@ -86,6 +89,7 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
         dead = await store.dead_letter_counts()
         drops = await store.capacity_drops()
         file_bytes = store.file_bytes()
+        window_rules = dict(store.sampling.rules)
     finally:
         await store.close()
 
@@ -93,6 +97,9 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
     per_device_hist: dict[int, dict[Any, list[tuple[int, int]]]] = defaultdict(dict)
     for key, bucket, count in histogram:
         per_stream[key] += count
+        rule = window_rules.get(key)
+        if rule is not None:  # a windowed stream's readings go out as one point per window
+            count = min(count, -(-BUCKET_MS // rule.window_ms))
         per_device_hist[key.device_id].setdefault(key, []).append((bucket, count))
     rates = live["rates_per_s"] if live else {}
     max_age_ms = now_ms - cloud.oldest_sendable_ms(now_ms)
@@ -180,6 +187,7 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
             "by_device": {str(d): {"evicted": e, "refused": r} for d, (e, r) in drops.items()},
         },
         "ingest": _ingest(live),
+        "sampling": sampling_report(settings, rates),
         "database": {
             "path": str(path),
             "file_bytes": file_bytes,
@@ -379,6 +387,7 @@ def render(report: dict[str, Any]) -> str:
         f"evictions   {_n(evictions['evicted'])} evicted (drop-oldest), "
         f"{_n(evictions['refused'])} refused (drop-newest), since the buffer was created"
     )
+    lines += render_sampling(report["sampling"])
     ingest = report["ingest"]
     if ingest is not None:
         unmapped = ingest["unmapped_devices"]
@@ -392,3 +401,109 @@ def render(report: dict[str, Any]) -> str:
         f"database    {database['path']}, {database['file_bytes'] / 1e6:.1f} MB with its WAL"
     )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sampling_report(settings: Settings, rates: dict[str, float]) -> dict[str, Any]:
+    """Per device: points per day arriving and leaving (observed over the last minutes),
+    the quota, whether it fits, and the `sample` rule in force per datastream."""
+    from gateway.ingest.routes import RouteTable
+    from gateway.ops.observe import device_rates
+
+    table = RouteTable(
+        settings.routes,
+        settings.mqtt.max_payload_bytes,
+        devices=settings.devices,
+        daily_points_limit=settings.cloud.daily_points_limit,
+    )
+    plan = table.sampling
+    arriving = device_rates(rates, "arriving_device_")
+    sending = device_rates(rates, "sending_device_")
+    limit = settings.cloud.daily_points_limit
+    devices = []
+    for device_id in sorted(set(plan.devices()) | set(arriving)):
+        streams = plan.device(device_id)
+        per_day = _per_day(sending.get(device_id))
+        planned = _planned_per_day(list(streams.rules.values()))
+        sent = per_day if per_day is not None else planned
+        devices.append(
+            {
+                "device_id": device_id,
+                "arriving_per_day": _per_day(arriving.get(device_id)),
+                "points_per_day": per_day,
+                "planned_points_per_day": planned,
+                "quota": limit,
+                "fits": None if sent is None else sent <= limit,
+                "sampled": streams.sampled,
+                "streams": [
+                    _stream_rule(datastream_id, rule, datastream_id in streams.fitted)
+                    for datastream_id, rule in sorted(streams.rules.items())
+                ],
+            }
+        )
+    return {"limit_per_device": limit, "devices": devices}
+
+
+def _per_day(rate_per_s: float | None) -> float | None:
+    return None if rate_per_s is None else round(rate_per_s * 86_400, 1)
+
+
+def _planned_per_day(rules: Iterable[Rule | None]) -> int | None:
+    """Points a day if every datastream is windowed (at most one per window); else None."""
+    from gateway.sampling import WindowRule
+
+    windows = [rule for rule in rules if isinstance(rule, WindowRule)]
+    if not windows or len(windows) != len(list(rules)):
+        return None
+    return sum(86_400_000 // rule.window_ms for rule in windows)
+
+
+def _stream_rule(datastream_id: int, rule: Any, fitted: bool) -> dict[str, Any]:
+    from gateway.sampling import DeadbandRule, WindowRule
+
+    entry: dict[str, Any] = {"datastream_id": datastream_id, "rule": "raw", "fit": fitted}
+    if isinstance(rule, WindowRule):
+        entry |= {
+            "rule": rule.describe() + (" (fit)" if fitted else ""),
+            "window_s": rule.window_ms / 1000,
+            "aggregate": rule.aggregate,
+            "grace_s": rule.grace_ms / 1000,
+        }
+    elif isinstance(rule, DeadbandRule):
+        entry |= {
+            "rule": rule.describe(),
+            "deadband": rule.deadband,
+            "heartbeat_s": None if rule.heartbeat_ms is None else rule.heartbeat_ms / 1000,
+        }
+    return entry
+
+
+def render_sampling(sampling: dict[str, Any]) -> list[str]:
+    devices = sampling["devices"]
+    if not devices:
+        return []
+    lines = [f"sampling    quota {_n(sampling['limit_per_device'])} points per device per day"]
+    rows = [["device", "arriving/day", "sent/day", "fits", "datastream: rule"]]
+    for device in devices:
+        sent = device["points_per_day"]
+        if sent is None and device["planned_points_per_day"] is not None:
+            sent_text = f"<= {_n(device['planned_points_per_day'])}"
+        else:
+            sent_text = _n(None if sent is None else round(sent))
+        arriving = device["arriving_per_day"]
+        fits = {True: "yes", False: "NO", None: "-"}[device["fits"]]
+        if device["fits"] is False and not device["sampled"]:
+            fits += " (no sample rule: see `routes suggest`)"
+        streams = ", ".join(f"{s['datastream_id']}: {s['rule']}" for s in device["streams"])
+        rows.append(
+            [
+                str(device["device_id"]),
+                _n(None if arriving is None else round(arriving)),
+                sent_text,
+                fits,
+                streams or "-",
+            ]
+        )
+    return lines + _table(rows)

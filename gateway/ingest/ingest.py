@@ -172,6 +172,7 @@ class MqttIngest:
         they became; subscriptions change on the same session. Returns (added, removed)."""
         routes.keep_receive_stamps(self._admission.routes)
         self._admission.routes = routes
+        self.stats.sampled_devices.clear()  # which devices are sampled: seen anew
         return self._mqtt.set_subscriptions(routes.subscriptions)
 
     @property

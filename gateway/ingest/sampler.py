@@ -94,6 +94,8 @@ class Sampler:
                 continue
             if wanted.get(key) != rule:
                 self._state.want(key, rule)
+            if len(self._stats.sampled_devices) < MAX_COUNTED_DEVICES:
+                self._stats.sampled_devices.add(reading.device_id)
             if isinstance(rule, WindowRule):
                 self._state.note_arrival(key, rule, reading.ts_ms, now_ms)
 

@@ -52,3 +52,5 @@ class IngestStats:
     # points they will become after sampling (a window counts once); status rates them
     arriving_by_device: Counter[int] = field(default_factory=Counter)
     sending_by_device: Counter[int] = field(default_factory=Counter)
+    # devices with a reading a `sample` rule applied to (since start or the last reload)
+    sampled_devices: set[int] = field(default_factory=set)
