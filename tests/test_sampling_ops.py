@@ -72,24 +72,12 @@ async def test_status_shows_each_devices_rates_quota_and_rules(
     assert boiler["arriving_per_day"] == pytest.approx(30 * 1440, rel=0.05)
     assert boiler["points_per_day"] == pytest.approx(1440, rel=0.05)
     assert boiler["fits"] is True and boiler["sampled"] is True
+    window = {"window_s": 30.0, "aggregate": "mean", "grace_s": 5.0, "fit": True}
     assert boiler["streams"] == [
-        {"datastream_id": 1, "rule": "raw", "fit": False},
-        {
-            "datastream_id": 5,
-            "rule": "mean of 30s windows (fit)",
-            "fit": True,
-            "window_s": 30.0,
-            "aggregate": "mean",
-            "grace_s": 5.0,
-        },
-        {
-            "datastream_id": 6,
-            "rule": "mean of 30s windows (fit)",
-            "fit": True,
-            "window_s": 30.0,
-            "aggregate": "mean",
-            "grace_s": 5.0,
-        },
+        {"datastream_id": 1, "rule": "raw", "fit": False, "source": "configured"},
+        # as its readings met it (the daemon), and as the configuration says (no reading yet)
+        {"datastream_id": 5, "rule": "mean of 30s windows (fit)", "source": "observed"} | window,
+        {"datastream_id": 6, "rule": "mean of 30s windows (fit)", "source": "configured"} | window,
     ]
     assert kitchen["points_per_day"] == pytest.approx(30 * 1440, rel=0.05)
     assert kitchen["fits"] is False

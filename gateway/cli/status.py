@@ -24,10 +24,7 @@ from gateway.errors import GatewayError
 from gateway.ops.forecast import drain_eta_s, forecast_device
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from gateway.config import Settings
-    from gateway.sampling import Rule
 
 # Backlog histogram resolution for the forecast: an hour of timestamps per bucket.
 BUCKET_MS = 3_600_000
@@ -187,7 +184,7 @@ async def collect(settings: Settings, now_ms: int | None = None) -> dict[str, An
             "by_device": {str(d): {"evicted": e, "refused": r} for d, (e, r) in drops.items()},
         },
         "ingest": _ingest(live),
-        "sampling": sampling_report(settings, rates),
+        "sampling": sampling_report(settings, rates, live.get("sampling", {}) if live else {}),
         "database": {
             "path": str(path),
             "file_bytes": file_bytes,
@@ -406,11 +403,15 @@ def render(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- sampling
 
 
-def sampling_report(settings: Settings, rates: dict[str, float]) -> dict[str, Any]:
+def sampling_report(
+    settings: Settings, rates: dict[str, float], observed: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Per device: points per day arriving and leaving (observed over the last minutes),
-    the quota, whether it fits, and the `sample` rule in force per datastream."""
+    the quota, whether it fits, and the `sample` rule in force per datastream: as the
+    daemon saw its readings meet it (`observed`, "device/datastream" -> rule), else as the
+    configuration says (the first route that can send the device that datastream)."""
     from gateway.ingest.routes import RouteTable
-    from gateway.ops.observe import device_rates
+    from gateway.ops.observe import describe_rule, device_rates
 
     table = RouteTable(
         settings.routes,
@@ -423,10 +424,19 @@ def sampling_report(settings: Settings, rates: dict[str, float]) -> dict[str, An
     sending = device_rates(rates, "sending_device_")
     limit = settings.cloud.daily_points_limit
     devices = []
-    for device_id in sorted(set(plan.devices()) | set(arriving)):
+    seen: dict[int, dict[int, dict[str, Any]]] = {}
+    for name, rule in observed.items():
+        device, _, datastream = name.partition("/")
+        seen.setdefault(int(device), {})[int(datastream)] = rule | {"source": "observed"}
+    for device_id in sorted(set(plan.devices()) | set(arriving) | set(seen)):
         streams = plan.device(device_id)
+        rules = {
+            datastream_id: describe_rule(rule, datastream_id in streams.fitted)
+            | {"source": "configured"}
+            for datastream_id, rule in streams.rules.items()
+        } | seen.get(device_id, {})
         per_day = _per_day(sending.get(device_id))
-        planned = _planned_per_day(list(streams.rules.values()))
+        planned = _planned_per_day(list(rules.values()))
         sent = per_day if per_day is not None else planned
         devices.append(
             {
@@ -436,10 +446,10 @@ def sampling_report(settings: Settings, rates: dict[str, float]) -> dict[str, An
                 "planned_points_per_day": planned,
                 "quota": limit,
                 "fits": None if sent is None else sent <= limit,
-                "sampled": streams.sampled,
+                "sampled": any(rule["rule"] != "raw" for rule in rules.values()),
                 "streams": [
-                    _stream_rule(datastream_id, rule, datastream_id in streams.fitted)
-                    for datastream_id, rule in sorted(streams.rules.items())
+                    {"datastream_id": datastream_id} | rule
+                    for datastream_id, rule in sorted(rules.items())
                 ],
             }
         )
@@ -450,34 +460,12 @@ def _per_day(rate_per_s: float | None) -> float | None:
     return None if rate_per_s is None else round(rate_per_s * 86_400, 1)
 
 
-def _planned_per_day(rules: Iterable[Rule | None]) -> int | None:
+def _planned_per_day(rules: list[dict[str, Any]]) -> int | None:
     """Points a day if every datastream is windowed (at most one per window); else None."""
-    from gateway.sampling import WindowRule
-
-    windows = [rule for rule in rules if isinstance(rule, WindowRule)]
-    if not windows or len(windows) != len(list(rules)):
+    windows = [float(rule["window_s"]) for rule in rules if "window_s" in rule]
+    if not windows or len(windows) != len(rules):
         return None
-    return sum(86_400_000 // rule.window_ms for rule in windows)
-
-
-def _stream_rule(datastream_id: int, rule: Any, fitted: bool) -> dict[str, Any]:
-    from gateway.sampling import DeadbandRule, WindowRule
-
-    entry: dict[str, Any] = {"datastream_id": datastream_id, "rule": "raw", "fit": fitted}
-    if isinstance(rule, WindowRule):
-        entry |= {
-            "rule": rule.describe() + (" (fit)" if fitted else ""),
-            "window_s": rule.window_ms / 1000,
-            "aggregate": rule.aggregate,
-            "grace_s": rule.grace_ms / 1000,
-        }
-    elif isinstance(rule, DeadbandRule):
-        entry |= {
-            "rule": rule.describe(),
-            "deadband": rule.deadband,
-            "heartbeat_s": None if rule.heartbeat_ms is None else rule.heartbeat_ms / 1000,
-        }
-    return entry
+    return sum(round(86_400 / window_s) for window_s in windows)
 
 
 def render_sampling(sampling: dict[str, Any]) -> list[str]:

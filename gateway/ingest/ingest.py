@@ -31,6 +31,7 @@ from gateway.ingest.sampler import Sampler, kept_of
 from gateway.ingest.stats import IngestStats
 from gateway.log import get_logger
 from gateway.models import Reading, StreamKey
+from gateway.sampling import Rule
 from gateway.store import AppendResult, RejectedPayload, Store
 from gateway.store.bindable import reading_problem, storable_rejected
 
@@ -174,6 +175,10 @@ class MqttIngest:
         self._admission.routes = routes
         self.stats.sampled_devices.clear()  # which devices are sampled: seen anew
         return self._mqtt.set_subscriptions(routes.subscriptions)
+
+    def sampling_in_force(self) -> dict[StreamKey, tuple[Rule, bool]]:
+        """Each sampled stream's rule as its readings meet it, and whether `fit` chose it."""
+        return self._sampler.in_force()
 
     @property
     def held_messages(self) -> int:

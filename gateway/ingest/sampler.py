@@ -33,6 +33,8 @@ from gateway.models import Reading, StreamKey
 from gateway.sampling import (
     NUMERIC_AGGREGATES,
     DeadbandRule,
+    FitRule,
+    Rule,
     WindowRule,
     as_number,
     deadband_keeps,
@@ -64,6 +66,8 @@ class Sampler:
         self._refusals = refusals
         # the newest window start seen per windowed stream: a later one is a new point
         self._last_window: dict[StreamKey, int] = {}
+        # streams whose window `fit` chose (for `status`)
+        self._fitted: set[StreamKey] = set()
 
     # ------------------------------------------------------------------ on arrival
 
@@ -94,10 +98,29 @@ class Sampler:
                 continue
             if wanted.get(key) != rule:
                 self._state.want(key, rule)
+                self._note_fit(route, key)
             if len(self._stats.sampled_devices) < MAX_COUNTED_DEVICES:
                 self._stats.sampled_devices.add(reading.device_id)
             if isinstance(rule, WindowRule):
                 self._state.note_arrival(key, rule, reading.ts_ms, now_ms)
+
+    def _note_fit(self, route: CompiledRoute | None, key: StreamKey) -> None:
+        spec = None
+        if route is not None:
+            spec = route.samples.get(key.datastream_id, route.default_sample)
+        if isinstance(spec, FitRule):
+            self._fitted.add(key)
+        else:
+            self._fitted.discard(key)
+
+    def in_force(self) -> dict[StreamKey, tuple[Rule, bool]]:
+        """Each sampled stream's rule as its readings last met it, and whether `fit`
+        chose its window."""
+        return {
+            key: (rule, key in self._fitted)
+            for key, rule in self._state.wanted.items()
+            if rule is not None
+        }
 
     # ------------------------------------------------------------------ before the commit
 

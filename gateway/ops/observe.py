@@ -37,6 +37,7 @@ from gateway.errors import (
 )
 from gateway.models import Batch
 from gateway.ops.overflow import OverflowWatch
+from gateway.sampling import DeadbandRule, Rule, WindowRule
 from gateway.store.inspection import StreamHead
 from gateway.uplink.quota import DailyQuota
 
@@ -87,6 +88,35 @@ def device_rates(rates: dict[str, float], prefix: str) -> dict[int, float]:
         for name, rate in rates.items()
         if name.startswith(prefix) and name.removeprefix(prefix).isdigit()
     }
+
+
+def sampling_in_force(ingest: MqttIngest | None) -> dict[str, dict[str, Any]]:
+    """The rules streams meet, as plain data (`describe_rule`), keyed "device/datastream"."""
+    if ingest is None:
+        return {}
+    return {
+        str(key): describe_rule(rule, fitted)
+        for key, (rule, fitted) in ingest.sampling_in_force().items()
+    }
+
+
+def describe_rule(rule: Rule | None, fitted: bool) -> dict[str, Any]:
+    """A `sample` rule as `status` shows it (and `--json` prints it)."""
+    entry: dict[str, Any] = {"rule": "raw", "fit": fitted}
+    if isinstance(rule, WindowRule):
+        entry |= {
+            "rule": rule.describe() + (" (fit)" if fitted else ""),
+            "window_s": rule.window_ms / 1000,
+            "aggregate": rule.aggregate,
+            "grace_s": rule.grace_ms / 1000,
+        }
+    elif isinstance(rule, DeadbandRule):
+        entry |= {
+            "rule": rule.describe(),
+            "deadband": rule.deadband,
+            "heartbeat_s": None if rule.heartbeat_ms is None else rule.heartbeat_ms / 1000,
+        }
+    return entry
 
 
 def wall_ms() -> int:
@@ -218,6 +248,9 @@ class LiveState:
     # (str keys: this travels as JSON); the ledger on disk counts them already
     quota_reserved_today: dict[str, int]
     rates_per_s: dict[str, float]
+    # "device/datastream" -> the `sample` rule its readings meet (gateway/sampling.py), with
+    # whether `fit` chose the window: what `status` shows as in force
+    sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -366,6 +399,7 @@ class Observer:
             unmapped_devices_total=len(unmapped),
             quota_reserved_today=self._reserved_today(),
             rates_per_s=self.rates.rates(),
+            sampling=sampling_in_force(ingest),
         )
 
     def _reserved_today(self) -> dict[str, int]:
