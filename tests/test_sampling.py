@@ -23,6 +23,7 @@ from gateway.sampling import (
     WindowRule,
     aggregate_windows,
     deadband_keeps,
+    deadband_verdict,
     fit_window_ms,
     format_duration_ms,
     parse_duration_ms,
@@ -348,3 +349,40 @@ def test_fit_is_replanned_for_a_new_limit() -> None:
         RouteTable(routes, devices={"d": 7}, daily_points_limit=100_000).sampling.fit_window_ms(7)
         == 2_000
     )
+
+
+def test_the_example_configs_samples_are_what_its_comments_say() -> None:
+    import tomllib
+    from pathlib import Path
+
+    example = tomllib.loads((Path(__file__).parent.parent / "config.example.toml").read_text())
+    config = Settings(**{**example, "cloud": {"client_id": "c", "client_secret": "s"}})
+    table = RouteTable(config.routes, devices=config.devices, daily_points_limit=10_000)
+    by_topic = {route.name: route for route in table.routes}
+    zigbee = by_topic["zigbee2mqtt/{device}"]
+    minute_mean = WindowRule(60_000, "mean", DEFAULT_GRACE_MS)
+    assert table.rule_for(zigbee, 102, 5) == minute_mean
+    assert table.rule_for(zigbee, 102, 7) == DeadbandRule(1, 21_600_000)
+    assert table.rule_for(zigbee, 102, 8) is None  # the relay state: "raw"
+    esphome = by_topic["{device}/sensor/{stream}/state"]
+    assert table.sampling.datastreams_of(101) == {5, 6, 7, 8, 9, 10, 11}
+    assert table.rule_for(esphome, 101, 5) == WindowRule(120_000, "mean", DEFAULT_GRACE_MS)
+    shelly = by_topic["shellies/shelly1-AB12CD/relay/0/power"]
+    assert table.rule_for(shelly, 106, 9) == DeadbandRule(0.5, 900_000)
+    gen2 = by_topic["+/events/rpc"]
+    assert table.rule_for(gen2, 104, 9) == minute_mean
+
+
+@given(
+    deadband=st.floats(0, 5),
+    last=st.none() | st.tuples(st.integers(0, 10_000), st.sampled_from(["1", "2.5", '"a"'])),
+    ts=st.integers(0, 20_000),
+    value=st.sampled_from(["1", "1.4", "2.5", "4", '"a"', '"b"']),
+)
+def test_the_verdict_routes_test_prints_is_the_rules_decision(
+    deadband: float, last: tuple[int, str] | None, ts: int, value: str
+) -> None:
+    rule = DeadbandRule(deadband, heartbeat_ms=5_000)
+    keep, reason = deadband_verdict(rule, last, ts, value)
+    assert keep == deadband_keeps(rule, last, ts, value)
+    assert reason.startswith("kept: " if keep else "suppressed: ")

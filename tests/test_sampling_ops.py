@@ -83,7 +83,7 @@ async def test_status_shows_each_devices_rates_quota_and_rules(
     assert kitchen["fits"] is False
     text = render(report)
     assert "sampling    quota 12,000 points per device per day" in text
-    assert "5: mean of 30s windows (fit)" in text
+    assert "        datastream 5: mean of 30s windows (fit)" in text
 
 
 async def test_quota_overflow_forecast_once_a_day_for_a_device_without_sample(

@@ -469,11 +469,14 @@ def _planned_per_day(rules: list[dict[str, Any]]) -> int | None:
 
 
 def render_sampling(sampling: dict[str, Any]) -> list[str]:
+    """One row per device, then its datastreams' rules: those its readings met, when the
+    daemon saw some, else those the configuration gives it."""
     devices = sampling["devices"]
     if not devices:
         return []
     lines = [f"sampling    quota {_n(sampling['limit_per_device'])} points per device per day"]
-    rows = [["device", "arriving/day", "sent/day", "fits", "datastream: rule"]]
+    rows = [["device", "arriving/day", "sent/day", "fits"]]
+    details: list[list[str]] = [[]]
     for device in devices:
         sent = device["points_per_day"]
         if sent is None and device["planned_points_per_day"] is not None:
@@ -483,15 +486,19 @@ def render_sampling(sampling: dict[str, Any]) -> list[str]:
         arriving = device["arriving_per_day"]
         fits = {True: "yes", False: "NO", None: "-"}[device["fits"]]
         if device["fits"] is False and not device["sampled"]:
-            fits += " (no sample rule: see `routes suggest`)"
-        streams = ", ".join(f"{s['datastream_id']}: {s['rule']}" for s in device["streams"])
+            fits += ": no sample rule (see `routes suggest`)"
         rows.append(
             [
                 str(device["device_id"]),
                 _n(None if arriving is None else round(arriving)),
                 sent_text,
                 fits,
-                streams or "-",
             ]
         )
-    return lines + _table(rows)
+        streams = device["streams"]
+        if any(stream["source"] == "observed" for stream in streams):
+            streams = [stream for stream in streams if stream["source"] == "observed"]
+        details.append([f"        datastream {s['datastream_id']}: {s['rule']}" for s in streams])
+    for line, extra in zip(_table(rows), details, strict=True):
+        lines += [line, *extra]
+    return lines

@@ -141,14 +141,18 @@ class Sampler:
     ) -> None:
         state, stats = self._state, self._stats
         sending = stats.sending_by_device
+        if not state.wanted:  # nothing sampled: every reading is a point
+            for reading in message.readings:
+                device_id = reading.device_id
+                if device_id in sending or len(sending) < MAX_COUNTED_DEVICES:
+                    sending[device_id] += 1
+            return
         kept: list[Reading] = []
         dead: list[RejectedPayload] = []
         for reading in message.readings:
             device_id = reading.device_id
-            rule = None
-            if state.wanted:
-                key = StreamKey(device_id, reading.datastream_id)
-                rule = state.wanted.get(key)
+            key = StreamKey(device_id, reading.datastream_id)
+            rule = state.wanted.get(key)
             if isinstance(rule, DeadbandRule):
                 last = overlay.get(key) or state.kept.get(key)
                 if not deadband_keeps(rule, last, reading.ts_ms, reading.value_json):
