@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 
 from gateway.config import Settings
-from gateway.testing.process import GatewayProcess
+from gateway.ops.reload import reload_config
+from gateway.testing.broker import MosquittoBroker
+from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, publish, wait_for_passes, wait_until
+from harness import InProcessGateway, publish, settings_dict, wait_for_passes, wait_until
 
 DEVICES = {"boiler": 101, "kitchen": 102}
 
@@ -318,3 +320,51 @@ async def test_a_day_of_backlog_goes_out_as_1440_window_points(
     assert sorted(got) == [start + k * 60_000 for k in range(1440)]
     expected = window_means([(start + i * 1000, float(i % 600)) for i in range(86_400)], 60_000)
     assert got == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- reload
+async def test_a_reload_re_plans_fit_for_a_new_limit(
+    make_settings: Callable[..., Settings],
+    broker: MosquittoBroker,
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    start = aligned(clock() - 600_000, 60_000)
+    route = {"topic": "esp/{device}/{stream}", "streams": {"a": 1, "b": 2}, "sample": "fit"}
+
+    def config_file(limit: int) -> Path:
+        values = settings_dict(
+            broker.port,
+            sandbox.base_url,
+            tmp_path / "buffer.db",
+            [route],
+            devices=DEVICES,
+            cloud={"daily_points_limit": limit},
+        )
+        return write_config(tmp_path / "gateway.toml", values)
+
+    settings = make_settings([route], devices=DEVICES, cloud={"daily_points_limit": 8640})
+    readings = [(start + i * 1000, float(i)) for i in range(10)]  # 10 s of readings
+    first = [("esp/kitchen/a", json.dumps({"value": v, "ts": ts})) for ts, v in readings]
+    later = [("esp/kitchen/a", json.dumps({"value": v, "ts": ts + 120_000})) for ts, v in readings]
+    path = config_file(8640)
+    async with InProcessGateway(settings, clock_ms=clock, config_path=path) as gateway:
+        ingest = gateway.ingest
+        assert ingest is not None
+        await publish(publisher, first)
+        await wait_until(lambda: ingest.stats.stored == 10, message="the first 10 stored")
+        clock.offset_ms += 5_000
+        await wait_until(lambda: len(sandbox.accepted) == 1, message="one 30 s window")
+        # At 100,000 points a day there is room for 2 s windows (2 x 43,200 <= 90,000).
+        assert await reload_config(gateway, config_file(100_000))
+        assert ingest.routes.sampling.fit_window_ms(102) == 2_000
+        await publish(publisher, later)
+        await wait_until(lambda: ingest.stats.stored == 20, message="10 more stored")
+        clock.offset_ms += 5_000
+        await wait_until(lambda: len(sandbox.accepted) == 6, message="five 2 s windows")
+        await wait_for_passes(gateway)
+    got = points(sandbox, 102, 1)
+    assert got.pop(start) == pytest.approx(statistics.fmean(v for _, v in readings))
+    assert got == pytest.approx(window_means([(ts + 120_000, v) for ts, v in readings], 2_000))

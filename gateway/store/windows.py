@@ -284,6 +284,7 @@ class WindowOps:
     _stream_ids: dict[StreamKey, int]
     _clock_ms: Callable[[], int]
     sampling: SamplingState
+    pending_points: int
 
     async def _read(self, work: Callable[[], Awaitable[T]]) -> T:
         raise NotImplementedError  # pragma: no cover - Store provides it
@@ -310,8 +311,6 @@ class WindowOps:
             return True
         rules = self.sampling.rules
         return bool(rules) and all(key in rules for key in self.sampling.buffered)
-
-    pending_points: int
 
     async def _lease_windows(
         self, stream: StreamKey, limit: int, expire_before_ms: int | None
