@@ -590,7 +590,10 @@ def compile_rules(
         entry = entries[datastream_id]
         value_type = entry.type if entry is not None else route.type
         rules[datastream_id] = spec_rule(spec, value_type) if spec is not None else None
-    return rules, spec_rule(default, None) if default is not None else None
+    default_rule = spec_rule(default, None) if default is not None else None
+    if default_rule is None:  # nothing to override: a route without rules has no entries
+        rules = {datastream_id: rule for datastream_id, rule in rules.items() if rule is not None}
+    return rules, default_rule
 
 
 def _uses_fit(route: RouteSettings) -> bool:
