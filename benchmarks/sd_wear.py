@@ -23,6 +23,13 @@ Variants, each on a fresh database, in one run so the machine's drift hits all a
                           is what uploading in big batches (a flush "linger") would cost.
 * ``sync-normal``         synchronous=NORMAL (fewer fsyncs; see README for the trade-off)
 * ``commit-1s``           group commit every 1000 ms
+* ``sampled-10s``,        the defaults with `sample = { every = "10s" }` (or "60s") on every
+  ``sampled-60s``         route (issue 19): each reading written raw, one mean per window
+                          uploaded, the window's rows deleted with its record; pass-through
+                          never takes a windowed reading
+* ``deadband-1``          the defaults with `sample = { deadband = 1 }`: a sensor's readings
+                          move 0.5 each, so two in three are suppressed (never written);
+                          the kept ones pass through, their memory written per commit
 
 A second section compares the row layouts of schema v1 (table + covering index) and v2
 (one WITHOUT ROWID table), and database page sizes, with the store's own insert statement,
@@ -76,6 +83,7 @@ class Variant:
     store: dict[str, Any]
     flush: dict[str, Any] = field(default_factory=dict)
     cloud_up: bool = True
+    sample: dict[str, Any] | None = None  # on every route (gateway/sampling.py)
 
 
 WRITE_FIRST = {"pass_through": False}
@@ -87,6 +95,9 @@ VARIANTS = [
     Variant("offline-then-drain", {}, cloud_up=False),
     Variant("sync-normal", {"synchronous": "NORMAL"}, WRITE_FIRST),
     Variant("commit-1s", {"commit_interval_ms": 1000}, WRITE_FIRST),
+    Variant("sampled-10s", {}, sample={"every": "10s"}),
+    Variant("sampled-60s", {}, sample={"every": "60s"}),
+    Variant("deadband-1", {}, sample={"deadband": 1}),
 ]
 
 
@@ -184,6 +195,7 @@ def measure_steady(
         run_dir / "buffer.db",
         [
             {"topic": f"bench/sensor{i}", "device_id": 200 + i, "datastream_id": 1}
+            | ({"sample": variant.sample} if variant.sample else {})
             for i in range(sensors)
         ],
         mqtt={"host": broker.host, "client_id": f"wear-{run_dir.name}"},

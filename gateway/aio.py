@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def wait_any(*events: asyncio.Event, timeout_s: float | None) -> bool:
@@ -49,3 +53,23 @@ class Notifier:
     def notify(self) -> None:
         for flag in self._listeners:
             flag.set()
+
+
+async def uncancelled(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even if the caller is cancelled meanwhile, then re-raise that.
+
+    Like `asyncio.shield`, but the caller also waits for the work before it goes: the store
+    lock stays held, so nothing sees the state half-way.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # the caller is going away; a failure is its to drop
+        raise asyncio.CancelledError
+    return task.result()

@@ -115,7 +115,10 @@ class Gateway:
             transport=self._cloud_transport,
         )
         routes = RouteTable(
-            settings.routes, settings.mqtt.max_payload_bytes, devices=settings.devices
+            settings.routes,
+            settings.mqtt.max_payload_bytes,
+            devices=settings.devices,
+            daily_points_limit=settings.cloud.daily_points_limit,
         )
         self.ingest = ingest = MqttIngest(
             settings.mqtt,

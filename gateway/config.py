@@ -39,6 +39,7 @@ from pydantic_settings import (
 
 from gateway.errors import ConfigError
 from gateway.models import MAX_BLYNK_ID
+from gateway.sampling import DEFAULT_DAILY_LIMIT, SampleSpec, fit_problem, spec_problem
 
 # The unit's `LoadCredential=client_secret:...`: $CREDENTIALS_DIRECTORY/client_secret.
 CLIENT_SECRET_CREDENTIAL = "client_secret"
@@ -253,7 +254,7 @@ class CloudSettings(_Section):
     client_id: str = Field(min_length=1)
     client_secret: SecretStr
     timeout_s: PositiveFloat = 15.0
-    daily_points_limit: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    daily_points_limit: Annotated[int, Field(ge=1, le=10_000_000)] = DEFAULT_DAILY_LIMIT
     max_age_days: Annotated[float, Field(gt=0, le=3650)] = 30.0
     # Readings this close to the age limit are not sent: clocks and queues differ.
     age_margin_hours: Annotated[float, Field(ge=0, le=240)] = 6.0
@@ -389,6 +390,8 @@ class FieldSettings(_Section):
     # The datastream's type in Blynk, if known: values that do not fit are dead-lettered at
     # ingest with a reason instead of being silently ignored or cropped by the cloud.
     type: DatastreamType | None = None
+    # How this datastream's readings are thinned (gateway/sampling.py); overrides the route's.
+    sample: SampleSpec | None = None
 
 
 def _as_field(entry: int | FieldSettings) -> FieldSettings:
@@ -426,6 +429,9 @@ class RouteSettings(_Section):
     # Payload timestamps further ahead than this, or before 2020, are not trusted.
     max_future_s: Annotated[float, Field(ge=0, le=31 * 86_400)] = 300.0
     bad_timestamp: Literal["replace", "reject"] = "replace"
+    # How readings are thinned before they are sent (gateway/sampling.py): windows, a
+    # deadband or "fit"; the default for every datastream of the route.
+    sample: SampleSpec | None = None
 
     @field_validator("topic")
     @classmethod
@@ -496,7 +502,24 @@ class RouteSettings(_Section):
             raise ValueError('format = "senml" needs fields (SenML names -> datastreams)')
         if self.format == "senml" and self.timestamp is not None:
             raise ValueError('format = "senml" takes its time from bt + t; drop timestamp')
+        self._samples_fit_types()
         return self
+
+    def _samples_fit_types(self) -> None:
+        """A numeric aggregate or a deadband on a datastream declared non-numeric: the
+        message names the key that says so."""
+        for kind, entries in (("fields", self.field_map()), ("streams", self.stream_map())):
+            for name, entry in entries.items():
+                spec, key = entry.sample, f"{kind}.{name}.sample"
+                if spec is None:
+                    spec, key = self.sample, f"sample (the route's, for {kind}.{name})"
+                problem = spec_problem(spec, entry.type) if spec is not None else None
+                if problem is not None:
+                    raise ValueError(f"{key}: {problem}")
+        if self.sample is not None and self.datastream_id is not None:
+            problem = spec_problem(self.sample, self.type)
+            if problem is not None:
+                raise ValueError(f"sample: {problem}")
 
     def field_map(self) -> dict[str, FieldSettings]:
         return {path: _as_field(entry) for path, entry in (self.fields or {}).items()}
@@ -606,6 +629,20 @@ class Settings(BaseSettings):
     @classmethod
     def _unlisted_devices(cls, raw: Any, handler: ValidatorFunctionWrapHandler) -> DeviceNames:
         return _device_names(raw, handler)
+
+    @model_validator(mode="after")
+    def _fit_can_be_planned(self) -> Settings:
+        """`sample = "fit"` needs every device's datastreams counted, and a window that fits."""
+        numeric_ids = isinstance(self.devices, DeviceNames) and self.devices.numeric_ids
+        problem = fit_problem(
+            self.routes,
+            self.devices.values(),
+            numeric_ids=numeric_ids,
+            limit=self.cloud.daily_points_limit,
+        )
+        if problem is not None:
+            raise ValueError(f"routes: {problem}")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -1,8 +1,11 @@
 """`blynk-gateway routes test|suggest`: check a mapping before any reading depends on it.
 
 `test` runs one message through the same `RouteTable` and age rule the daemon uses, so what
-it prints is what the daemon would store. `suggest` listens to the broker for a while and
-prints `[devices]` and `[[routes]]` blocks for the publishers it recognises.
+it prints is what the daemon would store, and what its `sample` rule does to each reading
+(its window, or kept or suppressed against the last reading the buffer says was kept).
+`suggest` listens to the broker for a while and prints `[devices]` and `[[routes]]` blocks
+for the publishers it recognises, with a `sample` rule for a device that sends more than
+its daily quota.
 """
 
 from __future__ import annotations
@@ -47,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
 def _test(settings: Any, topic: str, payload: bytes, *, retained: bool, as_json: bool) -> int:
     from gateway.ingest.routes import RouteTable
 
-    table = RouteTable(settings.routes, settings.mqtt.max_payload_bytes, settings.devices)
+    table = RouteTable(
+        settings.routes,
+        settings.mqtt.max_payload_bytes,
+        settings.devices,
+        daily_points_limit=settings.cloud.daily_points_limit,
+    )
     now_ms = time.time_ns() // 1_000_000
     outcome = table.route(topic, payload, now_ms, retained=retained)
     cutoff_ms = settings.cloud.oldest_sendable_ms(now_ms)
@@ -66,6 +74,7 @@ def _test(settings: Any, topic: str, payload: bytes, *, retained: bool, as_json:
     ]
     notes = _notes(outcome)
     rejected = _rejected_reason(outcome, readings, refused, notes)
+    sampling = _sampling(settings, table, outcome.route, readings)
     if as_json:
         report = {
             "route": outcome.route.name if outcome.route else None,
@@ -76,7 +85,8 @@ def _test(settings: Any, topic: str, payload: bytes, *, retained: bool, as_json:
                     "ts": r.ts_ms,
                     "value": json.loads(r.value_json),
                 }
-                for r in readings
+                | ({"sampling": verdict} if verdict is not None else {})
+                for r, verdict in zip(readings, sampling, strict=True)
             ],
             "rejected": rejected,
             "refused": refused,
@@ -86,11 +96,13 @@ def _test(settings: Any, topic: str, payload: bytes, *, retained: bool, as_json:
     else:
         if outcome.route is not None:
             print(f"route: {outcome.route.name}")
-        for r in readings:
+        for r, verdict in zip(readings, sampling, strict=True):
             print(
                 f"device={r.device_id} datastream={r.datastream_id} ts={r.ts_ms} "
                 f"({_iso(r.ts_ms)}) value={r.value_json}"
             )
+            if verdict is not None:
+                print(f"  sample: {verdict['rule']}: {verdict['outcome']}: {verdict['detail']}")
         for item in refused:
             print(f"refused datastream={item['datastream_id']}: {item['code']}: {item['detail']}")
         for note in notes:
@@ -98,6 +110,68 @@ def _test(settings: Any, topic: str, payload: bytes, *, retained: bool, as_json:
         if not readings:
             print(f"no reading: {rejected}")
     return EXIT_OK if readings else EXIT_FAILURE
+
+
+def _sampling(
+    settings: Any, table: Any, route: Any, readings: list[Any]
+) -> list[dict[str, Any] | None]:
+    """What each reading's `sample` rule does with it; the buffer (if there is one) tells
+    the windows already sent and the last reading each deadband kept."""
+    import asyncio
+
+    from gateway.models import StreamKey
+    from gateway.sampling import DeadbandRule, deadband_verdict, format_duration_ms
+    from gateway.store.windows import NO_BOUND, SamplingState
+
+    rules = [
+        table.rule_for(route, r.device_id, r.datastream_id) if route is not None else None
+        for r in readings
+    ]
+    state = SamplingState(0)
+    path = settings.store.path
+    if any(rules) and path.exists():
+        state = asyncio.run(_buffer_sampling(path))
+    verdicts: list[dict[str, Any] | None] = []
+    last: dict[StreamKey, tuple[int, str]] = {}
+    for reading, rule in zip(readings, rules, strict=True):
+        if rule is None:
+            verdicts.append(None)
+            continue
+        key = StreamKey(reading.device_id, reading.datastream_id)
+        verdict: dict[str, Any] = {"rule": rule.describe()}
+        if isinstance(rule, DeadbandRule):
+            keep, why = deadband_verdict(
+                rule, last.get(key) or state.kept.get(key), reading.ts_ms, reading.value_json
+            )
+            if keep:
+                last[key] = (reading.ts_ms, reading.value_json)
+            outcome, detail = why.split(": ", 1)
+            verdicts.append(verdict | {"outcome": outcome, "detail": detail})
+            continue
+        start = rule.start_of(reading.ts_ms)
+        window = f"{_iso(start)} + {format_duration_ms(rule.window_ms)}"
+        verdict |= {"window_start": start, "window_end": start + rule.window_ms}
+        if reading.ts_ms < state.sent_until.get(key, NO_BOUND):
+            verdict |= {"outcome": "late", "detail": f"window {window} was already sent"}
+        else:
+            verdict |= {
+                "outcome": "windowed",
+                "detail": f"folded into the point of window {window}, stamped with its "
+                f"start, sent once the window is {format_duration_ms(rule.grace_ms)} past "
+                "its end without a reading for it",
+            }
+        verdicts.append(verdict)
+    return verdicts
+
+
+async def _buffer_sampling(path: Path) -> Any:
+    from gateway.store import Store
+
+    store = await Store.open(path)
+    try:
+        return store.sampling
+    finally:
+        await store.close()
 
 
 def _notes(outcome: Any) -> list[str]:
@@ -143,7 +217,7 @@ def _suggest(settings: Any, seconds: float, topic_filter: str) -> int:
     if not observed.messages:
         print(f"# nothing was published on {topic_filter!r} in {seconds:g} s", file=sys.stderr)
         return EXIT_FAILURE
-    print(suggest_config(observed))
+    print(suggest_config(observed, settings.cloud.daily_points_limit))
     return EXIT_OK
 
 
@@ -164,7 +238,9 @@ def _listen(settings: Any, seconds: float, topic_filter: str, observed: Any) -> 
             mqtt_settings.username, password.get_secret_value() if password else None
         )
     client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(topic_filter, qos=0)
-    client.on_message = lambda _c, _u, message: observed.add(message.topic, bytes(message.payload))
+    client.on_message = lambda _c, _u, message: observed.add(
+        message.topic, bytes(message.payload), retained=bool(message.retain)
+    )
     try:
         client.connect(mqtt_settings.host, mqtt_settings.port, keepalive=30)
     except OSError as exc:

@@ -39,6 +39,7 @@ from gateway.ops.forecast import drain_eta_s, forecast_device
 if TYPE_CHECKING:
     from gateway.config import Settings
     from gateway.models import StreamKey
+    from gateway.sampling import WindowRule
     from gateway.store import StreamHead
 
 T = TypeVar("T")
@@ -131,6 +132,7 @@ class BufferView:
     dead_letters: dict[str, int]
     drops: dict[int, tuple[int, int]]
     file_bytes: int
+    window_rules: dict[StreamKey, WindowRule]  # sampled streams' rules (store/windows.py)
 
 
 # Every key of the report, in order; those after `error` are null when unknown.
@@ -172,6 +174,7 @@ async def read_buffer(path: Path, day: str) -> BufferView:
             dead_letters=await store.dead_letter_counts(),
             drops=await store.capacity_drops(),
             file_bytes=store.file_bytes(),
+            window_rules=dict(store.sampling.rules),
         )
     except StoreCorrupt as exc:
         raise BufferUnavailable("buffer_damaged", str(exc)) from exc
@@ -252,11 +255,15 @@ async def collect(
             for device, (points, exhausted) in ledger.items()
         }
     heads, drops = view.heads, view.drops
+    window_rules = view.window_rules
 
     per_stream: dict[Any, int] = defaultdict(int)
     per_device_hist: dict[int, dict[Any, list[tuple[int, int]]]] = defaultdict(dict)
     for key, bucket, count in view.histogram:
         per_stream[key] += count
+        rule = window_rules.get(key)
+        if rule is not None:  # a windowed stream's readings go out as one point per window
+            count = min(count, -(-BUCKET_MS // rule.window_ms))
         per_device_hist[key.device_id].setdefault(key, []).append((bucket, count))
     rates = live["rates_per_s"] if live else {}
     max_age_ms = now_ms - cloud.oldest_sendable_ms(now_ms)
@@ -349,6 +356,7 @@ async def collect(
             "by_device_omitted": drops_omitted,
         },
         "ingest": _ingest(live),
+        "sampling": sampling_report(settings, rates, live.get("sampling", {}) if live else {}),
         "database": {
             "path": str(path),
             "file_bytes": view.file_bytes,
@@ -595,6 +603,7 @@ def render(report: dict[str, Any]) -> str:
         f"evictions   {_n(evictions['evicted'])} evicted (drop-oldest), "
         f"{_n(evictions['refused'])} refused (drop-newest), since the buffer was created"
     )
+    lines += render_sampling(report["sampling"])
     ingest = report["ingest"]
     if ingest is not None:
         unmapped = ingest["unmapped_devices"]
@@ -608,3 +617,107 @@ def render(report: dict[str, Any]) -> str:
         f"database    {database['path']}, {database['file_bytes'] / 1e6:.1f} MB with its WAL"
     )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sampling_report(
+    settings: Settings, rates: dict[str, float], observed: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Per device: points per day arriving and leaving (observed over the last minutes),
+    the quota, whether it fits, and the `sample` rule in force per datastream: as the
+    daemon saw its readings meet it (`observed`, "device/datastream" -> rule), else as the
+    configuration says (the first route that can send the device that datastream)."""
+    from gateway.ingest.routes import RouteTable
+    from gateway.ops.observe import describe_rule, device_rates
+
+    table = RouteTable(
+        settings.routes,
+        settings.mqtt.max_payload_bytes,
+        devices=settings.devices,
+        daily_points_limit=settings.cloud.daily_points_limit,
+    )
+    plan = table.sampling
+    arriving = device_rates(rates, "arriving_device_")
+    sending = device_rates(rates, "sending_device_")
+    limit = settings.cloud.daily_points_limit
+    devices = []
+    seen: dict[int, dict[int, dict[str, Any]]] = {}
+    for name, rule in observed.items():
+        device, _, datastream = name.partition("/")
+        seen.setdefault(int(device), {})[int(datastream)] = rule | {"source": "observed"}
+    for device_id in sorted(set(plan.devices()) | set(arriving) | set(seen)):
+        streams = plan.device(device_id)
+        rules = {
+            datastream_id: describe_rule(rule, datastream_id in streams.fitted)
+            | {"source": "configured"}
+            for datastream_id, rule in streams.rules.items()
+        } | seen.get(device_id, {})
+        per_day = _per_day(sending.get(device_id))
+        planned = _planned_per_day(list(rules.values()))
+        sent = per_day if per_day is not None else planned
+        devices.append(
+            {
+                "device_id": device_id,
+                "arriving_per_day": _per_day(arriving.get(device_id)),
+                "points_per_day": per_day,
+                "planned_points_per_day": planned,
+                "quota": limit,
+                "fits": None if sent is None else sent <= limit,
+                "sampled": any(rule["rule"] != "raw" for rule in rules.values()),
+                "streams": [
+                    {"datastream_id": datastream_id} | rule
+                    for datastream_id, rule in sorted(rules.items())
+                ],
+            }
+        )
+    return {"limit_per_device": limit, "devices": devices}
+
+
+def _per_day(rate_per_s: float | None) -> float | None:
+    return None if rate_per_s is None else round(rate_per_s * 86_400, 1)
+
+
+def _planned_per_day(rules: list[dict[str, Any]]) -> int | None:
+    """Points a day if every datastream is windowed (at most one per window); else None."""
+    windows = [float(rule["window_s"]) for rule in rules if "window_s" in rule]
+    if not windows or len(windows) != len(rules):
+        return None
+    return sum(round(86_400 / window_s) for window_s in windows)
+
+
+def render_sampling(sampling: dict[str, Any]) -> list[str]:
+    """One row per device, then its datastreams' rules: those its readings met, when the
+    daemon saw some, else those the configuration gives it."""
+    devices = sampling["devices"]
+    if not devices:
+        return []
+    lines = [f"sampling    quota {_n(sampling['limit_per_device'])} points per device per day"]
+    rows = [["device", "arriving/day", "sent/day", "fits"]]
+    details: list[list[str]] = [[]]
+    for device in devices:
+        sent = device["points_per_day"]
+        if sent is None and device["planned_points_per_day"] is not None:
+            sent_text = f"<= {_n(device['planned_points_per_day'])}"
+        else:
+            sent_text = _n(None if sent is None else round(sent))
+        arriving = device["arriving_per_day"]
+        fits = {True: "yes", False: "NO", None: "-"}[device["fits"]]
+        if device["fits"] is False and not device["sampled"]:
+            fits += ": no sample rule (see `routes suggest`)"
+        rows.append(
+            [
+                str(device["device_id"]),
+                _n(None if arriving is None else round(arriving)),
+                sent_text,
+                fits,
+            ]
+        )
+        streams = device["streams"]
+        if any(stream["source"] == "observed" for stream in streams):
+            streams = [stream for stream in streams if stream["source"] == "observed"]
+        details.append([f"        datastream {s['datastream_id']}: {s['rule']}" for s in streams])
+    for line, extra in zip(_table(rows), details, strict=True):
+        lines += [line, *extra]
+    return lines

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from gateway.ingest.routes import Outcome, RouteTable
+from gateway.ingest.routes import CompiledRoute, Outcome, RouteTable
 from gateway.ingest.routes.table import MAX_NAME_BYTES, describe_exception
 from gateway.ingest.stats import MAX_UNMAPPED_NAMES, IngestStats
 from gateway.log import Throttle, get_logger
@@ -96,6 +96,9 @@ class Admission:
         self._oldest_sendable_ms = oldest_sendable_ms
         self._clock_ms = clock_ms
         self.refusals = refusals or RefusalLog()
+        # Told of every message's readings with the route that made them (ingest/sampler.py).
+        self.noted: Callable[[RouteTable, CompiledRoute | None, list[Reading], int], None] | None
+        self.noted = None
 
     def admit(
         self, topic: str, payload: bytes, retained: bool
@@ -182,7 +185,12 @@ class Admission:
             )
         if not outcome.readings:
             return outcome.readings, dead
-        return self._unexpired(outcome.readings, dead, topic, kept_payload, route_name, now_ms)
+        readings, dead = self._unexpired(
+            outcome.readings, dead, topic, kept_payload, route_name, now_ms
+        )
+        if self.noted is not None:
+            self.noted(self.routes, outcome.route, readings, now_ms)
+        return readings, dead
 
     def _unexpired(
         self,

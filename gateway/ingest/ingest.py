@@ -27,9 +27,11 @@ from gateway.ingest.mqtt_loop import MqttConnection
 from gateway.ingest.redelivery import RedeliveryFilter
 from gateway.ingest.routes import RouteTable
 from gateway.ingest.routes.table import describe_exception
+from gateway.ingest.sampler import Sampler, kept_of
 from gateway.ingest.stats import IngestStats
 from gateway.log import get_logger
-from gateway.models import Reading
+from gateway.models import Reading, StreamKey
+from gateway.sampling import Rule
 from gateway.store import AppendResult, RejectedPayload, Store
 from gateway.store.bindable import reading_problem, storable_rejected
 
@@ -74,6 +76,9 @@ class _Message:
     dup: bool
     readings: Sequence[Reading] = ()
     rejected: Sequence[RejectedPayload] = ()
+    # sampling applied (ingest/sampler.py), and the deadband memory its readings leave
+    sampled: bool = False
+    kept: dict[StreamKey, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -128,6 +133,8 @@ class MqttIngest:
             oldest_sendable_ms=oldest_sendable_ms,
             clock_ms=clock_ms or (lambda: time.time_ns() // 1_000_000),
         )
+        self._sampler = Sampler(store, self.stats, self._admission.refusals)
+        self._admission.noted = self._sampler.note
         self._redelivery = RedeliveryFilter()
         self._mqtt = MqttConnection(
             settings,
@@ -171,7 +178,12 @@ class MqttIngest:
         they became; subscriptions change on the same session. Returns (added, removed)."""
         routes.keep_receive_stamps(self._admission.routes)
         self._admission.routes = routes
+        self.stats.sampled_devices.clear()  # which devices are sampled: seen anew
         return self._mqtt.set_subscriptions(routes.subscriptions)
+
+    def sampling_in_force(self) -> dict[StreamKey, tuple[Rule, bool]]:
+        """Each sampled stream's rule as its readings meet it, and whether `fit` chose it."""
+        return self._sampler.in_force()
 
     @property
     def held_messages(self) -> int:
@@ -246,6 +258,7 @@ class MqttIngest:
                 continue
             self._committing = len(group)
             try:
+                self._sampler.thin(group.messages)
                 if self._pass_through_wait_s and not self.holding:
                     await self._pass_through(group)
                 result = await self._append(group.messages)
@@ -271,13 +284,16 @@ class MqttIngest:
         """Offer the group's readings for upload before writing them (store/staging.py);
         what the cloud accepted leaves the group, so it is acknowledged without a write.
 
-        Only while nothing is buffered: a reading must never overtake an older one of its
-        stream that waits in the buffer.
+        Only while nothing is buffered (but windows' raw readings): a reading must never
+        overtake an older one of its stream that waits in the buffer. A windowed stream's
+        readings are always written: its windows are made from the buffer.
         """
         staging = self._store.staging
-        if self._store.pending_points or not staging.open:
+        if not staging.open or not self._store.only_windows_buffered():
             return
-        staged = staging.offer(group.readings)
+        readings = group.readings
+        offered = [r for r in readings if not self._sampler.stored_only(r)]
+        staged = staging.offer(offered)
         if staged is None:
             return
         try:
@@ -290,14 +306,14 @@ class MqttIngest:
         if not passed:
             return
         self.stats.passed_through += passed
-        if passed == len(staged.delivered):  # the usual case: the cloud took them all
+        if passed == len(readings):  # the usual case: the cloud took them all
             for message in group.messages:
                 message.readings = []
             return
-        flags = iter(staged.delivered)
+        delivered = {id(r) for r, done in zip(offered, staged.delivered, strict=True) if done}
         for message in group.messages:
             if message.readings:
-                message.readings = [r for r in message.readings if not next(flags)]
+                message.readings = [r for r in message.readings if id(r) not in delivered]
 
     async def _next_group(self) -> _PendingGroup | None:
         """The group to commit now, once it is full or old enough; None if there is none."""
@@ -337,10 +353,11 @@ class MqttIngest:
         the offending readings are dead-lettered and the rest committed.
         """
         readings, rejected = _contents(messages)
-        if not readings and not rejected:
-            return AppendResult(inserted=0, duplicates=0)  # all passed through
+        kept = kept_of(messages)
+        if not readings and not rejected and not kept:
+            return AppendResult(inserted=0, duplicates=0)  # all passed through or suppressed
         try:
-            return await self._store.append(readings, rejected)
+            return await self._store.append(readings, rejected, kept)
         except StoreError:
             raise
         except Exception as exc:  # not the disk: see _isolate
@@ -369,11 +386,13 @@ class MqttIngest:
 
     async def _append_now(self, messages: list[_Message]) -> AppendResult:
         readings, rejected = _contents(messages)
-        if not readings and not rejected:
+        kept = kept_of(messages)
+        if not readings and not rejected and not kept:
             return AppendResult(inserted=0, duplicates=0)
-        result = await self._store.append(readings, rejected)
+        result = await self._store.append(readings, rejected, kept)
         for message in messages:  # committed: a held retry must not write them again
             message.readings = message.rejected = ()
+            message.kept = {}
         return result
 
     def _set_aside_unstorable(self, message: _Message, exc: Exception) -> None:
@@ -468,6 +487,7 @@ class MqttIngest:
         stats.duplicates += result.duplicates
         stats.evicted += result.evicted
         stats.refused += result.refused
+        stats.late += result.late
         self._acknowledge(group)
         self._resume_if_room()
 

@@ -43,3 +43,14 @@ class IngestStats:
     deferred: int = 0
     # uncommitted messages of an earlier connection, left out because the broker resends them
     resent_dropped: int = 0
+    # sampling (issue 19, ingest/sampler.py): readings a deadband suppressed (acknowledged,
+    # neither stored nor dead-lettered) and readings for windows already sent (dead-lettered
+    # as late_for_window, here and by the store)
+    suppressed: int = 0
+    late: int = 0
+    # per device (at most ingest/sampler.MAX_COUNTED_DEVICES): readings admitted, and the
+    # points they will become after sampling (a window counts once); status rates them
+    arriving_by_device: Counter[int] = field(default_factory=Counter)
+    sending_by_device: Counter[int] = field(default_factory=Counter)
+    # devices with a reading a `sample` rule applied to (since start or the last reload)
+    sampled_devices: set[int] = field(default_factory=set)

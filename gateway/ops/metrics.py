@@ -92,7 +92,8 @@ def families(snapshot: Snapshot) -> list[Metric]:
         CounterMetricFamily(
             f"{PREFIX}_readings",
             "Readings since start, by outcome (received, stored, duplicate, rejected, expired, "
-            "evicted, refused, delivered, dead_lettered).",
+            "evicted, refused, delivered, dead_lettered; sampling: suppressed by a deadband, "
+            "aggregated into window points sent, late for a window already sent).",
             labels=["outcome"],
         ),
         sorted(live.readings.items()),

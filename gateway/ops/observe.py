@@ -37,6 +37,8 @@ from gateway.errors import (
 )
 from gateway.log import clip_keys
 from gateway.models import Batch
+from gateway.ops.overflow import OverflowWatch
+from gateway.sampling import DeadbandRule, Rule, WindowRule
 from gateway.store.inspection import StreamHead
 from gateway.uplink.quota import DailyQuota
 
@@ -78,6 +80,44 @@ def upload_outcome(error: BaseException | None) -> str:
         if isinstance(error, kind):
             return name
     return "no_answer"
+
+
+def device_rates(rates: dict[str, float], prefix: str) -> dict[int, float]:
+    """Per device, the rates of the counters named `<prefix><device id>`."""
+    return {
+        int(name.removeprefix(prefix)): rate
+        for name, rate in rates.items()
+        if name.startswith(prefix) and name.removeprefix(prefix).isdigit()
+    }
+
+
+def sampling_in_force(ingest: MqttIngest | None) -> dict[str, dict[str, Any]]:
+    """The rules streams meet, as plain data (`describe_rule`), keyed "device/datastream"."""
+    if ingest is None:
+        return {}
+    return {
+        str(key): describe_rule(rule, fitted)
+        for key, (rule, fitted) in ingest.sampling_in_force().items()
+    }
+
+
+def describe_rule(rule: Rule | None, fitted: bool) -> dict[str, Any]:
+    """A `sample` rule as `status` shows it (and `--json` prints it)."""
+    entry: dict[str, Any] = {"rule": "raw", "fit": fitted}
+    if isinstance(rule, WindowRule):
+        entry |= {
+            "rule": rule.describe() + (" (fit)" if fitted else ""),
+            "window_s": rule.window_ms / 1000,
+            "aggregate": rule.aggregate,
+            "grace_s": rule.grace_ms / 1000,
+        }
+    elif isinstance(rule, DeadbandRule):
+        entry |= {
+            "rule": rule.describe(),
+            "deadband": rule.deadband,
+            "heartbeat_s": None if rule.heartbeat_ms is None else rule.heartbeat_ms / 1000,
+        }
+    return entry
 
 
 def wall_ms() -> int:
@@ -155,6 +195,12 @@ class RateMeter:
     def sample(self, counters: dict[str, int], now: float | None = None) -> None:
         self._samples.append((time.monotonic() if now is None else now, dict(counters)))
 
+    def span_s(self) -> float:
+        """How long the rates are measured over (0 before two samples)."""
+        if len(self._samples) < 2:
+            return 0.0
+        return self._samples[-1][0] - self._samples[0][0]
+
     def rates(self) -> dict[str, float]:
         """Per second, for every counter in the newest sample (absent before: it was 0)."""
         if len(self._samples) < 2:
@@ -190,7 +236,8 @@ class LiveState:
     disk_full: bool
     holding_acks: bool
     # since start: received, stored, duplicate, rejected, expired, evicted, refused,
-    # delivered, dead_lettered (the outcomes of readings_total)
+    # delivered, dead_lettered, and sampling's suppressed, late, aggregated (the outcomes
+    # of readings_total)
     readings: dict[str, int]
     rejected_by_reason: dict[str, int]
     uploads: dict[str, int]
@@ -202,6 +249,9 @@ class LiveState:
     # (str keys: this travels as JSON); the ledger on disk counts them already
     quota_reserved_today: dict[str, int]
     rates_per_s: dict[str, float]
+    # "device/datastream" -> the `sample` rule its readings meet (gateway/sampling.py), with
+    # whether `fit` chose the window: what `status` shows as in force
+    sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,6 +303,7 @@ class Observer:
         self.started_at_ms = clock_ms()
         self.uploads = UploadLog(clock_ms)
         self.rates = RateMeter()
+        self.overflow = OverflowWatch()
 
     def counters(self) -> dict[str, int]:
         """The readings counters since start (the `outcome` label of readings_total)."""
@@ -268,17 +319,46 @@ class Observer:
                 "evicted": stats.evicted,
                 "refused": stats.refused,
                 "expired": stats.expired,  # too old on arrival
+                # sampling (issue 19): dropped by a deadband, refused for a window sent
+                "suppressed": stats.suppressed,
+                "late": stats.late,
             }
         if flush is not None:
             counts["delivered"] = flush.stats.delivered
             counts["dead_lettered"] = flush.stats.dead_lettered
             counts["expired"] = counts.get("expired", 0) + flush.stats.expired
+        store = self._gateway.store
+        if store is not None:  # readings folded into window points the cloud took
+            counts["aggregated"] = store.sampling.aggregated
+            counts["late"] = counts.get("late", 0) + store.sampling.late
         return counts
 
-    def sample_rates(self) -> None:
+    def sample_rates(self, now: float | None = None) -> None:
         counts = self.counters()
         counts |= {f"delivered_device_{d}": n for d, n in self.uploads.delivered_by_device.items()}
-        self.rates.sample(counts)
+        ingest = self._gateway.ingest
+        if ingest is not None:  # per device: readings arriving, points they will become
+            counts |= {
+                f"arriving_device_{d}": n for d, n in ingest.stats.arriving_by_device.items()
+            }
+            counts |= {f"sending_device_{d}": n for d, n in ingest.stats.sending_by_device.items()}
+        self.rates.sample(counts, now)
+        self._forecast_overflow()
+
+    def _forecast_overflow(self) -> None:
+        """`quota_overflow_forecast` for devices without a `sample` rule (ops/overflow.py)."""
+        gateway = self._gateway
+        if gateway.ingest is None:
+            return
+        cloud = gateway.settings.cloud
+        day = DailyQuota(cloud.daily_points_limit, cloud.day_timezone).day_of(self._clock_ms())
+        self.overflow.check(
+            device_rates(self.rates.rates(), "arriving_device_"),
+            observed_s=self.rates.span_s(),
+            plan=gateway.ingest.routes.sampling,
+            sampled=gateway.ingest.stats.sampled_devices,
+            day=day,
+        )
 
     async def sample_forever(self) -> None:
         """The rate sampler (a named task of the daemon): memory only, never the disk."""
@@ -320,6 +400,7 @@ class Observer:
             unmapped_devices_total=len(unmapped),
             quota_reserved_today=self._reserved_today(),
             rates_per_s=self.rates.rates(),
+            sampling=sampling_in_force(ingest),
         )
 
     def _reserved_today(self) -> dict[str, int]:

@@ -96,7 +96,13 @@ async def reload_config(gateway: Reconfigurable, path: Path) -> bool:
     )
     applied = new.model_copy(update={**kept, "cloud": cloud_settings})
     scrubber.register(*applied.secret_values())
-    routes = RouteTable(applied.routes, applied.mqtt.max_payload_bytes, devices=applied.devices)
+    # A new route table re-plans `sample = "fit"` for the new routes and daily limit.
+    routes = RouteTable(
+        applied.routes,
+        applied.mqtt.max_payload_bytes,
+        devices=applied.devices,
+        daily_points_limit=applied.cloud.daily_points_limit,
+    )
     subscribed, unsubscribed = gateway.replace_routes(routes)
     gateway.reconfigure_uplink(applied.cloud, applied.flush)
     gateway.settings_applied(applied)

@@ -33,18 +33,18 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import aiosqlite
 
-from gateway.aio import Notifier
+from gateway.aio import Notifier, uncancelled
 from gateway.errors import DiskFull, StoreCorrupt, StoreError, UnstorableValue
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
-from gateway.store import deadletters, files, ledger, recovery, schema, streams
+from gateway.store import deadletters, files, ledger, recovery, schema, streams, windows
 from gateway.store.bindable import BINDING_ERRORS
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
@@ -62,6 +62,7 @@ from gateway.store.schema import DEFAULT_PAGE_SIZE
 from gateway.store.sql import changes_many, fetch_one, used_bytes
 from gateway.store.staging import Staging
 from gateway.store.streams import AcceptedStreams, StreamState
+from gateway.store.windows import SamplingState, WindowOps, WindowsDone
 
 log = get_logger("store")
 
@@ -84,6 +85,7 @@ class AppendResult:
     refused: int = 0
     evicted_by_device: Mapping[int, int] = field(default_factory=dict)
     refused_by_device: Mapping[int, int] = field(default_factory=dict)
+    late: int = 0  # for windows already closed: dead-lettered (windows.py)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class Lease:
     expired: int
 
 
-class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
+class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
     """Async facade over one SQLite connection; every operation is one transaction."""
 
     def __init__(
@@ -134,6 +136,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         # Pass-through: readings offered for upload before any write (see staging.py).
         self.staging = Staging()
         self._reservations = QuotaReservations()
+        self.sampling = SamplingState(started_ms=clock_ms())  # windows.py
         self._disk = DiskGuard(path, capacity.disk_reserve_bytes, owner=owner)
         self._partial_acks = PartialAcks()
         self._clean_record = False
@@ -236,6 +239,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
             (count,) = await fetch_one(db, "SELECT count(*) FROM readings")
             self.pending_points = int(count)
         await recovery.probe(db, self._stream_keys)
+        await windows.load(db, self._stream_keys, self.sampling)
         (self._data_version,) = await fetch_one(db, "PRAGMA data_version")
         self.used_bytes = await used_bytes(db, self.page_size)
         await self._disk.connected(db, self.page_size)
@@ -315,7 +319,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
                             await self._db.execute("DELETE FROM meta WHERE key = 'pending_points'")
                         result, on_commit = await work()
                         await self._disk.check_commit(self._db, self.page_size)
-                        await _uncancelled(self._commit(on_commit))
+                        await uncancelled(self._commit(on_commit))
                     except BaseException:
                         # Even if the connection is not in a transaction yet: a cancelled
                         # BEGIN may still be queued on its thread, and must not stay open.
@@ -340,7 +344,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _commit(self, on_commit: Callable[[], None] | None) -> None:
-        """COMMIT, then mirror it in memory: one step (`_uncancelled`), never half of it."""
+        """COMMIT, then mirror it in memory: one step (`aio.uncancelled`), never half of it."""
         await self._db.execute("COMMIT")
         self._clean_record = False
         if on_commit is not None:
@@ -379,7 +383,10 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         return self._policy.limit()
 
     async def append(
-        self, readings: Sequence[Reading], rejected: Sequence[RejectedPayload] = ()
+        self,
+        readings: Sequence[Reading],
+        rejected: Sequence[RejectedPayload] = (),
+        kept: Mapping[StreamKey, tuple[int, str]] | None = None,
     ) -> AppendResult:
         """Commit a group of readings (and bad payloads) in one transaction: one fsync.
 
@@ -389,6 +396,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         nothing was stored and the caller must not acknowledge. Raises `UnstorableValue`
         when a value cannot be bound (an id beyond 64 bits): nothing was stored either, and
         retrying the same rows would fail the same way (see `bindable.py`).
+        `kept`: each deadband stream's last kept reading. Readings for closed windows are
+        dead-lettered as late here, under the lock: none joins a window being sent.
         """
         self._policy.check_room(self.pending_points, len(readings))
         if self.disk_full:
@@ -411,12 +420,25 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         async def insert() -> tuple[AppendResult, Callable[[], None]]:
             rows: list[Row] = []
             new_streams: dict[StreamKey, int] = {}
-            for reading in readings:
-                key = StreamKey(reading.device_id, reading.datastream_id)
+
+            async def stream_id_of(key: StreamKey) -> int:
                 stream_id = self._stream_ids.get(key) or new_streams.get(key)
                 if stream_id is None:
                     stream_id = new_streams[key] = await streams.create(self._db, key)
+                return stream_id
+
+            stored, late = self.sampling.split_late(readings)
+            touched: set[StreamKey] = set()
+            for reading in stored:
+                key = StreamKey(reading.device_id, reading.datastream_id)
+                touched.add(key)
+                stream_id = self._stream_ids.get(key) or new_streams.get(key)
+                if stream_id is None:
+                    stream_id = await stream_id_of(key)
                 rows.append((stream_id, reading.ts_ms, reading.value_json))
+            if late:
+                await windows.add_late(self._db, self._clock_ms(), late, self.sampling)
+            sampled = await self._write_sampling(touched, kept or {}, stream_id_of)
             inserted, duplicates, refused = await self._policy.insert(
                 self._db, rows, self.pending_points
             )
@@ -439,12 +461,14 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
                 refused=len(refused),
                 evicted_by_device=drops.evicted,
                 refused_by_device=drops.refused,
+                late=len(late),
             )
 
             def on_commit() -> None:
                 for key, stream_id in new_streams.items():
                     self._stream_ids[key] = stream_id
                     self._stream_keys[stream_id] = key
+                sampled()
                 self.pending_points += inserted - result.evicted
                 self.used_bytes = drops.used_bytes
                 self._policy.committed(drops, buffered=self.pending_points)
@@ -467,7 +491,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
 
         async def read() -> list[StreamState]:
             await self._adopt_external_commits()
-            return await streams.with_readings(self._db)
+            found = await streams.with_readings(self._db)
+            self.sampling.buffered = {state.key for state in found}
+            return found
 
         return await self._read(read)
 
@@ -510,6 +536,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         """
         if limit <= 0 or stream not in self._stream_ids:
             return Lease(Batch(stream, ()), 0)
+        if self.windowed(stream):  # one point per closed window; always oldest first
+            return Lease(*await self._lease_windows(stream, limit, expire_before_ms))
         direction = "DESC" if newest_first else "ASC"
 
         async def select(stream_id: int) -> list[Any]:
@@ -572,8 +600,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
     ) -> Callable[[], Awaitable[tuple[int, Callable[[], None]]]]:
         async def work() -> tuple[int, Callable[[], None]]:
             deleted = 0
+            done = WindowsDone()
             for batch, day in delivered:
-                deleted += await self._delete_points(batch)
+                deleted += await self._delete_points(batch, done)
                 await ledger.count_delivered(
                     self._db, batch.stream.device_id, day, len(batch.points)
                 )
@@ -582,7 +611,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
                 await ledger.prune_days(self._db)
 
             def on_commit() -> None:
-                self._rows_left(deleted)
+                self._batch_gone(deleted, done)
                 self._ledger_day = newest_day
 
             return deleted, on_commit
@@ -594,14 +623,29 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         if count:
             self.space_freed.notify()
 
-    async def _delete_points(self, batch: Batch) -> int:
+    def _batch_gone(self, rows: int, done: WindowsDone) -> None:
+        self._rows_left(rows)
+        self._windows_committed(done)
+
+    async def _delete_points(
+        self, batch: Batch, done: WindowsDone, reason: str | None = None, detail: str | None = None
+    ) -> int:
+        """Inside a transaction: the rows behind a batch leave the buffer, delivered or (with
+        a `reason`) dead-lettered; a window batch's are its windows' raw rows (windows.py)."""
+        if batch.window_ms:
+            return await self._window_rows_gone(batch, done, reason, detail)
+        points = [(point.ts_ms, point.value_json) for point in batch.points]
+        if reason is not None:
+            await deadletters.add_points(
+                self._db, self._clock_ms(), batch.stream, points, reason, detail
+            )
         stream_id = self._stream_ids.get(batch.stream)
         if stream_id is None:
             return 0
         return await changes_many(
             self._db,
             "DELETE FROM readings WHERE stream_id = ? AND ts_ms = ? AND value = ?",
-            [(stream_id, point.ts_ms, point.value_json) for point in batch.points],
+            [(stream_id, ts_ms, value) for ts_ms, value in points],
         )
 
     async def dead_letter(self, batch: Batch, reason: str, detail: str | None = None) -> None:
@@ -609,14 +653,12 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
 
         `reason` is a stable code (`expired`, `rejected`); `detail` says what was wrong.
         """
-        now_ms = self._clock_ms()
 
         async def work() -> tuple[int, Callable[[], None]]:
-            points = [(point.ts_ms, point.value_json) for point in batch.points]
-            await deadletters.add_points(self._db, now_ms, batch.stream, points, reason, detail)
-            deleted = await self._delete_points(batch)
+            done = WindowsDone()
+            deleted = await self._delete_points(batch, done, reason, detail)
             await self._prune_dead_letters()
-            return deleted, lambda: self._rows_left(deleted)
+            return deleted, lambda: self._batch_gone(deleted, done)
 
         await self._in_transaction(work)
 
@@ -696,7 +738,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         Runs to its end even if the caller is cancelled meanwhile (shutdown cancels the
         background `verify`): stopped half-way, the store would have no open connection.
         """
-        await _uncancelled(self._swap_for_salvaged(error))
+        await uncancelled(self._swap_for_salvaged(error))
 
     async def _swap_for_salvaged(self, error: str) -> None:
         with contextlib.suppress(sqlite3.Error, ValueError):
@@ -709,23 +751,3 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         self.recovery = report
         report.emit(buffered=self.pending_points)
         self.space_freed.notify()
-
-
-async def _uncancelled(work: Coroutine[Any, Any, T]) -> T:
-    """Run `work` to its end even if the caller is cancelled meanwhile, then re-raise that.
-
-    Like `asyncio.shield`, but the caller also waits for the work before it goes: the store
-    lock stays held, so nothing sees the state half-way.
-    """
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if not task.cancelled():
-            task.exception()  # the caller is going away; a failure is its to drop
-        raise asyncio.CancelledError
-    return task.result()

@@ -490,7 +490,7 @@ class PartialAcks:
                 continue
             if not any(start <= low and high <= end for low, high in done):
                 try:
-                    await ack(Batch(batch.stream, batch.points[start:end]), day)
+                    await ack(batch.with_points(batch.points[start:end]), day)
                     done.append((start, end))
                     continue
                 except DiskFull:

@@ -454,12 +454,13 @@ def _decode_record(payload: bytes) -> list[Any]:
 
 
 def raw_streams(pages: RawPages) -> dict[int, tuple[int, int]]:
-    """stream id -> (device, datastream) from table-leaf cells shaped like `streams` rows."""
+    """stream id -> (device, datastream) from table-leaf cells shaped like `streams` rows
+    (five columns; ten once written by schema v5, whose sampling columns are not kept)."""
     found: dict[int, tuple[int, int]] = {}
     for _, rowid, columns in pages.records({0x0D}):
         if (
             rowid is not None
-            and len(columns) == 5
+            and (len(columns) == 5 or (len(columns) == 10 and _sampling_columns(columns[5:])))
             and columns[0] is None
             and isinstance(columns[1], int)
             and isinstance(columns[2], int)
@@ -470,6 +471,14 @@ def raw_streams(pages: RawPages) -> dict[int, tuple[int, int]]:
         ):
             found[rowid] = (columns[1], columns[2])
     return found
+
+
+def _sampling_columns(columns: list[Any]) -> bool:
+    """window_ms, aggregate, grace_ms, whole, sent_until_ms: integers and text, or NULL."""
+    kinds = (int, str, int, int, int)
+    return all(
+        value is None or isinstance(value, kind) for value, kind in zip(columns, kinds, strict=True)
+    )
 
 
 def raw_readings(pages: RawPages, only: set[int] | None = None) -> Iterator[tuple[int, int, str]]:

@@ -327,21 +327,27 @@ def _salvage_rows(
         has_rowid_layout = "id" in columns
         fresh.execute("BEGIN IMMEDIATE")
         stream_ids: set[int] = set()
+        # Schema v5 (sampling): each stream's window rule and the end of its windows sent.
+        kept = "id, device_id, datastream_id, parked_reason, parked_until_ms"
+        if _has_column(source, "streams", "sent_until_ms"):
+            kept += ", window_ms, aggregate, grace_ms, whole, sent_until_ms"
         for row in _scan_by_id(
-            source,
-            "SELECT id, device_id, datastream_id, parked_reason, parked_until_ms FROM streams "
-            "WHERE id > ? ORDER BY id",
-            counts,
+            source, f"SELECT {kept} FROM streams WHERE id > ? ORDER BY id", counts
         ):
             if isinstance(row[0], int) and isinstance(row[1], int) and isinstance(row[2], int):
                 with contextlib.suppress(sqlite3.IntegrityError):
                     fresh.execute(
-                        "INSERT INTO streams (id, device_id, datastream_id, parked_reason, "
-                        "parked_until_ms) VALUES (?, ?, ?, ?, ?)",
+                        f"INSERT INTO streams ({kept}) VALUES ({', '.join('?' * len(row))})",
                         row,
                     )
                     stream_ids.add(row[0])
                     counts.streams += 1
+        if _has_column(source, "deadband", "value"):
+            with contextlib.suppress(sqlite3.Error):
+                fresh.executemany(
+                    "INSERT OR IGNORE INTO deadband (stream_id, ts_ms, value) VALUES (?, ?, ?)",
+                    source.execute("SELECT stream_id, ts_ms, value FROM deadband").fetchall(),
+                )
         if has_rowid_layout:
             reading_sql = (
                 "SELECT id, stream_id, ts_ms, value FROM readings WHERE id > ? ORDER BY id"

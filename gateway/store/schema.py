@@ -17,7 +17,7 @@ from gateway.store.progress import LongWorkObserver, WorkProgress
 
 log = get_logger("store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # New files only (SQLite fixes the page size when the file is created). A commit writes
 # every page it touches to the WAL, and small commits touch a few pages each: 1 KiB pages
@@ -115,6 +115,22 @@ _MIGRATIONS: dict[int, str] = {
             SELECT device_id, datastream_id FROM streams
             WHERE device_id IN (SELECT device_id FROM quota_days WHERE points > 0)
             AND (parked_reason IS NULL OR parked_reason NOT LIKE '%not_found%');
+    """,
+    # Version 5 (issue 19, sampling): a windowed stream's rule, so the flush loop cuts a
+    # backlog buffered before a restart as it was meant (written only when the rule
+    # changes), and the end of the last window sent (a reading before it is late); the
+    # last reading each deadband stream kept, so a restart does not forget it.
+    5: """
+        ALTER TABLE streams ADD COLUMN window_ms INTEGER;
+        ALTER TABLE streams ADD COLUMN aggregate TEXT;
+        ALTER TABLE streams ADD COLUMN grace_ms INTEGER;
+        ALTER TABLE streams ADD COLUMN whole INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE streams ADD COLUMN sent_until_ms INTEGER;
+        CREATE TABLE deadband (
+            stream_id INTEGER PRIMARY KEY,
+            ts_ms INTEGER NOT NULL,
+            value TEXT NOT NULL
+        );
     """,
 }
 

@@ -5,7 +5,8 @@ leases batches from the store and sends them under the quota (`quota`) and age r
 `stream_order` serves streams the cloud has accepted before first and tries new ones at
 a bounded rate; `passthrough` offers fresh readings for upload before they are written;
 `link` keeps the cloud's online/offline state, backoff and reachability probe; `netwatch`
-wakes it when the host's network changes. It meets ingest only in `store` and imports nothing from `ops`.
+wakes it when the host's network changes. It meets ingest only in `store` and imports
+nothing from `ops`.
 """
 
 from __future__ import annotations

@@ -279,7 +279,7 @@ class FlushLoop:
         return (
             self._settings.pass_through
             and self.uplink.online
-            and self._store.pending_points == 0
+            and self._store.only_windows_buffered()  # sampling: windows wait in the buffer
             and not self._unacked
             and not self._stop.is_set()
         )
@@ -544,10 +544,10 @@ class FlushLoop:
         if not expired:
             return batch
         await self._store.dead_letter(
-            Batch(batch.stream, expired), "expired", f"older than the cutoff {cutoff_ms}"
+            batch.with_points(expired), "expired", f"older than the cutoff {cutoff_ms}"
         )
         self._count_expired(len(expired))
-        return Batch(batch.stream, tuple(p for p in batch.points if p.ts_ms >= cutoff_ms))
+        return batch.with_points(tuple(p for p in batch.points if p.ts_ms >= cutoff_ms))
 
     def _count_expired(self, count: int) -> None:
         self._pass_expired += count
@@ -567,7 +567,7 @@ class FlushLoop:
             too_old = tuple(p for p in batch.points if p.ts_ms < cutoff_ms)
             if too_old:
                 await self._store.dead_letter(
-                    Batch(batch.stream, too_old),
+                    batch.with_points(too_old),
                     "expired",
                     f"refused for age by the cloud (its Date: {exc.cloud_date}): {exc.message}",
                 )
@@ -575,7 +575,7 @@ class FlushLoop:
                 rest = tuple(p for p in batch.points if p.ts_ms >= cutoff_ms)
                 if not rest:
                     return PassOutcome.SENT
-                return await self._deliver(Batch(batch.stream, rest))
+                return await self._deliver(batch.with_points(rest))
         await self._park(batch.stream, f"refused_for_age: {exc.message}")
         return PassOutcome.IDLE
 

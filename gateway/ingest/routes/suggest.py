@@ -3,17 +3,24 @@
 Recognises the topic shapes of zigbee2mqtt, Tasmota, ESPHome and Shelly Gen1/Gen2, then
 falls back to one route per topic for anything else that carries numbers. The output is a
 starting point, valid TOML that `check-config` accepts: device ids are 0 and datastream ids
-are placeholders numbered from 1, each marked for the operator to replace.
+are placeholders numbered from 1, each marked for the operator to replace. A route whose
+devices were seen sending more points than the daily quota allows gets `sample = "fit"`
+(gateway/sampling.py), with the rate that was observed.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.sampling import DEFAULT_DAILY_LIMIT
+
 MAX_TOPICS = 5000
+# A topic's rate is estimated from at least this many live messages.
+MIN_RATE_MESSAGES = 3
 # Depth of nested keys offered as fields (`params.switch:0.apower` is 3).
 MAX_FIELD_DEPTH = 3
 _SWITCH_WORDS = {"on", "off", "true", "false"}
@@ -22,13 +29,29 @@ _SKIP_TOPIC_ENDINGS = ("/availability", "/LWT", "/online", "/status", "/set", "/
 
 @dataclass
 class Observed:
-    """The last payload seen on each topic (bounded), in first-seen order."""
+    """The last payload seen on each topic (bounded), in first-seen order, and when each
+    topic's live messages came (retained replays say nothing of a rate)."""
 
     messages: dict[str, bytes] = field(default_factory=dict)
+    # topic -> (live messages, first and last seen, seconds)
+    live: dict[str, tuple[int, float, float]] = field(default_factory=dict)
 
-    def add(self, topic: str, payload: bytes) -> None:
+    def add(
+        self, topic: str, payload: bytes, *, retained: bool = False, at_s: float | None = None
+    ) -> None:
         if topic in self.messages or len(self.messages) < MAX_TOPICS:
             self.messages[topic] = payload
+            if not retained:
+                now = time.monotonic() if at_s is None else at_s
+                count, first, _ = self.live.get(topic, (0, now, now))
+                self.live[topic] = (count + 1, first, now)
+
+    def per_day(self, topic: str) -> float:
+        """Messages per day on the topic, from its live messages (0: too few to tell)."""
+        count, first, last = self.live.get(topic, (0, 0.0, 0.0))
+        if count < MIN_RATE_MESSAGES or last <= first:
+            return 0.0
+        return (count - 1) * 86_400 / (last - first)
 
 
 @dataclass
@@ -39,6 +62,8 @@ class _Route:
     # datastream placeholders are given out when the route is printed
     fields: list[str] = field(default_factory=list)
     streams: list[str] = field(default_factory=list)
+    # readings per day seen per device (message rate x the values each held)
+    per_day: dict[str, float] = field(default_factory=dict)
 
 
 def _document(payload: bytes) -> Any:
@@ -83,6 +108,10 @@ def _add_unique(target: list[str], items: Any) -> None:
 class _Suggester:
     def __init__(self) -> None:
         self.routes: dict[str, _Route] = {}
+        self.rate = 0.0  # messages per day of the topic being seen
+
+    def _seen(self, found: _Route, device: str, values: int) -> None:
+        found.per_day[device] = found.per_day.get(device, 0.0) + self.rate * values
 
     def route(self, key: str, kind: str, **lines: str) -> _Route:
         if key not in self.routes:
@@ -121,6 +150,7 @@ class _Suggester:
                 found = self.route(template, "ESPHome", topic=template)
                 _add_unique(found.devices, [levels[0]])
                 _add_unique(found.streams, [levels[2]])
+                self._seen(found, levels[0], 1)
             return
         if len(levels) == 3 and levels[1:] == ["events", "rpc"] and isinstance(document, dict):
             params = document.get("params")
@@ -135,12 +165,14 @@ class _Suggester:
                 )
                 _add_unique(found.devices, [document["src"]])
                 _add_unique(found.fields, paths)
+                self._seen(found, document["src"], len(paths))
             return
         if levels[0] == "shellies" and len(levels) >= 3 and _is_reading(text):
             template = "/".join(["shellies", "{device}", *levels[2:]])
             found = self.route(template, "Shelly Gen1", topic=template)
             _add_unique(found.devices, [levels[1]])
             found.streams = ["-"]
+            self._seen(found, levels[1], 1)
             return
         if isinstance(document, dict):
             paths = list(_numeric_paths(document))
@@ -148,10 +180,12 @@ class _Suggester:
                 found = self.route(topic, "custom JSON", topic=topic)
                 found.lines["device_id"] = "0"
                 _add_unique(found.fields, paths)
+                self._seen(found, topic, len(paths))
         elif _is_reading(text):
             found = self.route(topic, "plain value", topic=topic)
             found.lines["device_id"] = "0"
             found.streams = ["-"]
+            self._seen(found, topic, 1)
 
     def _with_fields(
         self,
@@ -169,12 +203,28 @@ class _Suggester:
             found.lines["timestamp"] = json.dumps(timestamp)
         _add_unique(found.devices, [device])
         _add_unique(found.fields, paths)
+        self._seen(found, device, len(paths))
 
 
-def suggest_config(observed: Observed) -> str:
+def _sample_line(found: _Route, daily_limit: int) -> str | None:
+    """`sample = "fit"` for a route whose busiest device was seen above the daily quota."""
+    if not found.per_day:
+        return None
+    device, per_day = max(found.per_day.items(), key=lambda item: item[1])
+    if per_day <= daily_limit:
+        return None
+    return (
+        f'sample = "fit"  # {device}: {per_day:,.0f} points/day seen, over the quota of '
+        f"{daily_limit:,}; fit sends one mean per window per datastream (or choose "
+        'sample = { every = "60s" } or { deadband = ... })'
+    )
+
+
+def suggest_config(observed: Observed, daily_limit: int = DEFAULT_DAILY_LIMIT) -> str:
     """TOML text: a [devices] table and one [[routes]] entry per recognised shape."""
     suggester = _Suggester()
     for topic, payload in observed.messages.items():
+        suggester.rate = observed.per_day(topic)
         suggester.see(topic, payload)
     devices: list[str] = []
     for found in suggester.routes.values():
@@ -217,5 +267,8 @@ def suggest_config(observed: Observed) -> str:
                 out.append(
                     'timezone = "+01:00"  # TODO: the device\'s zone (stock Tasmota: +01:00)'
                 )
+        sample = _sample_line(found, daily_limit)
+        if sample is not None:
+            out.append(sample)
         out.append("")
     return "\n".join(out)

@@ -36,6 +36,7 @@ from gateway.ingest.routes.values import (
     validate_ts_ms,
 )
 from gateway.models import MAX_BLYNK_ID, Reading
+from gateway.sampling import DEFAULT_DAILY_LIMIT, FitRule, Rule, SamplingPlan, compile_rules
 
 # Topics remembered with their answer; beyond this (a publisher inventing topics) the
 # answer is computed each time instead of growing memory. Bytes are estimated: a topic is
@@ -83,6 +84,9 @@ class CompiledRoute:
     reject_bad_ts: bool
     # a single datastream, no payload paths: a bare number can take the fast path
     plain: bool = False
+    # `sample` rules by datastream, and the rule of a datastream not listed (gateway/sampling.py)
+    samples: Mapping[int, Rule | FitRule | None] = field(default_factory=dict)
+    default_sample: Rule | FitRule | None = None
 
     @property
     def name(self) -> str:
@@ -92,6 +96,7 @@ class CompiledRoute:
     @classmethod
     def compile(cls, settings: RouteSettings) -> CompiledRoute:
         fields = settings.field_map()
+        samples, default_sample = compile_rules(settings)
         return cls(
             topic=TopicTemplate.parse(settings.topic),
             device_id=settings.device_id,
@@ -120,6 +125,8 @@ class CompiledRoute:
                 and settings.device_field is None
                 and settings.timestamp is None
             ),
+            samples=samples,
+            default_sample=default_sample,
         )
 
 
@@ -179,16 +186,23 @@ class RouteTable:
         devices: Mapping[str, int] | None = None,
         *,
         numeric_ids: bool | None = None,
+        daily_points_limit: int = DEFAULT_DAILY_LIMIT,
     ) -> None:
         """`numeric_ids`: an unlisted all-digit device name is the device id itself (the
         `[devices]` entry `"+" = "numeric-id"`); None takes it from `devices` when that is
-        the configured `DeviceNames`, else off."""
+        the configured `DeviceNames`, else off. `daily_points_limit` sizes `fit` windows."""
         self.routes = tuple(CompiledRoute.compile(route) for route in routes)
         self.max_payload_bytes = max_payload_bytes
         self.devices = dict(devices or {})
         if numeric_ids is None:
             numeric_ids = isinstance(devices, DeviceNames) and devices.numeric_ids
         self.numeric_ids = numeric_ids
+        self.sampling = SamplingPlan(
+            routes,
+            self.devices.values(),
+            numeric_ids=numeric_ids,
+            daily_limit=daily_points_limit,
+        )
         self._by_topic: dict[str, _Match | None] = {}
         self._cached_bytes = 0
         self._stamps = ReceiveStamps()
@@ -197,6 +211,11 @@ class RouteTable:
         """Carry on from the table this one replaces (a reload): the stamps it handed out
         stay used, so no reading gets a stamp an earlier one of its stream already has."""
         self._stamps = previous._stamps
+
+    def rule_for(self, route: CompiledRoute, device_id: int, datastream_id: int) -> Rule | None:
+        """The `sample` rule in force for a reading the route produced (None: sent as is)."""
+        rule = route.samples.get(datastream_id, route.default_sample)
+        return self.sampling.resolve(rule, device_id) if rule is not None else None
 
     @property
     def subscriptions(self) -> list[str]:
