@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from gateway import __version__
+from gateway.aio import ProgressWatch
 from gateway.config import CloudSettings, FlushSettings, Settings
 from gateway.errors import StoreError
 from gateway.ingest import MqttIngest, RouteTable
@@ -28,7 +29,6 @@ from gateway.ops.observe import Observer
 from gateway.ops.reload import serve_reloads
 from gateway.ops.status_socket import StatusServer, socket_path
 from gateway.ops.systemd import ServiceMonitor, ServiceNotifier, status_line
-from gateway.progress import ProgressWatch
 from gateway.store import Capacity, Store
 from gateway.uplink.cloud import BlynkCloud
 from gateway.uplink.flush import FlushLoop

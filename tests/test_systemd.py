@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 
 from gateway import app
+from gateway.aio import Heartbeat, ProgressWatch
 from gateway.config import Settings, load_settings, read_credential
 from gateway.errors import ConfigError
 from gateway.log import format_duration
 from gateway.ops.systemd import ServiceMonitor, ServiceNotifier, status_line
-from gateway.progress import Heartbeat, ProgressWatch
 from gateway.testing.broker import MosquittoBroker
 from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher

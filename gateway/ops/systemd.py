@@ -8,7 +8,7 @@ no-op. What the service manager is told:
   does not hold READY back (the buffer still protects whatever arrives later); `STATUS=`
   says so instead.
 * `WATCHDOG=1` every half `WATCHDOG_USEC`, but only while both long-running loops make
-  progress. A loop reports liveness (gateway/progress.py) through a `Heartbeat` (it beats
+  progress. A loop reports liveness (gateway/aio.py) through a `Heartbeat` (it beats
   on every iteration and declares how long its next wait may legitimately take) or through
   a `ProgressWatch` (work is waiting and a counter should move). A loop that is
   blocked or deadlocked stops both, no WATCHDOG=1 is sent, and systemd restarts the

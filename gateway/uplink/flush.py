@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.aio import wait_any
+from gateway.aio import Heartbeat, wait_any
 from gateway.config import CloudSettings, FlushSettings
 from gateway.errors import (
     BatchRejected,
@@ -50,7 +50,6 @@ from gateway.errors import (
 )
 from gateway.log import format_duration, get_logger
 from gateway.models import Batch, StreamKey
-from gateway.progress import Heartbeat
 from gateway.store import Store, StreamState
 from gateway.uplink.cloud import CloudClient
 from gateway.uplink.link import Uplink
