@@ -40,10 +40,11 @@ from typing import Any, Literal, TypeVar, cast
 import aiosqlite
 
 from gateway.aio import Notifier
+from gateway.clock import read_boot_id
 from gateway.errors import DiskFull, StoreCorrupt, StoreError, UnstorableValue
 from gateway.log import get_logger
-from gateway.models import Batch, Point, Reading, StreamKey
-from gateway.store import deadletters, ledger, recovery, schema, streams
+from gateway.models import Batch, Point, ProvisionalReading, Reading, StreamKey
+from gateway.store import deadletters, ledger, provisional, recovery, schema, streams
 from gateway.store.bindable import BINDING_ERRORS
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
@@ -54,6 +55,7 @@ from gateway.store.disk import DiskGuard, StoreFault, checkpoint_restart
 from gateway.store.inspection import ReadViews
 from gateway.store.ledger import QuotaLedger
 from gateway.store.progress import LongWorkObserver
+from gateway.store.provisional import HeldRow, ProvisionalOps
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, is_corruption, store_error
 from gateway.store.reservations import QuotaReservations
@@ -83,6 +85,8 @@ class AppendResult:
     refused: int = 0
     evicted_by_device: Mapping[int, int] = field(default_factory=dict)
     refused_by_device: Mapping[int, int] = field(default_factory=dict)
+    # of `inserted`: held for the clock (provisional.py), not in the upload queue yet
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class Lease:
     expired: int
 
 
-class Store(QuotaLedger, DeadLetterOps, ReadViews):
+class Store(QuotaLedger, DeadLetterOps, ReadViews, ProvisionalOps):
     """Async facade over one SQLite connection; every operation is one transaction."""
 
     def __init__(
@@ -107,6 +111,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         page_size: int,
         monotonic: Callable[[], float],
         long_work: LongWorkObserver | None,
+        boot_id: str,
     ) -> None:
         self.path = path
         self._long_work = long_work
@@ -120,6 +125,11 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         self._stream_ids: dict[StreamKey, int] = {}
         self._stream_keys: dict[int, StreamKey] = {}
         self.pending_points = 0
+        # Readings held for the clock, this boot's and earlier ones' (provisional.py).
+        self.provisional_points = 0
+        self.boot_id = boot_id
+        self._boot_row: int | None = None
+        self.boot_offset_ms: int | None = None
         # Announced after every commit that added rows: the flush loop listens.
         self.new_rows = Notifier()
         # Announced whenever rows leave the table: ingest listens while the buffer is full.
@@ -154,6 +164,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         page_size: int = DEFAULT_PAGE_SIZE,
         monotonic: Callable[[], float] | None = None,
         long_work: LongWorkObserver | None = None,
+        boot_id: str | None = None,
     ) -> Store:
         """Open (creating or upgrading) the buffer.
 
@@ -161,7 +172,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         recovers a damaged file (moving it aside while `status` reads it would be wrong).
         Anyone else gets `StoreCorrupt`. `monotonic` paces the summary log lines (tests
         inject one). `long_work` hears how a salvage, an upgrade or the full check
-        progresses, here and for as long as the store is open.
+        progresses, here and for as long as the store is open. `boot_id` keys the readings
+        held for the clock (the kernel's, gateway/clock.py, unless a test gives one).
         """
         started = time.perf_counter()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +186,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             page_size=page_size,
             monotonic=monotonic or time.monotonic,
             long_work=long_work,
+            boot_id=boot_id or read_boot_id() or "unknown",
         )
         try:
             await store._connect()
@@ -231,6 +244,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
             # (before READY=1, under TimeoutStartSec=), or on a file a salvage just wrote.
             (count,) = await fetch_one(db, "SELECT count(*) FROM readings")
             self.pending_points = int(count)
+        self.provisional_points = await provisional.count(db)
         await recovery.probe(db, self._stream_keys)
         (self._data_version,) = await fetch_one(db, "PRAGMA data_version")
         self.used_bytes = await used_bytes(db, self.page_size)
@@ -381,7 +395,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
         when a value cannot be bound (an id beyond 64 bits): nothing was stored either, and
         retrying the same rows would fail the same way (see `bindable.py`).
         """
-        self._policy.check_room(self.pending_points, len(readings))
+        # Readings held for the clock are in the buffer too (and leave it only by moving).
+        held_points = self.provisional_points
+        self._policy.check_room(self.pending_points + held_points, len(readings))
         if self.disk_full:
             async with self._lock:
                 room = await self._disk.room_for(
@@ -401,35 +417,44 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
 
         async def insert() -> tuple[AppendResult, Callable[[], None]]:
             rows: list[Row] = []
+            held: list[HeldRow] = []
             new_streams: dict[StreamKey, int] = {}
             for reading in readings:
                 key = StreamKey(reading.device_id, reading.datastream_id)
                 stream_id = self._stream_ids.get(key) or new_streams.get(key)
                 if stream_id is None:
                     stream_id = new_streams[key] = await streams.create(self._db, key)
-                rows.append((stream_id, reading.ts_ms, reading.value_json))
+                ts_ms = reading.ts_ms
+                if type(reading) is ProvisionalReading:  # a boottime: held for the clock
+                    if self.boot_offset_ms is None:
+                        held.append((stream_id, ts_ms, reading.value_json))
+                        continue
+                    ts_ms += self.boot_offset_ms  # the clock became trusted meanwhile
+                rows.append((stream_id, ts_ms, reading.value_json))
             inserted, duplicates, refused = await self._policy.insert(
-                self._db, rows, self.pending_points
+                self._db, rows, self.pending_points + held_points
             )
+            held_in, boot = await self._hold(held) if held else (0, self._boot_row)
             if rejected:
                 await deadletters.add_rejected(self._db, self._clock_ms(), rejected)
                 await self._prune_dead_letters()
             known = {**self._stream_keys, **{sid: key for key, sid in new_streams.items()}}
             drops = await self._policy.make_room(
                 self._db,
-                buffered=self.pending_points + inserted,
+                buffered=self.pending_points + held_points + held_in + inserted,
                 page_size=self.page_size,
                 stream_ids=sorted(known),
                 device_of=lambda stream_id: known[stream_id].device_id,
                 refused_rows=refused,
             )
             result = AppendResult(
-                inserted=inserted,
-                duplicates=duplicates,
+                inserted=inserted + held_in,
+                duplicates=duplicates + len(held) - held_in,
                 evicted=sum(drops.evicted.values()),
                 refused=len(refused),
                 evicted_by_device=drops.evicted,
                 refused_by_device=drops.refused,
+                held=held_in,
             )
 
             def on_commit() -> None:
@@ -437,6 +462,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews):
                     self._stream_ids[key] = stream_id
                     self._stream_keys[stream_id] = key
                 self.pending_points += inserted - result.evicted
+                self.provisional_points += held_in
+                self._boot_row = boot
                 self.used_bytes = drops.used_bytes
                 self._policy.committed(drops, buffered=self.pending_points)
                 if inserted:

@@ -25,7 +25,7 @@ import aiosqlite
 
 from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
-from gateway.store import rawpages
+from gateway.store import provisional, rawpages
 from gateway.store.progress import LongWorkObserver, WorkProgress
 from gateway.store.rawpages import check_header
 from gateway.store.schema import create_schema
@@ -410,6 +410,7 @@ def _salvage_rows(
                         "SELECT device_id, evicted, refused, last_at_ms FROM capacity_drops"
                     ).fetchall(),
                 )
+        provisional.salvage(source, fresh)  # readings held for the clock, if any
         fresh.execute("COMMIT")
     finally:
         source.close()
