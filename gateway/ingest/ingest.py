@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from gateway.aio import wait_any
+from gateway.clock import Clock
 from gateway.config import MqttSettings
 from gateway.errors import BufferFull, StoreError
 from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, Admission, kept_topic
@@ -29,7 +30,7 @@ from gateway.ingest.routes import RouteTable
 from gateway.ingest.routes.table import describe_exception
 from gateway.ingest.stats import IngestStats
 from gateway.log import get_logger
-from gateway.models import Reading
+from gateway.models import ProvisionalReading, Reading
 from gateway.store import AppendResult, RejectedPayload, Store
 from gateway.store.bindable import reading_problem, storable_rejected
 
@@ -114,7 +115,10 @@ class MqttIngest:
         oldest_sendable_ms: Callable[[int], int],
         pass_through_wait_s: float = 0.0,
         clock_ms: Callable[[], int] | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: hold readings without a time of their own while it is not trusted
+        (admission.py); None: the wall clock is always trusted."""
         self._store = store
         self._space_freed = store.space_freed.listen()
         self._commit_interval_s = commit_interval_s
@@ -127,6 +131,7 @@ class MqttIngest:
             self.stats,
             oldest_sendable_ms=oldest_sendable_ms,
             clock_ms=clock_ms or (lambda: time.time_ns() // 1_000_000),
+            clock=clock,
         )
         self._redelivery = RedeliveryFilter()
         self._mqtt = MqttConnection(
@@ -272,7 +277,10 @@ class MqttIngest:
         staging = self._store.staging
         if self._store.pending_points or not staging.open:
             return
-        staged = staging.offer(group.readings)
+        readings = group.readings
+        if self.stats.provisional and any(type(r) is ProvisionalReading for r in readings):
+            return  # stamped before the clock was trusted: they have no wall time to send
+        staged = staging.offer(readings)
         if staged is None:
             return
         try:
