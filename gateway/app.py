@@ -152,6 +152,7 @@ class Gateway:
             settings.cloud,
             clock_ms=self._clock_ms,
             network_changed=network.changed.listen(),
+            clock=keeps_time,
         )
         log.info(
             "gateway_started",

@@ -12,9 +12,10 @@ from gateway.testing.clocks import FakeTime, SyncSwitch
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from gateway.uplink.quota import DailyQuota
-from harness import InProcessGateway, events, publish, wait_for_passes, wait_until
+from harness import InProcessGateway, events, publish, ts_payload, wait_for_passes, wait_until
 
 DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
 TOPIC = "sensors/boiler/temperature"  # device 101, datastream 5
 
 
@@ -68,3 +69,60 @@ async def test_a_fake_hwclock_boot_gets_every_reading_its_true_time_at_the_sync(
     [synced] = events(log_output, "clock_synchronized")
     assert synced["corrected"] == 500 and synced["boot_id"] == fake.boot_id
     assert abs(synced["offset_s"] * 1000 - (fake.wall_ms() - fake.boottime_ms())) < 1000
+
+
+async def test_a_step_back_of_an_hour_while_synchronized_expires_nothing_and_counts_once(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    log_output: io.StringIO,
+) -> None:
+    """The clock ran an hour ahead, past midnight, and said it was synchronized; NTP steps it
+    back. What was charged to the stale day moves to the day the cloud counted it in, later
+    readings are stamped by the corrected clock, and nothing expires or counts twice."""
+    midnight = (sandbox.now_ms() // DAY_MS + 1) * DAY_MS
+    sandbox.set_clock(midnight - 50 * 60_000)  # 23:10 UTC for the cloud (the truth)
+    fake = FakeTime(true_ms=sandbox.now_ms, error_ms=HOUR_MS)  # 00:10 the next day
+    today, tomorrow = day_of(sandbox.now_ms()), day_of(midnight)
+    async with InProcessGateway(make_settings(), clock=fake.clock(SyncSwitch(True))) as gateway:
+        store, clock = gateway.store, gateway.clock
+        assert store is not None
+        assert await publish(publisher, [(TOPIC, str(i)) for i in range(100)]) == 100
+        await wait_until(lambda: len(sandbox.accepted) == 100, message="100 uploaded")
+        assert await store.points_sent(101, tomorrow) == (100, False)  # the stale day
+        fake.step(-HOUR_MS)
+        await wait_until(lambda: clock.steps == 1, message="the step seen")
+        before = fake.true_ms()
+        assert await publish(publisher, [(TOPIC, str(i)) for i in range(100, 200)]) == 100
+        await wait_until(lambda: len(sandbox.accepted) == 200, message="200 uploaded")
+        after = fake.true_ms()
+        await wait_for_passes(gateway, 3)
+        assert await store.points_sent(101, today) == (200, False)
+        assert await store.points_sent(101, tomorrow) == (0, False)
+        assert gateway.flush is not None and gateway.flush.stats.expired == 0
+        assert await store.dead_letter_counts() == {}
+    assert sandbox.quota_used(101) == 200
+    assert sorted(int(p.value) for p in sandbox.accepted) == list(range(200))  # type: ignore[call-overload]
+    later = [p.ts for p in sandbox.accepted if int(p.value) >= 100]  # type: ignore[call-overload]
+    assert all(before - 1000 <= ts <= after + 1000 for ts in later), (before, after, later[:3])
+    [rebased] = events(log_output, "quota_days_rebased")
+    assert (rebased["day"], rebased["points"], rebased["step_s"]) == (today, 100, -3600.0)
+
+
+async def test_a_payload_time_ahead_of_a_synchronized_clock_keeps_todays_rule(
+    make_settings: Callable[..., Settings],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+) -> None:
+    """Beyond max_future_s ahead of a trusted clock: the receive time, counted; not held."""
+    fake = FakeTime(true_ms=sandbox.now_ms)
+    async with InProcessGateway(make_settings(), clock=fake.clock(SyncSwitch(True))) as gateway:
+        ingest = gateway.ingest
+        assert ingest is not None
+        ahead = fake.wall_ms() + HOUR_MS
+        before = fake.true_ms()
+        assert await publish(publisher, [(TOPIC, ts_payload(1.5, ahead))]) == 1
+        await wait_until(lambda: len(sandbox.accepted) == 1, message="uploaded")
+        [point] = sandbox.accepted
+        assert before - 1000 <= point.ts <= fake.true_ms() + 1000
+        assert (ingest.stats.ts_replaced, ingest.stats.provisional) == (1, 0)
