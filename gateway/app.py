@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -297,7 +297,18 @@ class Gateway:
             cloud_online=self.flush.uplink.online,
             mqtt_connected=self.ingest.connected.is_set(),
             backlog=self.store.pending_points,
+            held_for_clock=self._held_for_clock(),
         )
+
+    def _held_for_clock(self) -> int | None:
+        """Readings waiting for the clock, while it is not trusted (`STATUS=` says so)."""
+        if self.store is None or self.clock.trusted:
+            return None
+        return self.store.provisional_points
+
+    def clock_report(self) -> dict[str, Any] | None:
+        """The clock and what waits for it, for `status` and the metrics."""
+        return None if self.timekeeper is None else self.timekeeper.report()
 
     async def _status_with_quota(self) -> str:
         """The one-line summary: the cloud link, the backlog and the age of its oldest
@@ -316,6 +327,7 @@ class Gateway:
             oldest_age_s=None if oldest_ms is None else (now_ms - oldest_ms) / 1000,
             quota_used=max(used_today, default=None),
             quota_limit=cloud.daily_points_limit,
+            held_for_clock=self._held_for_clock(),
         )
 
     async def _shutdown(

@@ -1,14 +1,31 @@
 """Time on a box without a real-time clock (issue 20), through the real path: readings
-published over MQTT to the running gateway, a real SQLite file, the sandbox cloud; only the
-clocks and the synchronization source are fakes (gateway/testing/clocks.py)."""
+published over MQTT to the running gateway, a real SQLite file, the sandbox cloud. The
+in-process gateways run on fake clocks and a fake synchronization source
+(gateway/testing/clocks.py); the daemon killed with SIGKILL runs on this machine's own
+clocks and boot id, and trusts its clock by a file the test creates."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import pytest
+from test_systemd import NotifyListener
+
+from gateway.app import Gateway
 from gateway.config import Settings
+from gateway.ops.metrics import families
+from gateway.ops.systemd import status_line
 from gateway.testing.clocks import FakeTime, SyncSwitch
+from gateway.testing.process import GatewayProcess
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from gateway.uplink.quota import DailyQuota
@@ -53,6 +70,7 @@ async def test_a_fake_hwclock_boot_gets_every_reading_its_true_time_at_the_sync(
         await sandbox.set_fault("none")
         await wait_for_passes(gateway, 3)
         assert sandbox.accepted == []
+        assert await clock_metrics(gateway) == {"clock_synchronized": 0.0, "provisional": 500.0}
         fake.step(3 * DAY_MS)  # NTP's first sync
         sync.synchronized = True
         await wait_until(lambda: len(sandbox.accepted) == 500, message="all 500 uploaded")
@@ -62,6 +80,7 @@ async def test_a_fake_hwclock_boot_gets_every_reading_its_true_time_at_the_sync(
         assert gateway.flush is not None and gateway.flush.stats.expired == 0
         assert await store.dead_letter_counts() == {}
         assert store.provisional_points == 0
+        assert await clock_metrics(gateway) == {"clock_synchronized": 1.0, "provisional": 0.0}
     assert sandbox.quota_used(101) == 500
     for point in sandbox.accepted:
         before, after = arrived[int(point.value) // 10]  # type: ignore[call-overload]
@@ -126,3 +145,104 @@ async def test_a_payload_time_ahead_of_a_synchronized_clock_keeps_todays_rule(
         [point] = sandbox.accepted
         assert before - 1000 <= point.ts <= fake.true_ms() + 1000
         assert (ingest.stats.ts_replaced, ingest.stats.provisional) == (1, 0)
+
+
+@pytest.mark.slow
+async def test_a_kill_between_arrival_and_sync_loses_nothing_and_times_stay_true(
+    make_gateway_process: Callable[..., GatewayProcess],
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    tmp_path: Path,
+) -> None:
+    """The daemon as a process, on this machine's real clocks and boot id, trusting the
+    clock by a file (as with systemd-timesyncd): SIGKILL while readings wait for the clock,
+    a restart in the same boot, then the sync. `status` says what waits and why."""
+    flag = tmp_path / "synchronized"
+    daemon = make_gateway_process(clock={"trust": "file", "synchronized_file": str(flag)})
+    daemon.start()
+    await asyncio.to_thread(daemon.wait_for_event, "mqtt_connected")
+    before = int(time.time() * 1000)
+    assert await publish(publisher, [(TOPIC, str(i)) for i in range(200)]) == 200
+    after = int(time.time() * 1000)
+    await wait_until_status(daemon.config_path, lambda r: r["clock"]["provisional"] == 200)
+    report = await status_json(daemon.config_path)
+    assert (
+        report["clock"] | {"synchronized": False, "source": "file", "provisional": 200}
+        == (report["clock"])
+    )
+    assert report["backlog"]["readings"] == 0  # nothing the flush loop could send
+    await asyncio.to_thread(daemon.kill)
+
+    seen = daemon.event_count()
+    listener = NotifyListener(f"@blynk-test-{uuid.uuid4().hex}")
+    daemon.env["NOTIFY_SOCKET"] = listener.address
+    daemon.start()
+    started = await asyncio.to_thread(daemon.wait_for_event, "gateway_started", after=seen)
+    assert (started["held_for_clock"], started["clock_synchronized"]) == (200, False)
+    try:
+        ready = await asyncio.to_thread(listener.wait_for, lambda fields: "READY" in fields)
+    finally:
+        listener.close()
+    assert "waiting for the clock (200 readings held)" in ready["STATUS"]
+    await asyncio.to_thread(daemon.wait_for_event, "mqtt_connected", after=seen)
+    table = await asyncio.to_thread(cli, "status", "--config", str(daemon.config_path))
+    assert "NOT SYNCHRONIZED (file): uploads wait for it, 200 readings held" in table.stdout
+    await asyncio.sleep(1.0)  # flush passes come and go: the cloud is up, nothing is sent
+    assert sandbox.accepted == []
+
+    flag.touch()  # the clock synchronizes
+    synced = await asyncio.to_thread(daemon.wait_for_event, "clock_synchronized")
+    assert synced["corrected"] == 200 and synced["source"] == "file"
+    await wait_until(lambda: len(sandbox.accepted) == 200, message="all 200 uploaded")
+    assert sorted(int(p.value) for p in sandbox.accepted) == list(range(200))  # type: ignore[call-overload]
+    assert all(before - 1000 <= p.ts <= after + 1000 for p in sandbox.accepted)
+    assert sandbox.quota_used(101) == 200
+    report = await status_json(daemon.config_path)
+    assert report["quota"]["day"] == day_of(int(time.time() * 1000))
+    assert [(d["device_id"], d["used"]) for d in report["quota"]["devices"]] == [(101, 200)]
+    assert report["clock"]["synchronized"] is True and report["clock"]["provisional"] == 0
+    assert report["clock"]["last_correction"]["corrected"] == 200
+    assert report["dead_letters"]["total"] == 0
+    assert daemon.terminate() == 0
+
+
+def test_systemd_status_says_what_waits_for_the_clock() -> None:
+    line = status_line(cloud_online=True, mqtt_connected=True, backlog=0, held_for_clock=1234)
+    assert line == "online, waiting for the clock (1,234 readings held), backlog 0"
+
+
+async def clock_metrics(gateway: Gateway) -> dict[str, float]:
+    """The two clock gauges `/metrics` exports, from the daemon's own snapshot."""
+    assert gateway.observer is not None
+    found = {}
+    for family in families(await gateway.observer.snapshot()):
+        if family.name in (
+            "blynk_gateway_clock_synchronized",
+            "blynk_gateway_provisional_readings",
+        ):
+            found[family.name.removeprefix("blynk_gateway_").removesuffix("_readings")] = (
+                family.samples[0].value
+            )
+    return found
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def status_json(config: Path) -> dict[str, Any]:
+    result = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+async def wait_until_status(
+    config: Path, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate(await status_json(config)):
+        assert time.monotonic() < deadline, "status never said so"
+        await asyncio.sleep(0.2)

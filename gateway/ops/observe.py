@@ -201,6 +201,8 @@ class LiveState:
     # (str keys: this travels as JSON); the ledger on disk counts them already
     quota_reserved_today: dict[str, int]
     rates_per_s: dict[str, float]
+    # whether the clock is trusted and what waits for it (store/timekeeping.py `report`)
+    clock: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -241,6 +243,8 @@ class ObservedGateway(Protocol):
 
     @property
     def flush(self) -> FlushLoop | None: ...
+
+    def clock_report(self) -> dict[str, Any] | None: ...
 
 
 class Observer:
@@ -319,6 +323,7 @@ class Observer:
             unmapped_devices_total=len(unmapped),
             quota_reserved_today=self._reserved_today(),
             rates_per_s=self.rates.rates(),
+            clock=gateway.clock_report(),
         )
 
     def _reserved_today(self) -> dict[str, int]:
