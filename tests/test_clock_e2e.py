@@ -24,16 +24,28 @@ from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.ops.metrics import families
 from gateway.ops.systemd import status_line
+from gateway.testing.broker import MosquittoBroker
 from gateway.testing.clocks import FakeTime, SyncSwitch
-from gateway.testing.process import GatewayProcess
+from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from gateway.uplink.quota import DailyQuota
-from harness import InProcessGateway, events, publish, ts_payload, wait_for_passes, wait_until
+from harness import (
+    InProcessGateway,
+    events,
+    publish,
+    settings_dict,
+    ts_payload,
+    wait_for_passes,
+    wait_until,
+)
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 TOPIC = "sensors/boiler/temperature"  # device 101, datastream 5
+BOOT_A = "aaaaaaaa-0000-4000-8000-00000000000a"
+BOOT_B = "bbbbbbbb-0000-4000-8000-00000000000b"
+BOOT_C = "cccccccc-0000-4000-8000-00000000000c"
 
 
 def day_of(epoch_ms: int) -> str:
@@ -246,3 +258,77 @@ async def wait_until_status(
     while not predicate(await status_json(config)):
         assert time.monotonic() < deadline, "status never said so"
         await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("policy", ["keep", "dead-letter"])
+async def test_a_reboot_before_any_sync_follows_unsynced_boot(
+    policy: str,
+    broker: MosquittoBroker,
+    sandbox: SandboxCloud,
+    publisher: AckedPublisher,
+    tmp_path: Path,
+    log_output: io.StringIO,
+) -> None:
+    """Boot A syncs (its trusted moment is recorded); the box is off for an hour; boot B
+    comes up at the fake-hwclock time, offline, and loses power before any sync; boot C
+    syncs. B's readings get an estimate (a lower bound: A's last trusted moment plus B's
+    uptime) and follow `[clock] unsynced_boot`, flagged in `status` and `dead-letters`."""
+    config = settings_dict(
+        broker.port, sandbox.base_url, tmp_path / "buffer.db", clock={"unsynced_boot": policy}
+    )
+    settings = Settings(**config)
+    boot_a = FakeTime(true_ms=sandbox.now_ms, boot_id=BOOT_A)
+    synced_at = boot_a.true_ms()
+    async with InProcessGateway(settings, clock=boot_a.clock(SyncSwitch(True))):
+        pass
+    sandbox.advance_clock(3600)
+    await sandbox.set_fault("down")
+    boot_b = FakeTime(
+        true_ms=sandbox.now_ms, error_ms=-3 * DAY_MS, uptime_ms=20_000, boot_id=BOOT_B
+    )
+    async with InProcessGateway(settings, clock=boot_b.clock(SyncSwitch())) as gateway:
+        assert gateway.ingest is not None and gateway.store is not None
+        before = boot_b.true_ms()
+        assert await publish(publisher, [(TOPIC, str(i)) for i in range(30)]) == 30
+        await wait_until(lambda: gateway.store.provisional_points == 30, message="30 held")  # type: ignore[union-attr]
+        after = boot_b.true_ms()
+    await sandbox.set_fault("none")
+    boot_c = FakeTime(true_ms=sandbox.now_ms, uptime_ms=20_000, boot_id=BOOT_C)
+    async with InProcessGateway(settings, clock=boot_c.clock(SyncSwitch(True))) as gateway:
+        report = gateway.clock_report()
+        assert report is not None and report["provisional"] == 0
+        last = report["last_correction"]
+        assert (last["boot_id"], last["estimated"]) == (BOOT_B, True)
+        if policy == "keep":
+            assert last["corrected"] == 30
+            await wait_until(lambda: len(sandbox.accepted) == 30, message="B's readings sent")
+        else:
+            assert last["dead_lettered"] == 30
+            await wait_for_passes(gateway, 3)
+            assert sandbox.accepted == []
+    [settled] = events(log_output, "provisional_earlier_boot")
+    assert settled | {"boot_id": BOOT_B, "readings": 30, "estimated_from": "previous"} == settled
+    # The estimate: A's last trusted moment plus B's uptime, never after the true time.
+    if policy == "keep":
+        stamps = [p.ts for p in sorted(sandbox.accepted, key=lambda p: int(p.value))]  # type: ignore[call-overload]
+    else:
+        path = tmp_path / "gateway.toml"
+        write_config(path, config)
+        listing = await asyncio.to_thread(
+            cli,
+            "dead-letters",
+            "list",
+            "--config",
+            str(path),
+            "--reason",
+            "clock_unknown",
+            "--json",
+        )
+        assert listing.returncode == 0, listing.stderr
+        letters = [json.loads(line) for line in listing.stdout.splitlines()]
+        assert len(letters) == 30
+        assert all("estimated" in letter["detail"] for letter in letters)
+        stamps = [letter["ts"] for letter in sorted(letters, key=lambda x: int(x["value"]))]
+    assert stamps == sorted(stamps)
+    assert synced_at + 20_000 <= stamps[0] and stamps[-1] <= after
+    assert stamps[0] <= before  # a lower bound: the hour the box was off is unknown
