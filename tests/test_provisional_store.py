@@ -19,8 +19,11 @@ from store_kit import (
     sql,
 )
 
+from gateway.clock import ClockSettings
 from gateway.models import ProvisionalReading, StreamKey
 from gateway.store import SCHEMA_VERSION, Store, migrate
+from gateway.store.timekeeping import TimeKeeper
+from gateway.testing.clocks import FakeTime, SyncSwitch
 
 __all__ = ["db_path_fixture", "make_store_fixture"]
 
@@ -189,3 +192,46 @@ async def test_a_salvage_keeps_the_held_readings(db_path: Path, make_store: Make
     assert salvaged.recovery is not None
     assert (salvaged.pending_points, salvaged.provisional_points) == (20, 20)
     assert await salvaged.correct_provisional(BASE_TS) == 20
+
+
+async def test_the_timekeeper_follows_the_clock_losing_and_regaining_trust(
+    make_store: MakeStore, db_path: Path
+) -> None:
+    """Held readings are corrected at each sync with the offset of that moment (a step in
+    between included); trusted moments are recorded at each sync and every interval."""
+    fake = FakeTime(true_ms=lambda: BASE_TS, uptime_ms=UPTIME_MS, boot_id=BOOT_A)
+    sync = SyncSwitch()
+    now = [0.0]
+    store: Store = await make_store(boot_id=BOOT_A, clock_ms=fake.wall_ms)
+    keeper = TimeKeeper(
+        fake.clock(sync), store, ClockSettings(), record_every_s=600, monotonic=lambda: now[0]
+    )
+    await keeper.start()
+    assert store.boot_offset_ms is None
+    assert sql(db_path, "SELECT count(*) FROM boots WHERE trusted_wall_ms IS NOT NULL") == [(0,)]
+    await store.append([ProvisionalReading(101, 5, fake.boottime_ms(), "1")])
+    sync.synchronized = True
+    await keeper.tick()
+    first_offset = BASE_TS - fake.boottime_ms()
+    assert store.boot_offset_ms is not None and abs(store.boot_offset_ms - first_offset) < 50
+    assert (store.provisional_points, store.pending_points) == (0, 1)
+    [(wall, _)] = sql(db_path, "SELECT trusted_wall_ms, trusted_boottime_ms FROM boots")
+    assert wall == BASE_TS
+    # Trust is lost, the clock steps 5 s while nobody trusts it, then it syncs again.
+    sync.synchronized = False
+    await keeper.tick()
+    assert store.boot_offset_ms is None
+    await store.append([ProvisionalReading(101, 5, fake.boottime_ms(), "2")])
+    assert store.provisional_points == 1
+    fake.step(5000)
+    sync.synchronized = True
+    await keeper.tick()
+    points = (await store.lease(BOILER, 10)).batch.points
+    assert [p.value_json for p in points] == ["1", "2"]
+    assert abs(points[1].ts_ms - (BASE_TS + 5000)) < 50  # the offset after the step
+    assert keeper.last_correction is not None and keeper.last_correction.corrected == 2
+    # Every record_every_s while trusted, the moment is written again.
+    now[0] = 601.0
+    await keeper.tick()
+    [(wall, _)] = sql(db_path, "SELECT trusted_wall_ms, trusted_boottime_ms FROM boots")
+    assert wall == BASE_TS + 5000
