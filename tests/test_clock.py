@@ -141,14 +141,15 @@ def test_a_step_either_way_is_counted_and_slewing_is_not(log_output: io.StringIO
     assert clock.steps == 0
     fake.step(-HOUR_MS)
     clock.check()
-    assert (clock.steps, clock.last_step_ms) == (1, -HOUR_MS)
+    # The two clocks are read a moment apart: a millisecond either way.
+    assert clock.steps == 1 and abs(clock.last_step_ms + HOUR_MS) <= 2
     fake.advance(10 * HOUR_MS)  # time passing moves both clocks: no step
     clock.check()
     fake.step(3 * 24 * HOUR_MS)
     clock.check()
-    assert (clock.steps, clock.last_step_ms) == (2, 3 * 24 * HOUR_MS)
+    assert clock.steps == 2 and abs(clock.last_step_ms - 3 * 24 * HOUR_MS) <= 2
     stepped = events(log_output, "clock_stepped")
-    assert [line["delta_s"] for line in stepped] == [-3600.0, 259200.0]
+    assert [round(line["delta_s"]) for line in stepped] == [-3600, 259200]
 
 
 def test_unsynchronized_is_said_once_per_streak_with_the_setting_to_change(

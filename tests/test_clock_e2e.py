@@ -137,7 +137,8 @@ async def test_a_step_back_of_an_hour_while_synchronized_expires_nothing_and_cou
     later = [p.ts for p in sandbox.accepted if int(p.value) >= 100]  # type: ignore[call-overload]
     assert all(before - 1000 <= ts <= after + 1000 for ts in later), (before, after, later[:3])
     [rebased] = events(log_output, "quota_days_rebased")
-    assert (rebased["day"], rebased["points"], rebased["step_s"]) == (today, 100, -3600.0)
+    assert (rebased["day"], rebased["points"]) == (today, 100)
+    assert abs(rebased["step_s"] + 3600) < 0.01  # the two clocks are read a moment apart
 
 
 async def test_a_payload_time_ahead_of_a_synchronized_clock_keeps_todays_rule(
