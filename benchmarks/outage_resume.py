@@ -59,6 +59,8 @@ def one_outage(
     for leftover in workdir.glob("buffer.db*"):
         leftover.unlink()
     config = daemon_config(broker.port, sandbox.base_url, db, ROUTES, log={"level": "info"})
+    if not variant.knows_clock:
+        del config["clock"]  # a daemon from before [clock] refuses the section
     path = write_config(workdir / "gateway.toml", config)
     with GatewayProcess(
         path, workdir / "gateway.log", env=variant.env, python=variant.python
@@ -107,6 +109,7 @@ class Variant:
     name: str
     env: dict[str, str] = field(default_factory=dict)
     python: list[str] | None = None
+    knows_clock: bool = True
 
 
 def baseline_variant(ref: str, into: Path) -> Variant:
@@ -115,7 +118,12 @@ def baseline_variant(ref: str, into: Path) -> Variant:
     baseline_tree(ref, into)
     packages = [p for p in sys.path if p.endswith("site-packages")]
     path = os.pathsep.join([str(into), *packages])
-    return Variant(f"baseline {ref}", {"PYTHONPATH": path}, [sys.executable, "-S", "-P"])
+    return Variant(
+        f"baseline {ref}",
+        {"PYTHONPATH": path},
+        [sys.executable, "-S", "-P"],
+        knows_clock=(into / "gateway" / "clock.py").exists(),
+    )
 
 
 def baseline_tree(ref: str, into: Path) -> Path:

@@ -15,12 +15,13 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from gateway import __version__
 from gateway.aio import ProgressWatch
+from gateway.clock import Clock
 from gateway.config import CloudSettings, FlushSettings, Settings
 from gateway.errors import StoreError
 from gateway.ingest import MqttIngest, RouteTable
@@ -30,6 +31,7 @@ from gateway.ops.reload import serve_reloads
 from gateway.ops.status_socket import StatusServer, socket_path
 from gateway.ops.systemd import ServiceMonitor, ServiceNotifier, status_line
 from gateway.store import Capacity, Store
+from gateway.store.timekeeping import TimeKeeper
 from gateway.uplink.cloud import BlynkCloud
 from gateway.uplink.flush import FlushLoop
 from gateway.uplink.netwatch import NetworkWatcher
@@ -58,14 +60,20 @@ class Gateway:
         cloud_transport: httpx.AsyncBaseTransport | None = None,
         notifier: ServiceNotifier | None = None,
         config_path: Path | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: the wall clock, whether to trust it and this boot's time (tests inject
+        fake ones); by default the system's, trusted as `[clock]` says, reading `clock_ms`
+        as its wall clock if given."""
         self.settings = settings
         # SIGHUP re-reads this file (see reload.py); None: reload is not offered.
         self.config_path = config_path
         self._reload_requested = asyncio.Event()
         # sd_notify; disabled unless given (run_until_signalled reads $NOTIFY_SOCKET).
         self.notifier = notifier or ServiceNotifier(None)
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self.clock = clock or Clock.from_settings(settings.clock, wall_ms=clock_ms)
+        self._clock_ms = self.clock.now_ms
+        self.timekeeper: TimeKeeper | None = None
         self._cloud_transport = cloud_transport
         self._stop_requested = asyncio.Event()
         self.started = asyncio.Event()
@@ -106,7 +114,13 @@ class Gateway:
             page_size=settings.store.page_size,
             long_work=self.notifier,
             stop=self._stop_requested,  # a disk too full to open the buffer: wait for room
+            boot_id=self.clock.boot_id,
         )
+        # Before ingest: earlier boots' held readings are settled, the clock looked at.
+        self.timekeeper = timekeeper = TimeKeeper(self.clock, store, settings.clock)
+        await timekeeper.start()
+        # None: `trust = "always"`, nothing is held and no step is looked for (as before).
+        keeps_time = None if self.clock.always else self.clock
         self.cloud = cloud = BlynkCloud(
             settings.cloud.server,
             settings.cloud.client_id,
@@ -131,6 +145,7 @@ class Gateway:
             ),
             oldest_sendable_ms=settings.cloud.oldest_sendable_ms,
             clock_ms=self._clock_ms,
+            clock=keeps_time,
         )
         self.network = network = NetworkWatcher()
         network.start()
@@ -141,6 +156,7 @@ class Gateway:
             settings.cloud,
             clock_ms=self._clock_ms,
             network_changed=network.changed.listen(),
+            clock=keeps_time,
         )
         log.info(
             "gateway_started",
@@ -151,6 +167,9 @@ class Gateway:
             recovered_from=str(store.recovery.moved_to) if store.recovery else None,
             full_policy=settings.store.full_policy,
             routes=len(routes.routes),
+            clock=self.clock.source.name,
+            clock_synchronized=self.clock.trusted,
+            held_for_clock=store.provisional_points,
             broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
             cloud=settings.cloud.server,
             startup_ms=round((time.monotonic() - started_at) * 1000, 1),
@@ -165,6 +184,8 @@ class Gateway:
                 verify_task = tasks.create_task(self._verify(store), name="store-verify")
                 reload_task = tasks.create_task(self._serve_reloads(), name="reload")
                 observers = self._start_observers(tasks)
+                if keeps_time is not None:  # stopped with the observers, before ingest
+                    observers.append(tasks.create_task(timekeeper.run(), name="clock"))
                 notify_task = tasks.create_task(self._service_monitor().run(), name="sd-notify")
                 await asyncio.sleep(0)  # let ingest start before telling systemd we are up
                 self.notifier.ready(self._status_now())
@@ -280,7 +301,18 @@ class Gateway:
             cloud_online=self.flush.uplink.online,
             mqtt_connected=self.ingest.connected.is_set(),
             backlog=self.store.pending_points,
+            held_for_clock=self._held_for_clock(),
         )
+
+    def _held_for_clock(self) -> int | None:
+        """Readings waiting for the clock, while it is not trusted (`STATUS=` says so)."""
+        if self.store is None or self.clock.trusted:
+            return None
+        return self.store.provisional_points
+
+    def clock_report(self) -> dict[str, Any] | None:
+        """The clock and what waits for it, for `status` and the metrics."""
+        return None if self.timekeeper is None else self.timekeeper.report()
 
     async def _status_with_quota(self) -> str:
         """The one-line summary: the cloud link, the backlog and the age of its oldest
@@ -299,6 +331,7 @@ class Gateway:
             oldest_age_s=None if oldest_ms is None else (now_ms - oldest_ms) / 1000,
             quota_used=max(used_today, default=None),
             quota_limit=cloud.daily_points_limit,
+            held_for_clock=self._held_for_clock(),
         )
 
     async def _shutdown(

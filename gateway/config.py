@@ -37,6 +37,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from gateway.clock import ClockSettings
 from gateway.errors import ConfigError
 from gateway.models import MAX_BLYNK_ID
 from gateway.sampling import DEFAULT_DAILY_LIMIT, SampleSpec, fit_problem, spec_problem
@@ -620,6 +621,7 @@ class Settings(BaseSettings):
     flush: FlushSettings = FlushSettings()
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
+    clock: ClockSettings = ClockSettings()  # defined with the clock (gateway/clock.py)
     # Names seen in topics ({device}) or payloads (device_field) -> Blynk device ids, and
     # `"+"`: what an unlisted name means (see DeviceNames).
     devices: dict[DeviceName, BlynkId] = Field(default_factory=DeviceNames)

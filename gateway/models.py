@@ -31,6 +31,14 @@ class Reading(NamedTuple):
     value_json: str
 
 
+class ProvisionalReading(Reading):
+    """A reading stamped while the wall clock was not trusted: its `ts_ms` is this boot's
+    CLOCK_BOOTTIME in ms, not epoch ms. The store holds it apart until the clock
+    synchronizes and gives it its wall time (store/provisional.py); nothing uploads it."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
 class StreamKey:
     """A (device, datastream) pair: the unit of one import/batch request."""

@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from gateway.cli import main
+from gateway.clock import ClockSettings
 from gateway.config import (
     CloudSettings,
     FlushSettings,
@@ -100,6 +101,7 @@ def test_example_config_passes_check_config(capsys: pytest.CaptureFixture[str]) 
         ("store", StoreSettings),
         ("flush", FlushSettings),
         ("log", LogSettings),
+        ("clock", ClockSettings),
     ],
 )
 def test_example_config_documents_every_key(section: str, model: type[BaseModel]) -> None:

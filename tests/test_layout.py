@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gateway"
-SHARED_ROOT_MODULES = {"aio", "app", "config", "errors", "log", "models", "sampling"}
+SHARED_ROOT_MODULES = {"aio", "app", "clock", "config", "errors", "log", "models", "sampling"}
 
 
 def imports_of(path: Path) -> set[str]:

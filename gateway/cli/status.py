@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from gateway.models import StreamKey
     from gateway.sampling import WindowRule
     from gateway.store import StreamHead
+    from gateway.store.provisional import Correction
 
 T = TypeVar("T")
 
@@ -133,6 +134,8 @@ class BufferView:
     drops: dict[int, tuple[int, int]]
     file_bytes: int
     window_rules: dict[StreamKey, WindowRule]  # sampled streams' rules (store/windows.py)
+    provisional: int
+    last_correction: Correction | None
 
 
 # Every key of the report, in order; those after `error` are null when unknown.
@@ -140,6 +143,7 @@ REPORT_SECTIONS = (
     "daemon",
     "cloud",
     "mqtt",
+    "clock",
     "backlog",
     "quota",
     "forecast",
@@ -175,6 +179,8 @@ async def read_buffer(path: Path, day: str) -> BufferView:
             drops=await store.capacity_drops(),
             file_bytes=store.file_bytes(),
             window_rules=dict(store.sampling.rules),
+            provisional=store.provisional_points,
+            last_correction=await store.last_correction(),
         )
     except StoreCorrupt as exc:
         raise BufferUnavailable("buffer_damaged", str(exc)) from exc
@@ -230,6 +236,7 @@ async def collect(
             "broker": f"{settings.mqtt.host}:{settings.mqtt.port}",
             "connected": live["mqtt_connected"] if live else None,
         },
+        "clock": _clock(live, settings),
     }
     try:
         view = await read_buffer(path, day)
@@ -256,6 +263,7 @@ async def collect(
         }
     heads, drops = view.heads, view.drops
     window_rules = view.window_rules
+    header["clock"] = _clock(live, settings, view)
 
     per_stream: dict[Any, int] = defaultdict(int)
     per_device_hist: dict[int, dict[Any, list[tuple[int, int]]]] = defaultdict(dict)
@@ -417,6 +425,26 @@ def _cloud(live: dict[str, Any] | None, settings: Settings, now_ms: int) -> dict
     }
 
 
+def _clock(
+    live: dict[str, Any] | None, settings: Settings, view: BufferView | None = None
+) -> dict[str, Any]:
+    """Whether the daemon trusts the clock (unknown when it is not running), and what the
+    buffer holds for it: readings without a wall time yet, the last correction."""
+    from gateway.clock import sync_source
+    from gateway.store.timekeeping import correction_json
+
+    clock = {"source": sync_source(settings.clock).name, "synchronized": None, "problem": None}
+    if live and live.get("clock"):
+        clock = live["clock"]
+    if view is None:
+        return clock
+    last = view.last_correction
+    return clock | {
+        "provisional": view.provisional,
+        "last_correction": None if last is None else correction_json(last),
+    }
+
+
 def _drain(backlog: int, rates: dict[str, float]) -> dict[str, Any]:
     out_rate = rates.get("delivered")
     in_rate = rates.get("stored")
@@ -513,6 +541,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"cloud       unknown ({cloud['server']})")
         lines.append(f"mqtt        unknown ({mqtt['broker']})")
 
+    lines += _clock_lines(report["clock"])
     backlog = report["backlog"]
     lines.append(
         f"backlog     {_n(backlog['readings'])} readings"
@@ -720,4 +749,37 @@ def render_sampling(sampling: dict[str, Any]) -> list[str]:
         details.append([f"        datastream {s['datastream_id']}: {s['rule']}" for s in streams])
     for line, extra in zip(_table(rows), details, strict=True):
         lines += [line, *extra]
+    return lines
+
+
+def _clock_lines(clock: dict[str, Any]) -> list[str]:
+    """`clock  synchronized (kernel)`, or why uploads wait and what is held for it."""
+    source, held = clock["source"], clock.get("provisional") or 0
+    if clock["synchronized"] is None:
+        state = f"unknown ({source})"
+    elif clock["synchronized"]:
+        state = f"synchronized ({source})"
+    else:
+        state = f"NOT SYNCHRONIZED ({source}): uploads wait for it"
+        if clock.get("problem"):
+            state += f"; {clock['problem']}"
+    lines = [f"clock       {state}" + (f", {_n(held)} readings held for it" if held else "")]
+    if clock["synchronized"] is False:
+        lines.append('            [clock] trust = "always" if this box keeps time without NTP')
+    last = clock.get("last_correction")
+    if last:
+        what = f"{_n(last['corrected'])} readings given their time"
+        if last["dead_lettered"]:
+            what += f", {_n(last['dead_lettered'])} dead-lettered (clock_unknown)"
+        offset_s = last["offset_s"]  # wall - boottime: when that boot began
+        if offset_s is None:
+            began = "no time known"
+        else:
+            began = ("ESTIMATED to have begun " if last["estimated"] else "began ") + str(
+                _iso(round(offset_s * 1000))
+            )
+        lines.append(
+            f"            last correction {_iso(last['at_ms'])}: {what} "
+            f"(boot {last['boot_id'][:8]} {began})"
+        )
     return lines

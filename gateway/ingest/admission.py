@@ -18,11 +18,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from gateway.clock import Clock
 from gateway.ingest.routes import CompiledRoute, Outcome, RouteTable
 from gateway.ingest.routes.table import MAX_NAME_BYTES, describe_exception
 from gateway.ingest.stats import MAX_UNMAPPED_NAMES, IngestStats
 from gateway.log import Throttle, get_logger
-from gateway.models import Reading
+from gateway.models import ProvisionalReading, Reading
 from gateway.store import RejectedPayload
 
 log = get_logger("ingest")
@@ -90,7 +91,10 @@ class Admission:
         oldest_sendable_ms: Callable[[int], int],
         clock_ms: Callable[[], int],
         refusals: RefusalLog | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: whether the wall clock is trusted and this boot's time (None: it always
+        is, `[clock] trust = "always"`); `clock_ms` is its wall clock."""
         self.routes = routes
         self._stats = stats
         self._oldest_sendable_ms = oldest_sendable_ms
@@ -99,6 +103,8 @@ class Admission:
         # Told of every message's readings with the route that made them (ingest/sampler.py).
         self.noted: Callable[[RouteTable, CompiledRoute | None, list[Reading], int], None] | None
         self.noted = None
+        self._clock = clock
+        self._steps_seen = 0
 
     def admit(
         self, topic: str, payload: bytes, retained: bool
@@ -135,6 +141,10 @@ class Admission:
         self, topic: str, payload: bytes, retained: bool
     ) -> tuple[list[Reading], list[RejectedPayload]]:
         stats = self._stats
+        clock = self._clock
+        if clock is not None and clock.steps != self._steps_seen:
+            self._steps_seen = clock.steps
+            self.routes.forget_receive_stamps()
         now_ms = self._clock_ms()
         outcome = self.routes.route(topic, payload, now_ms, retained=retained)
         route_name = outcome.route.name if outcome.route is not None else ""
@@ -185,12 +195,34 @@ class Admission:
             )
         if not outcome.readings:
             return outcome.readings, dead
-        readings, dead = self._unexpired(
-            outcome.readings, dead, topic, kept_payload, route_name, now_ms
-        )
+        if clock is not None and not clock.trusted:
+            readings = self._held_for_the_clock(outcome, clock, now_ms)
+        else:
+            readings, dead = self._unexpired(
+                outcome.readings, dead, topic, kept_payload, route_name, now_ms
+            )
         if self.noted is not None:
             self.noted(self.routes, outcome.route, readings, now_ms)
         return readings, dead
+
+    def _held_for_the_clock(self, outcome: Outcome, clock: Clock, now_ms: int) -> list[Reading]:
+        """The wall clock is not trusted: a receive stamp is no time yet. Those readings
+        become this boot's boottime (`ProvisionalReading`: the store holds them until the
+        clock synchronizes). No age rule either, against a clock that may be days off: the
+        flush loop applies it once the clock is right."""
+        readings = outcome.readings
+        if outcome.received:
+            to_boottime = clock.boottime_ms() - now_ms
+            for index in outcome.received:
+                reading = readings[index]
+                readings[index] = ProvisionalReading(
+                    reading.device_id,
+                    reading.datastream_id,
+                    reading.ts_ms + to_boottime,
+                    reading.value_json,
+                )
+            self._stats.provisional += len(outcome.received)
+        return readings
 
     def _unexpired(
         self,

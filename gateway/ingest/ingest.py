@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from gateway.aio import wait_any
+from gateway.clock import Clock
 from gateway.config import MqttSettings
 from gateway.errors import BufferFull, StoreError
 from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, Admission, kept_topic
@@ -30,7 +31,7 @@ from gateway.ingest.routes.table import describe_exception
 from gateway.ingest.sampler import Sampler, kept_of
 from gateway.ingest.stats import IngestStats
 from gateway.log import get_logger
-from gateway.models import Reading, StreamKey
+from gateway.models import ProvisionalReading, Reading, StreamKey
 from gateway.sampling import Rule
 from gateway.store import AppendResult, RejectedPayload, Store
 from gateway.store.bindable import reading_problem, storable_rejected
@@ -119,7 +120,10 @@ class MqttIngest:
         oldest_sendable_ms: Callable[[int], int],
         pass_through_wait_s: float = 0.0,
         clock_ms: Callable[[], int] | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: hold readings without a time of their own while it is not trusted
+        (admission.py); None: the wall clock is always trusted."""
         self._store = store
         self._space_freed = store.space_freed.listen()
         self._commit_interval_s = commit_interval_s
@@ -132,6 +136,7 @@ class MqttIngest:
             self.stats,
             oldest_sendable_ms=oldest_sendable_ms,
             clock_ms=clock_ms or (lambda: time.time_ns() // 1_000_000),
+            clock=clock,
         )
         self._sampler = Sampler(store, self.stats, self._admission.refusals)
         self._admission.noted = self._sampler.note
@@ -292,6 +297,8 @@ class MqttIngest:
         if not staging.open or not self._store.only_windows_buffered():
             return
         readings = group.readings
+        if self.stats.provisional and any(type(r) is ProvisionalReading for r in readings):
+            return  # stamped before the clock was trusted: they have no wall time to send
         offered = [r for r in readings if not self._sampler.stored_only(r)]
         staged = staging.offer(offered)
         if staged is None:

@@ -29,7 +29,7 @@ from typing import Protocol
 from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, RefusalLog, kept_topic
 from gateway.ingest.routes import CompiledRoute, RouteTable
 from gateway.ingest.stats import IngestStats
-from gateway.models import Reading, StreamKey
+from gateway.models import ProvisionalReading, Reading, StreamKey
 from gateway.sampling import (
     NUMERIC_AGGREGATES,
     DeadbandRule,
@@ -101,7 +101,7 @@ class Sampler:
                 self._note_fit(route, key)
             if len(self._stats.sampled_devices) < MAX_COUNTED_DEVICES:
                 self._stats.sampled_devices.add(reading.device_id)
-            if isinstance(rule, WindowRule):
+            if isinstance(rule, WindowRule) and type(reading) is not ProvisionalReading:
                 self._state.note_arrival(key, rule, reading.ts_ms, now_ms)
 
     def _note_fit(self, route: CompiledRoute | None, key: StreamKey) -> None:
@@ -151,6 +151,11 @@ class Sampler:
         dead: list[RejectedPayload] = []
         for reading in message.readings:
             device_id = reading.device_id
+            if type(reading) is ProvisionalReading:
+                # Its ts_ms is boot time until the clock synchronizes (issue 20): no deadband
+                # or window can judge it now; the store holds it apart, unsampled.
+                kept.append(reading)
+                continue
             key = StreamKey(device_id, reading.datastream_id)
             rule = state.wanted.get(key)
             if isinstance(rule, DeadbandRule):

@@ -26,6 +26,9 @@ class IngestStats:
     unmapped_devices: Counter[str] = field(default_factory=Counter)
     # readings whose own timestamp was not trusted (future, before 2020) and got receive time
     ts_replaced: int = 0
+    # readings stamped with the receive time while the clock was not trusted: held apart
+    # (provisional) until it synchronizes
+    provisional: int = 0
     # values that said "no reading now" (null, nan, unavailable): skipped, not errors
     no_reading: int = 0
     # readings already too old for the cloud when they arrived (dead-lettered as `expired`)

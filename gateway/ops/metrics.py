@@ -82,6 +82,17 @@ def families(snapshot: Snapshot) -> list[Metric]:
         metrics.append(family)
 
     gauge("buffered_points", "Readings in the buffer, waiting for the cloud.", live.buffered_points)
+    if live.clock is not None:  # issue 20: readings held until the clock synchronizes
+        gauge(
+            "clock_synchronized",
+            "1 while the system clock is trusted ([clock] trust); 0: uploads wait for it.",
+            float(live.clock["synchronized"]),
+        )
+        gauge(
+            "provisional_readings",
+            "Readings held until the clock synchronizes (stamped before it was trusted).",
+            live.clock["provisional"],
+        )
     oldest = snapshot.oldest_ts_ms
     gauge(
         "oldest_buffered_age_seconds",

@@ -252,6 +252,8 @@ class LiveState:
     # "device/datastream" -> the `sample` rule its readings meet (gateway/sampling.py), with
     # whether `fit` chose the window: what `status` shows as in force
     sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # whether the clock is trusted and what waits for it (store/timekeeping.py `report`)
+    clock: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -292,6 +294,8 @@ class ObservedGateway(Protocol):
 
     @property
     def flush(self) -> FlushLoop | None: ...
+
+    def clock_report(self) -> dict[str, Any] | None: ...
 
 
 class Observer:
@@ -401,6 +405,7 @@ class Observer:
             quota_reserved_today=self._reserved_today(),
             rates_per_s=self.rates.rates(),
             sampling=sampling_in_force(ingest),
+            clock=gateway.clock_report(),
         )
 
     def _reserved_today(self) -> dict[str, int]:

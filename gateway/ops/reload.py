@@ -5,9 +5,9 @@ The file is read and validated first; an invalid file changes nothing (`reload_r
 names the key). What can change live: `[[routes]]` and `[devices]` (subscriptions follow:
 new filters subscribed, gone ones unsubscribed, on the same session), `[flush]`, and the
 cloud's credentials, quota and age settings. What cannot (`[mqtt]`, `[store]`, `[log]`,
-`[metrics]`, `cloud.server`, `cloud.timeout_s`) keeps its old value and is named in the log
-line, so the operator knows a restart is needed. Parked streams are retried: the reload
-may have fixed their ids.
+`[metrics]`, `[clock]`, `cloud.server`, `cloud.timeout_s`) keeps its old value and is
+named in the log line, so the operator knows a restart is needed. Parked streams are
+retried: the reload may have fixed their ids.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from gateway.ops.systemd import ServiceNotifier
 log = get_logger("reload")
 
 # Sections used once, at start-up: a change waits for a restart.
-RESTART_SECTIONS = ("mqtt", "store", "log", "metrics")
+RESTART_SECTIONS = ("mqtt", "store", "log", "metrics", "clock")
 RESTART_CLOUD_KEYS = ("server", "timeout_s")
 
 

@@ -323,9 +323,14 @@ def status_line(
     quota_used: int | None = None,
     quota_limit: int | None = None,
     extra: str | None = None,
+    held_for_clock: int | None = None,
 ) -> str:
-    """`online, backlog 12,345 (oldest 3h12m), quota 4,210/10,000 today` and what is wrong."""
+    """`online, backlog 12,345 (oldest 3h12m), quota 4,210/10,000 today` and what is wrong.
+
+    `held_for_clock`: the clock is not trusted and this many readings wait for it."""
     parts = ["online" if cloud_online else "offline (buffering)"]
+    if held_for_clock is not None:
+        parts.append(f"waiting for the clock ({held_for_clock:,} readings held)")
     backlog_text = f"backlog {backlog:,}"
     if backlog and oldest_age_s is not None:
         backlog_text += f" (oldest {format_duration(oldest_age_s)})"

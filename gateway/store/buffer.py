@@ -41,10 +41,20 @@ from typing import Any, Literal, TypeVar, cast
 import aiosqlite
 
 from gateway.aio import Notifier, uncancelled
+from gateway.clock import read_boot_id
 from gateway.errors import DiskFull, StoreCorrupt, StoreError, UnstorableValue
 from gateway.log import get_logger
-from gateway.models import Batch, Point, Reading, StreamKey
-from gateway.store import deadletters, files, ledger, recovery, schema, streams, windows
+from gateway.models import Batch, Point, ProvisionalReading, Reading, StreamKey
+from gateway.store import (
+    deadletters,
+    files,
+    ledger,
+    provisional,
+    recovery,
+    schema,
+    streams,
+    windows,
+)
 from gateway.store.bindable import BINDING_ERRORS
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
@@ -55,6 +65,7 @@ from gateway.store.disk import DiskGuard, PartialAcks, StoreFault
 from gateway.store.inspection import ReadViews
 from gateway.store.ledger import QuotaLedger
 from gateway.store.progress import LongWorkObserver
+from gateway.store.provisional import HeldRow, ProvisionalOps
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, is_corruption, store_error
 from gateway.store.reservations import QuotaReservations
@@ -86,6 +97,8 @@ class AppendResult:
     evicted_by_device: Mapping[int, int] = field(default_factory=dict)
     refused_by_device: Mapping[int, int] = field(default_factory=dict)
     late: int = 0  # for windows already closed: dead-lettered (windows.py)
+    # of `inserted`: held for the clock (provisional.py), not in the upload queue yet
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,7 @@ class Lease:
     expired: int
 
 
-class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
+class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, ProvisionalOps):
     """Async facade over one SQLite connection; every operation is one transaction."""
 
     def __init__(
@@ -110,6 +123,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
         page_size: int,
         monotonic: Callable[[], float],
         long_work: LongWorkObserver | None,
+        boot_id: str,
     ) -> None:
         self.path = path
         self._long_work = long_work
@@ -123,6 +137,11 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
         self._stream_ids: dict[StreamKey, int] = {}
         self._stream_keys: dict[int, StreamKey] = {}
         self.pending_points = 0
+        # Readings held for the clock, this boot's and earlier ones' (provisional.py).
+        self.provisional_points = 0
+        self.boot_id = boot_id
+        self._boot_row: int | None = None
+        self.boot_offset_ms: int | None = None
         # Announced after every commit that added rows: the flush loop listens.
         self.new_rows = Notifier()
         # Announced whenever rows leave the table: ingest listens while the buffer is full.
@@ -160,6 +179,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
         monotonic: Callable[[], float] | None = None,
         long_work: LongWorkObserver | None = None,
         stop: asyncio.Event | None = None,
+        boot_id: str | None = None,
     ) -> Store:
         """Open (creating or upgrading) the buffer.
 
@@ -169,6 +189,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
         open the file until `stop` is set (`DiskGuard.connect_when_room`). `monotonic`
         paces the summary log lines (tests inject one). `long_work` hears how a salvage, an
         upgrade or the full check progresses, here and for as long as the store is open.
+        `boot_id` keys the readings held for the clock (the kernel's, gateway/clock.py,
+        unless a test gives one).
         """
         started = time.perf_counter()
         await asyncio.to_thread(files.prepare_buffer_path, path, owner=owner)
@@ -181,6 +203,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
             page_size=page_size,
             monotonic=monotonic or time.monotonic,
             long_work=long_work,
+            boot_id=boot_id or read_boot_id() or "unknown",
         )
         await asyncio.to_thread(store._disk.open_reserve)
         try:
@@ -238,6 +261,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
             # (before READY=1, under TimeoutStartSec=), or on a file a salvage just wrote.
             (count,) = await fetch_one(db, "SELECT count(*) FROM readings")
             self.pending_points = int(count)
+        self.provisional_points = await provisional.count(db)
         await recovery.probe(db, self._stream_keys)
         await windows.load(db, self._stream_keys, self.sampling)
         (self._data_version,) = await fetch_one(db, "PRAGMA data_version")
@@ -399,7 +423,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
         `kept`: each deadband stream's last kept reading. Readings for closed windows are
         dead-lettered as late here, under the lock: none joins a window being sent.
         """
-        self._policy.check_room(self.pending_points, len(readings))
+        # Readings held for the clock are in the buffer too (and leave it only by moving).
+        held_points = self.provisional_points
+        self._policy.check_room(self.pending_points + held_points, len(readings))
         if self.disk_full:
             async with self._lock:
                 room = await self._disk.room_for(
@@ -419,6 +445,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
 
         async def insert() -> tuple[AppendResult, Callable[[], None]]:
             rows: list[Row] = []
+            held: list[HeldRow] = []
             new_streams: dict[StreamKey, int] = {}
 
             async def stream_id_of(key: StreamKey) -> int:
@@ -435,33 +462,41 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
                 stream_id = self._stream_ids.get(key) or new_streams.get(key)
                 if stream_id is None:
                     stream_id = await stream_id_of(key)
-                rows.append((stream_id, reading.ts_ms, reading.value_json))
+                ts_ms = reading.ts_ms
+                if type(reading) is ProvisionalReading:  # a boottime: held for the clock
+                    if self.boot_offset_ms is None:
+                        held.append((stream_id, ts_ms, reading.value_json))
+                        continue
+                    ts_ms += self.boot_offset_ms  # the clock became trusted meanwhile
+                rows.append((stream_id, ts_ms, reading.value_json))
             if late:
                 await windows.add_late(self._db, self._clock_ms(), late, self.sampling)
             sampled = await self._write_sampling(touched, kept or {}, stream_id_of)
             inserted, duplicates, refused = await self._policy.insert(
-                self._db, rows, self.pending_points
+                self._db, rows, self.pending_points + held_points
             )
+            held_in, boot = await self._hold(held) if held else (0, self._boot_row)
             if rejected:
                 await deadletters.add_rejected(self._db, self._clock_ms(), rejected)
                 await self._prune_dead_letters()
             known = {**self._stream_keys, **{sid: key for key, sid in new_streams.items()}}
             drops = await self._policy.make_room(
                 self._db,
-                buffered=self.pending_points + inserted,
+                buffered=self.pending_points + held_points + held_in + inserted,
                 page_size=self.page_size,
                 stream_ids=sorted(known),
                 device_of=lambda stream_id: known[stream_id].device_id,
                 refused_rows=refused,
             )
             result = AppendResult(
-                inserted=inserted,
-                duplicates=duplicates,
+                inserted=inserted + held_in,
+                duplicates=duplicates + len(held) - held_in,
                 evicted=sum(drops.evicted.values()),
                 refused=len(refused),
                 evicted_by_device=drops.evicted,
                 refused_by_device=drops.refused,
                 late=len(late),
+                held=held_in,
             )
 
             def on_commit() -> None:
@@ -470,6 +505,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps):
                     self._stream_keys[stream_id] = key
                 sampled()
                 self.pending_points += inserted - result.evicted
+                self.provisional_points += held_in
+                self._boot_row = boot
                 self.used_bytes = drops.used_bytes
                 self._policy.committed(drops, buffered=self.pending_points)
                 if inserted:

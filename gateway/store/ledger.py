@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import aiosqlite
 
-from gateway.store.sql import changes
+from gateway.store.sql import changes, fetch_one
 
 if TYPE_CHECKING:
     from gateway.store.reservations import QuotaReservations
@@ -48,6 +48,23 @@ async def mark_exhausted(db: aiosqlite.Connection, device_id: int, day: str) -> 
         "ON CONFLICT (device_id, day) DO UPDATE SET exhausted = 1",
         (device_id, day),
     )
+
+
+async def rebase_days(db: aiosqlite.Connection, today: str) -> int:
+    """Move every day after `today` into `today` (points added, exhausted kept): a clock
+    that ran ahead charged them, and the cloud counted them today. Points moved."""
+    (moved,) = await fetch_one(
+        db, "SELECT coalesce(sum(points), 0) FROM quota_days WHERE day > ?", (today,)
+    )
+    await db.execute(
+        "INSERT INTO quota_days (device_id, day, points, exhausted) "
+        "SELECT device_id, ?, sum(points), max(exhausted) FROM quota_days WHERE day > ? "
+        "GROUP BY device_id ON CONFLICT (device_id, day) DO UPDATE SET "
+        "points = points + excluded.points, exhausted = max(exhausted, excluded.exhausted)",
+        (today, today),
+    )
+    await db.execute("DELETE FROM quota_days WHERE day > ?", (today,))
+    return int(moved)
 
 
 async def prune_days(db: aiosqlite.Connection, keep: int = QUOTA_DAYS_KEPT) -> int:
@@ -100,6 +117,16 @@ class QuotaLedger:
             if not grant:
                 return grant == 0, None
             return True, lambda: reservations.granted(device_id, day, grant)
+
+        return await self._in_transaction(work)
+
+    async def rebase_quota_days(self, today: str) -> int:
+        """The clock stepped back: charges counted on days after `today` move to today
+        (ledger and reservations); how many points moved."""
+
+        async def work() -> tuple[int, Callable[[], None]]:
+            moved = await rebase_days(self._db, today)
+            return moved, lambda: self._reservations.rebase(today)
 
         return await self._in_transaction(work)
 

@@ -25,7 +25,7 @@ import aiosqlite
 
 from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
-from gateway.store import rawpages
+from gateway.store import provisional, rawpages
 from gateway.store.files import create_private_file
 from gateway.store.progress import LongWorkObserver, WorkProgress
 from gateway.store.rawpages import check_header
@@ -425,6 +425,7 @@ def _salvage_rows(
                 "INSERT OR IGNORE INTO accepted_streams (device_id, datastream_id) VALUES (?, ?)",
                 source.execute("SELECT device_id, datastream_id FROM accepted_streams").fetchall(),
             )
+        provisional.salvage(source, fresh)  # readings held for the clock, if any
         fresh.execute("COMMIT")
     finally:
         source.close()

@@ -64,6 +64,14 @@ class QuotaReservations:
         key = (device_id, day)
         self._left[key] = max(0, self._left.get(key, 0) - points)
 
+    def rebase(self, today: str) -> None:
+        """Reservations on days after `today` (a clock that ran ahead) become today's, as
+        the ledger rows they were written to did (`ledger.rebase_days`)."""
+        for (device_id, day), left in list(self._left.items()):
+            if day > today:
+                del self._left[(device_id, day)]
+                self._left[(device_id, today)] = self.left(device_id, today) + left
+
     async def give_back(self, db: aiosqlite.Connection) -> None:
         """Inside a transaction (clean shutdown): uncount what was reserved and not used."""
         for (device_id, day), left in self._left.items():

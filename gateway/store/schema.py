@@ -17,7 +17,7 @@ from gateway.store.progress import LongWorkObserver, WorkProgress
 
 log = get_logger("store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # New files only (SQLite fixes the page size when the file is created). A commit writes
 # every page it touches to the WAL, and small commits touch a few pages each: 1 KiB pages
@@ -133,6 +133,34 @@ _MIGRATIONS: dict[int, str] = {
         );
     """,
 }
+
+# Version 6 (issue 20): readings stamped while the clock was not trusted wait apart from
+# `readings` (so no upload, quota or age rule sees them), keyed by the boot and its
+# CLOCK_BOOTTIME, until the clock synchronizes and gives them their wall time
+# (provisional.py). `boots` remembers each boot's last trusted moment, to estimate the
+# time of a boot that never synchronized, and the last correction, for `status`.
+_CLOCK_TABLES = """
+    CREATE TABLE boots (
+        id INTEGER PRIMARY KEY,
+        boot_id TEXT NOT NULL UNIQUE,
+        trusted_wall_ms INTEGER,
+        trusted_boottime_ms INTEGER,
+        corrected INTEGER NOT NULL DEFAULT 0,
+        corrected_at_ms INTEGER,
+        offset_ms INTEGER,
+        estimated INTEGER NOT NULL DEFAULT 0,
+        dead_lettered INTEGER NOT NULL DEFAULT 0
+    );
+    -- boot first: a correction walks one boot's rows; (stream, stamp, value) as in readings
+    CREATE TABLE provisional (
+        boot INTEGER NOT NULL,
+        stream_id INTEGER NOT NULL,
+        boottime_ms INTEGER NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (boot, stream_id, boottime_ms, value)
+    ) WITHOUT ROWID;
+"""
+_MIGRATIONS[6] = _CLOCK_TABLES
 
 
 def migrate(connection: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:

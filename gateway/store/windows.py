@@ -31,7 +31,7 @@ from typing import TypeVar
 import aiosqlite
 
 from gateway.log import get_logger
-from gateway.models import Batch, Point, Reading, StreamKey
+from gateway.models import Batch, Point, ProvisionalReading, Reading, StreamKey
 from gateway.sampling import Aggregator, Rule, WindowRule, window_start
 from gateway.store import deadletters, streams
 from gateway.store.sql import changes_many
@@ -134,7 +134,9 @@ class SamplingState:
         late: list[Reading] = []
         for reading in readings:
             key = StreamKey(reading.device_id, reading.datastream_id)
-            if reading.ts_ms < self.closed_before(key) and self.window_rule(key) is not None:
+            if type(reading) is ProvisionalReading:  # boot time, not wall time: not judged
+                keep.append(reading)
+            elif reading.ts_ms < self.closed_before(key) and self.window_rule(key) is not None:
                 late.append(reading)
             else:
                 keep.append(reading)

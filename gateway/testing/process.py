@@ -56,8 +56,9 @@ def daemon_config(
 
     The defaults are the daemon's own except for what the test rig decides: the broker
     (on 127.0.0.1, like every `MosquittoBroker`), the sandbox's URL and credentials, the
-    buffer path, JSON logs, the routes. ``sections`` are merged key by key over them, e.g.
-    ``flush={"batch_size": 200}`` or ``mqtt={"client_id": "gw-2"}``.
+    buffer path, JSON logs, the routes, and `[clock] trust = "always"`. ``sections`` are
+    merged key by key over them, e.g. ``flush={"batch_size": 200}`` or
+    ``mqtt={"client_id": "gw-2"}``.
     """
     config: dict[str, Any] = {
         "mqtt": {"host": "127.0.0.1", "port": broker_port, "client_id": "gateway-under-test"},
@@ -68,6 +69,9 @@ def daemon_config(
         },
         "store": {"path": str(db_path)},
         "log": {"level": "info", "format": "json"},
+        # The test machines have no NTP daemon (the kernel says unsynchronized): their
+        # clock is taken as right, as before [clock] existed. Tests of the clock set it.
+        "clock": {"trust": "always"},
     }
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.aio import Heartbeat, wait_any
+from gateway.clock import Clock
 from gateway.config import CloudSettings, FlushSettings
 from gateway.errors import (
     BatchRejected,
@@ -51,6 +52,7 @@ from gateway.errors import (
 from gateway.log import format_duration, get_logger
 from gateway.models import Batch, StreamKey
 from gateway.store import Store, StreamState
+from gateway.uplink.clockgate import ClockGate
 from gateway.uplink.cloud import CloudClient
 from gateway.uplink.link import Uplink
 from gateway.uplink.passthrough import PassThrough
@@ -148,8 +150,12 @@ class FlushLoop:
         *,
         clock_ms: Callable[[], int] | None = None,
         network_changed: asyncio.Event | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: upload only while it is trusted, re-evaluate after its steps
+        (clockgate.py); None: `clock_ms` is always trusted."""
         self._store = store
+        self._clock_gate = None if clock is None else ClockGate(clock, store)
         self._new_rows = store.new_rows.listen()
         self._cloud = cloud
         self._settings = settings
@@ -277,6 +283,7 @@ class FlushLoop:
     def _pass_through_allowed(self) -> bool:
         return (
             self._settings.pass_through
+            and (self._clock_gate is None or self._clock_gate.open)
             and self.uplink.online
             and self._store.only_windows_buffered()  # sampling: windows wait in the buffer
             and not self._unacked
@@ -385,10 +392,14 @@ class FlushLoop:
 
     async def run_pass(self) -> PassOutcome:
         self.stats.passes += 1
+        gate = self._clock_gate
+        allowed = gate is None or await gate.allows(self._quota, self._unacked)
         await self._ack_delivered()
         await self._stream_order.remember(self._store)
         self._report_stream_events()
         self._new_rows.clear()
+        if not allowed:
+            return PassOutcome.IDLE  # the clock is not trusted: no quota day, no age rule
         await self._expire_if_due()
         streams = await self._store.pending_streams()
         if not streams:

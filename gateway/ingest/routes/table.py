@@ -154,6 +154,9 @@ class Outcome:
     ts_replaced: int = 0
     ts_problem: str | None = None  # why the last replaced time was not trusted
     no_reading: int = 0
+    # indexes of the readings stamped with the receive time (no trusted time of their
+    # own): while the clock is not trusted, admission holds these (gateway/clock.py)
+    received: list[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,12 @@ class RouteTable:
         )
         self._by_topic: dict[str, _Match | None] = {}
         self._cached_bytes = 0
+        self._stamps = ReceiveStamps()
+
+    def forget_receive_stamps(self) -> None:
+        """The clock stepped: stamps follow it from now on. After a step back, the stamps
+        handed out before it lie ahead of the clock, and a stream's next readings would
+        otherwise be crammed a millisecond apart right after them until it caught up."""
         self._stamps = ReceiveStamps()
 
     def keep_receive_stamps(self, previous: RouteTable) -> None:
@@ -328,7 +337,9 @@ class RouteTable:
             self._refuse(outcome, "payload_too_large", detail, device_id, target)
             return outcome
         if route.plain and target is not None and device_id is not None:
-            reading = self._plain_reading(route, device_id, target, payload, received_ms, retained)
+            reading = self._plain_reading(
+                route, device_id, target, payload, received_ms, retained, outcome
+            )
             if reading is not None:
                 outcome.readings.append(reading)
                 return outcome
@@ -348,6 +359,7 @@ class RouteTable:
             self._add_reading(route, device_id, item, received_ms, retained, outcome, unstamped)
         if unstamped:
             self._stamp_on_receipt(outcome.readings, unstamped, received_ms)
+            outcome.received = unstamped
         return outcome
 
     def _plain_reading(
@@ -358,6 +370,7 @@ class RouteTable:
         payload: bytes,
         received_ms: int,
         retained: bool,
+        outcome: Outcome,
     ) -> Reading | None:
         """The hot paths of a single-datastream route: a bare number, or `{"value": number,
         "ts": epoch ms}`, without the general machinery. None hands the payload to the
@@ -388,6 +401,7 @@ class RouteTable:
             return None
         if ts_ms is None:
             ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
+            outcome.received = [0]  # the message's only reading
         return Reading(device_id, target.datastream_id, ts_ms, value_json)
 
     def _named_device(self, name: str, outcome: Outcome) -> int | None:
@@ -537,6 +551,9 @@ class RouteTable:
                 return
             if unstamped is None:
                 ts_ms = self._receive_stamp(device_id, target.datastream_id, received_ms)
+                if outcome.received is None:
+                    outcome.received = []
+                outcome.received.append(len(outcome.readings))
             else:
                 unstamped.append(len(outcome.readings))
                 ts_ms = received_ms
