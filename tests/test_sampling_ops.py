@@ -17,7 +17,8 @@ import pytest
 from test_metrics import scrape, value
 
 from gateway.cli import main
-from gateway.cli.status import collect, render
+from gateway.cli.status import collect
+from gateway.cli.status_table import render
 from gateway.config import Settings
 from gateway.ingest.routes.suggest import Observed, suggest_config
 from gateway.models import StreamKey

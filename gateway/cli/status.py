@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return exit_code
     # The table keeps its one sentence on stderr (cli.main) for what it cannot report.
+    from gateway.cli.status_table import render
+
     print(render(asyncio.run(collect(load_settings(args.config)))))
     return EXIT_OK
 
@@ -106,7 +108,7 @@ def unavailable_report(code: str, message: str, now_ms: int | None = None) -> di
     """The `--json` document when not even the config could be read."""
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     return {
-        "generated_at": _iso(now_ms),
+        "generated_at": iso(now_ms),
         "error": {"code": code, "message": message},
     } | dict.fromkeys(REPORT_SECTIONS)
 
@@ -228,7 +230,7 @@ async def collect(
     quota = DailyQuota(cloud.daily_points_limit, cloud.day_timezone)
     day = quota.day_of(now_ms)
     header = {
-        "generated_at": _iso(now_ms),
+        "generated_at": iso(now_ms),
         "error": None,
         "daemon": _daemon(live, now_ms),
         "cloud": _cloud(live, settings, now_ms),
@@ -297,7 +299,7 @@ async def collect(
                 "backlog": result.backlog,
                 "will_send": result.will_send,
                 "will_expire": result.will_expire,
-                "clears_at": _iso(result.clears_at_ms),
+                "clears_at": iso(result.clears_at_ms),
                 "quota_days": result.days,
                 "observed_rate_per_s": rate,
                 "eta_at_observed_rate_s": _round(drain_eta_s(result.backlog, rate or 0.0)),
@@ -331,7 +333,7 @@ async def collect(
     return header | {
         "backlog": {
             "readings": backlog,
-            "oldest": _iso(oldest),
+            "oldest": iso(oldest),
             "oldest_age_s": _age_s(oldest, now_ms),
             "streams": stream_rows,
             "streams_omitted": streams_omitted,
@@ -340,7 +342,7 @@ async def collect(
             "day": day,
             "timezone": cloud.day_timezone,
             "limit_per_device": cloud.daily_points_limit,
-            "resets_at": _iso(quota.next_reset_ms(now_ms)),
+            "resets_at": iso(quota.next_reset_ms(now_ms)),
             "devices": quota_rows,
             "devices_omitted": quota_omitted,
         },
@@ -388,7 +390,7 @@ def _stream_row(head: StreamHead, readings: int, now_ms: int) -> dict[str, Any]:
         "device_id": head.key.device_id,
         "datastream_id": head.key.datastream_id,
         "readings": readings,
-        "oldest": _iso(head.oldest_ts_ms),
+        "oldest": iso(head.oldest_ts_ms),
         "oldest_age_s": _age_s(head.oldest_ts_ms, now_ms),
         "parked": None if parked is None else clip(parked),  # the cloud's words
     }
@@ -401,7 +403,7 @@ def _daemon(live: dict[str, Any] | None, now_ms: int) -> dict[str, Any]:
         "running": True,
         "pid": live["pid"],
         "version": live["version"],
-        "started_at": _iso(live["started_at_ms"]),
+        "started_at": iso(live["started_at_ms"]),
         "uptime_s": _age_s(live["started_at_ms"], now_ms),
         "buffered_in_memory": live["buffered_points"],
         "disk_full": live["disk_full"],
@@ -415,12 +417,12 @@ def _cloud(live: dict[str, Any] | None, settings: Settings, now_ms: int) -> dict
         return info | {"online": None}
     return info | {
         "online": live["cloud_online"],
-        "since": _iso(live["cloud_since_ms"]),
-        "last_upload_ok": _iso(live["last_upload_ok_ms"]),
+        "since": iso(live["cloud_since_ms"]),
+        "last_upload_ok": iso(live["last_upload_ok_ms"]),
         "last_upload_ok_age_s": _age_s(live["last_upload_ok_ms"], now_ms),
         "last_error": None if live["last_error"] is None else clip(live["last_error"], ERROR_CHARS),
         "last_error_kind": live["last_error_kind"],
-        "last_error_at": _iso(live["last_error_ms"]),
+        "last_error_at": iso(live["last_error_ms"]),
         "uploads": live["uploads"],
     }
 
@@ -468,7 +470,7 @@ def _ingest(live: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def _iso(epoch_ms: int | None) -> str | None:
+def iso(epoch_ms: int | None) -> str | None:
     if epoch_ms is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_ms / 1000))
@@ -480,172 +482,6 @@ def _age_s(epoch_ms: int | None, now_ms: int) -> float | None:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
-
-
-# --------------------------------------------------------------------------- the table
-
-
-def _n(value: int | None) -> str:
-    return "-" if value is None else f"{value:,}"
-
-
-def _dur(seconds: float | None) -> str:
-    from gateway.log import format_duration
-
-    return "-" if seconds is None else format_duration(seconds)
-
-
-def _table(rows: list[list[str]], indent: str = "    ") -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        (indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip()
-        for row in rows
-    ]
-
-
-def _cut(
-    rows: list[dict[str, Any]], omitted: int, weight: Callable[[dict[str, Any]], Any], what: str
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """The TABLE_ROWS heaviest rows, and the line that says how many are not shown."""
-    shown, hidden = largest(rows, weight, TABLE_ROWS)
-    hidden += omitted
-    if not hidden:
-        return shown, []
-    return shown, [f"    ... and {hidden:,} more {what} (--json lists up to {MAX_ROWS:,})"]
-
-
-def render(report: dict[str, Any]) -> str:
-    """The report as an operator reads it over SSH."""
-    lines = [f"blynk-gateway status at {report['generated_at']}"]
-    daemon, cloud, mqtt = report["daemon"], report["cloud"], report["mqtt"]
-    if daemon["running"]:
-        lines.append(
-            f"daemon      running, pid {daemon['pid']}, version {daemon['version']}, "
-            f"up {_dur(daemon['uptime_s'])}"
-            + (", DISK FULL" if daemon["disk_full"] else "")
-            + (", holding MQTT acks" if daemon["holding_acks"] else "")
-        )
-        state = "online" if cloud["online"] else "OFFLINE"
-        last_ok = cloud["last_upload_ok"]
-        lines.append(
-            f"cloud       {state} since {cloud['since']}, {cloud['server']}; last upload "
-            + (f"{last_ok} ({_dur(cloud['last_upload_ok_age_s'])} ago)" if last_ok else "none")
-        )
-        if cloud["last_error"]:
-            lines.append(f"            last error {cloud['last_error_at']}: {cloud['last_error']}")
-        lines.append(
-            f"mqtt        {'connected' if mqtt['connected'] else 'DISCONNECTED'} ({mqtt['broker']})"
-        )
-    else:
-        lines.append("daemon      NOT RUNNING: figures below come from the database alone")
-        lines.append(f"cloud       unknown ({cloud['server']})")
-        lines.append(f"mqtt        unknown ({mqtt['broker']})")
-
-    lines += _clock_lines(report["clock"])
-    backlog = report["backlog"]
-    lines.append(
-        f"backlog     {_n(backlog['readings'])} readings"
-        + (f", oldest {_dur(backlog['oldest_age_s'])} old" if backlog["streams"] else "")
-    )
-    if backlog["streams"]:
-        streams, more = _cut(
-            backlog["streams"], backlog["streams_omitted"], lambda s: s["readings"], "streams"
-        )
-        rows = [["device", "datastream", "readings", "oldest", "state"]]
-        rows += [
-            [
-                str(s["device_id"]),
-                str(s["datastream_id"]),
-                _n(s["readings"]),
-                _dur(s["oldest_age_s"]),
-                f"parked: {s['parked']}" if s["parked"] else "",
-            ]
-            for s in streams
-        ]
-        lines += _table(rows) + more
-
-    quota = report["quota"]
-    lines.append(
-        f"quota       {quota['day']} ({quota['timezone']}), {_n(quota['limit_per_device'])} "
-        f"per device, resets {quota['resets_at']}"
-    )
-    if quota["devices"]:
-        devices, more = _cut(
-            quota["devices"], quota["devices_omitted"], lambda d: d["used"], "devices"
-        )
-        rows = [["device", "used today", "left", ""]]
-        rows += [
-            [
-                str(d["device_id"]),
-                _n(d["used"]),
-                _n(d["left"]),
-                "refused by cloud" if d["refused_by_cloud"] else "",
-            ]
-            for d in devices
-        ]
-        lines += _table(rows) + more
-
-    forecast, drain = report["forecast"], report["drain"]
-    lines.append(
-        f"forecast    {_n(forecast['will_expire'])} readings WILL EXPIRE before they can be sent "
-        f"(quota and {forecast['max_age_days']:g}-day age limit less "
-        f"{forecast['age_margin_hours']:g} h, {forecast['order']} first)"
-    )
-    if forecast["devices"]:
-        devices, more = _cut(
-            forecast["devices"],
-            forecast["devices_omitted"],
-            lambda f: (f["will_expire"], f["backlog"]),
-            "devices",
-        )
-        rows = [["device", "backlog", "will send", "will expire", "cleared by", "at observed"]]
-        rows += [
-            [
-                str(f["device_id"]),
-                _n(f["backlog"]),
-                _n(f["will_send"]),
-                _n(f["will_expire"]),
-                f"{f['clears_at']} ({f['quota_days']} quota days)",
-                _dur(f["eta_at_observed_rate_s"])
-                if f["observed_rate_per_s"]
-                else ("quota spent" if f["observed_rate_per_s"] == 0 else "-"),
-            ]
-            for f in devices
-        ]
-        lines += _table(rows) + more
-    if drain["observed_out_per_s"] is not None:
-        lines.append(
-            f"drain       {drain['observed_out_per_s']:.1f}/s sent, "
-            f"{drain['observed_in_per_s'] or 0:.1f}/s stored over the last minutes: "
-            + (
-                f"empty in {_dur(drain['eta_s'])}"
-                if drain["eta_s"] is not None
-                else "not shrinking"
-            )
-        )
-
-    dead = report["dead_letters"]
-    reasons = ", ".join(f"{reason} {_n(count)}" for reason, count in dead["by_reason"].items())
-    lines.append(f"dead letters {_n(dead['total'])}" + (f": {reasons}" if reasons else ""))
-    evictions = report["evictions"]
-    lines.append(
-        f"evictions   {_n(evictions['evicted'])} evicted (drop-oldest), "
-        f"{_n(evictions['refused'])} refused (drop-newest), since the buffer was created"
-    )
-    lines += render_sampling(report["sampling"])
-    ingest = report["ingest"]
-    if ingest is not None:
-        unmapped = ingest["unmapped_devices"]
-        names = ", ".join(f"{name} ({_n(count)})" for name, count in unmapped.items())
-        lines.append(
-            "unmapped    "
-            + (f"{ingest['unmapped_devices_total']} device names: {names}" if names else "none")
-        )
-    database = report["database"]
-    lines.append(
-        f"database    {database['path']}, {database['file_bytes'] / 1e6:.1f} MB with its WAL"
-    )
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- sampling
@@ -714,72 +550,3 @@ def _planned_per_day(rules: list[dict[str, Any]]) -> int | None:
     if not windows or len(windows) != len(rules):
         return None
     return sum(round(86_400 / window_s) for window_s in windows)
-
-
-def render_sampling(sampling: dict[str, Any]) -> list[str]:
-    """One row per device, then its datastreams' rules: those its readings met, when the
-    daemon saw some, else those the configuration gives it."""
-    devices = sampling["devices"]
-    if not devices:
-        return []
-    lines = [f"sampling    quota {_n(sampling['limit_per_device'])} points per device per day"]
-    rows = [["device", "arriving/day", "sent/day", "fits"]]
-    details: list[list[str]] = [[]]
-    for device in devices:
-        sent = device["points_per_day"]
-        if sent is None and device["planned_points_per_day"] is not None:
-            sent_text = f"<= {_n(device['planned_points_per_day'])}"
-        else:
-            sent_text = _n(None if sent is None else round(sent))
-        arriving = device["arriving_per_day"]
-        fits = {True: "yes", False: "NO", None: "-"}[device["fits"]]
-        if device["fits"] is False and not device["sampled"]:
-            fits += ": no sample rule (see `routes suggest`)"
-        rows.append(
-            [
-                str(device["device_id"]),
-                _n(None if arriving is None else round(arriving)),
-                sent_text,
-                fits,
-            ]
-        )
-        streams = device["streams"]
-        if any(stream["source"] == "observed" for stream in streams):
-            streams = [stream for stream in streams if stream["source"] == "observed"]
-        details.append([f"        datastream {s['datastream_id']}: {s['rule']}" for s in streams])
-    for line, extra in zip(_table(rows), details, strict=True):
-        lines += [line, *extra]
-    return lines
-
-
-def _clock_lines(clock: dict[str, Any]) -> list[str]:
-    """`clock  synchronized (kernel)`, or why uploads wait and what is held for it."""
-    source, held = clock["source"], clock.get("provisional") or 0
-    if clock["synchronized"] is None:
-        state = f"unknown ({source})"
-    elif clock["synchronized"]:
-        state = f"synchronized ({source})"
-    else:
-        state = f"NOT SYNCHRONIZED ({source}): uploads wait for it"
-        if clock.get("problem"):
-            state += f"; {clock['problem']}"
-    lines = [f"clock       {state}" + (f", {_n(held)} readings held for it" if held else "")]
-    if clock["synchronized"] is False:
-        lines.append('            [clock] trust = "always" if this box keeps time without NTP')
-    last = clock.get("last_correction")
-    if last:
-        what = f"{_n(last['corrected'])} readings given their time"
-        if last["dead_lettered"]:
-            what += f", {_n(last['dead_lettered'])} dead-lettered (clock_unknown)"
-        offset_s = last["offset_s"]  # wall - boottime: when that boot began
-        if offset_s is None:
-            began = "no time known"
-        else:
-            began = ("ESTIMATED to have begun " if last["estimated"] else "began ") + str(
-                _iso(round(offset_s * 1000))
-            )
-        lines.append(
-            f"            last correction {_iso(last['at_ms'])}: {what} "
-            f"(boot {last['boot_id'][:8]} {began})"
-        )
-    return lines
