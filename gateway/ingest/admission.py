@@ -258,18 +258,7 @@ class Admission:
                 datastream_id=reading.datastream_id,
                 expired_total=stats.expired,
             )
-            dead.append(
-                RejectedPayload(
-                    "expired",
-                    kept_topic(topic),
-                    kept_payload,
-                    reading.device_id,
-                    reading.datastream_id,
-                    detail,
-                    ts_ms=reading.ts_ms,
-                    value_json=reading.value_json,
-                )
-            )
+            dead.append(reading_dead_letter("expired", topic, kept_payload, reading, detail))
         return fresh, dead
 
     def _unmapped(self, outcome: Outcome, route_name: str, topic: str, payload: bytes) -> None:
@@ -318,6 +307,23 @@ def unmapped_hint(name: str) -> str:
     if name.isascii() and name.isdigit():
         hint += ', or "+" = "numeric-id" if the name is the id'
     return hint
+
+
+def reading_dead_letter(
+    code: str, topic: str, payload: bytes, reading: Reading, detail: str
+) -> RejectedPayload:
+    """A dead letter for one reading of a message: the message as kept (topic and payload
+    cut to size), the reading's ids, time and value, and why."""
+    return RejectedPayload(
+        code,
+        kept_topic(topic),
+        payload[:KEPT_PAYLOAD_BYTES],
+        reading.device_id,
+        reading.datastream_id,
+        detail,
+        ts_ms=reading.ts_ms,
+        value_json=reading.value_json,
+    )
 
 
 def kept_topic(topic: str) -> str:

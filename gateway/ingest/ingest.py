@@ -23,7 +23,7 @@ from gateway.aio import wait_any
 from gateway.clock import Clock
 from gateway.config import MqttSettings
 from gateway.errors import BufferFull, StoreError
-from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, Admission, kept_topic
+from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, Admission, kept_topic, reading_dead_letter
 from gateway.ingest.mqtt_loop import MqttConnection
 from gateway.ingest.redelivery import RedeliveryFilter
 from gateway.ingest.routes import RouteTable
@@ -413,15 +413,8 @@ class MqttIngest:
         for reading, problem in bad:
             rejected.append(
                 storable_rejected(
-                    RejectedPayload(
-                        "unstorable",
-                        kept_topic(message.topic),
-                        message.payload[:KEPT_PAYLOAD_BYTES],
-                        reading.device_id,
-                        reading.datastream_id,
-                        problem,
-                        ts_ms=reading.ts_ms,
-                        value_json=reading.value_json,
+                    reading_dead_letter(
+                        "unstorable", message.topic, message.payload, reading, problem
                     )
                 )
             )

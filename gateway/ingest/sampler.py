@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, RefusalLog, kept_topic
+from gateway.ingest.admission import RefusalLog, reading_dead_letter
 from gateway.ingest.routes import CompiledRoute, RouteTable
 from gateway.ingest.stats import IngestStats
 from gateway.models import ProvisionalReading, Reading, StreamKey
@@ -215,16 +215,7 @@ class Sampler:
             device_id=reading.device_id,
             datastream_id=reading.datastream_id,
         )
-        return RejectedPayload(
-            code,
-            kept_topic(message.topic),
-            message.payload[:KEPT_PAYLOAD_BYTES],
-            reading.device_id,
-            reading.datastream_id,
-            detail,
-            ts_ms=reading.ts_ms,
-            value_json=reading.value_json,
-        )
+        return reading_dead_letter(code, message.topic, message.payload, reading, detail)
 
     # ------------------------------------------------------------------ pass-through
 
