@@ -48,11 +48,12 @@ from gateway.errors import (
     UnknownTarget,
     WrongRegion,
 )
-from gateway.log import format_duration, get_logger
+from gateway.log import get_logger
 from gateway.models import Batch, StreamKey
 from gateway.progress import Heartbeat
 from gateway.store import Store, StreamState
 from gateway.uplink.cloud import CloudClient
+from gateway.uplink.drain_progress import DRAIN_MIN_BATCHES, DrainProgress
 from gateway.uplink.link import Uplink
 from gateway.uplink.passthrough import PassThrough
 from gateway.uplink.quota import DailyQuota
@@ -70,9 +71,6 @@ ACK_HOLD_MAX_S = 1.0
 # upload, each up to connect + write + read timeouts) plus store calls.
 HEARTBEAT_REQUEST_TIMEOUTS = 6
 HEARTBEAT_MARGIN_S = 10.0
-# `draining` lines: at most one per interval, only for a backlog of more than a few batches.
-DRAIN_LOG_INTERVAL_S = 30.0
-DRAIN_MIN_BATCHES = 5
 
 
 class PassOutcome(enum.Enum):
@@ -88,52 +86,6 @@ class FlushStats:
     delivered: int = 0
     dead_lettered: int = 0
     expired: int = 0
-
-
-class DrainProgress:
-    """`draining backlog=… rate_per_s=… eta=…` while a large backlog shrinks.
-
-    Quiet for small backlogs (a few batches drain before anyone reads the line) and while
-    nothing is delivered (offline or over quota: those states have lines of their own).
-    """
-
-    def __init__(
-        self,
-        min_backlog: int,
-        interval_s: float = DRAIN_LOG_INTERVAL_S,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.min_backlog = min_backlog
-        self.interval_s = interval_s
-        self._clock = clock
-        self._window_start: float | None = None
-        self._delivered_at_start = 0
-
-    def update(self, backlog: int, delivered_total: int) -> None:
-        now = self._clock()
-        if backlog <= self.min_backlog:
-            self._window_start = None
-            return
-        if self._window_start is None:
-            self._window_start, self._delivered_at_start = now, delivered_total
-            return
-        elapsed_s = now - self._window_start
-        if elapsed_s < self.interval_s:
-            return
-        delivered = delivered_total - self._delivered_at_start
-        self._window_start, self._delivered_at_start = now, delivered_total
-        if delivered <= 0:
-            return
-        rate_per_s = delivered / elapsed_s
-        eta_s = backlog / rate_per_s
-        log.info(
-            "draining",
-            backlog=backlog,
-            rate_per_s=round(rate_per_s, 1),
-            eta=format_duration(eta_s),
-            eta_s=round(eta_s),
-        )
 
 
 class FlushLoop:
