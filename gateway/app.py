@@ -30,6 +30,7 @@ from gateway.ops.status_socket import StatusServer, socket_path
 from gateway.ops.systemd import ServiceMonitor, ServiceNotifier, status_line
 from gateway.progress import ProgressWatch
 from gateway.store import Capacity, Store
+from gateway.uplink.budget import RequestBudget
 from gateway.uplink.cloud import BlynkCloud
 from gateway.uplink.flush import FlushLoop
 from gateway.uplink.netwatch import NetworkWatcher
@@ -107,12 +108,15 @@ class Gateway:
             long_work=self.notifier,
             stop=self._stop_requested,  # a disk too full to open the buffer: wait for room
         )
+        # Every request the gateway makes counts against this (uplink/budget.py).
+        budget = RequestBudget(settings.cloud.max_requests_per_minute)
         self.cloud = cloud = BlynkCloud(
             settings.cloud.server,
             settings.cloud.client_id,
             settings.cloud.client_secret.get_secret_value(),
             timeout_s=settings.cloud.timeout_s,
             transport=self._cloud_transport,
+            budget=budget,
         )
         routes = RouteTable(
             settings.routes, settings.mqtt.max_payload_bytes, devices=settings.devices
@@ -138,6 +142,7 @@ class Gateway:
             settings.cloud,
             clock_ms=self._clock_ms,
             network_changed=network.changed.listen(),
+            budget=budget,
         )
         log.info(
             "gateway_started",

@@ -24,6 +24,7 @@ from gateway.config import MqttSettings
 from gateway.errors import BufferFull, StoreError
 from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, Admission, kept_topic
 from gateway.ingest.mqtt_loop import MqttConnection
+from gateway.ingest.pass_gate import PassGate
 from gateway.ingest.redelivery import RedeliveryFilter
 from gateway.ingest.routes import RouteTable
 from gateway.ingest.routes.table import describe_exception
@@ -136,6 +137,10 @@ class MqttIngest:
             on_session_lost=self._redelivery.session_lost,
             held_messages=lambda: self.held_messages,
         )
+        # Offer a group for pass-through, or write it first (see pass_gate.py).
+        self._gate = PassGate(commit_max_readings, settings.inflight_window)
+        self._passing = False  # a group waits for the cloud
+        self._window_filled = asyncio.Event()  # ... and the broker's window filled meanwhile
         self._pending = _PendingGroup()
         self._committing = 0  # messages in the commit under way
         self._group_ready = asyncio.Event()
@@ -233,6 +238,8 @@ class MqttIngest:
         group.messages.append(entry)
         if len(group) >= self._commit_max:
             self._group_full.set()
+        if self._passing and len(group) + self._committing >= self._gate.window:
+            self._window_filled.set()
         if len(group) + self._committing >= READ_PAUSE_MESSAGES and not self.holding:
             self._mqtt.pause_reading()
 
@@ -246,7 +253,7 @@ class MqttIngest:
                 continue
             self._committing = len(group)
             try:
-                if self._pass_through_wait_s and not self.holding:
+                if self._offers_pass_through(group):
                     await self._pass_through(group)
                 result = await self._append(group.messages)
             except BufferFull as full:
@@ -267,12 +274,41 @@ class MqttIngest:
             if self._deferred_since_resync and not self.holding:
                 await self._resync()
 
+    def _offers_pass_through(self, group: _PendingGroup) -> bool:
+        """Pass-through for this group, or write it first (pass_gate.py decides)."""
+        if not self._pass_through_wait_s or self.holding:
+            return False
+        gate = self._gate
+        gate.sample(self.stats.received)
+        if len(group) >= self._commit_max:  # the window closed it, not its gathering time
+            gate.pressure("window", held=self.held_messages)
+        allowed = gate.allows(self._gather_s())
+        self._store.staging.paused = gate.paused
+        return allowed
+
+    def _gather_s(self) -> float:
+        """How long a pass-through group gathers: the commit interval, or longer when the
+        request budget asks for several readings per request (store.staging.hold_s)."""
+        return max(self._commit_interval_s, self._store.staging.hold_s)
+
+    def _passes_through(self) -> bool:
+        """The next group will be offered for pass-through (as far as can be told now)."""
+        staging = self._store.staging
+        return bool(
+            self._pass_through_wait_s
+            and not self.holding
+            and not self._gate.paused
+            and staging.open
+            and not self._store.pending_points
+        )
+
     async def _pass_through(self, group: _PendingGroup) -> None:
         """Offer the group's readings for upload before writing them (store/staging.py);
         what the cloud accepted leaves the group, so it is acknowledged without a write.
 
         Only while nothing is buffered: a reading must never overtake an older one of its
-        stream that waits in the buffer.
+        stream that waits in the buffer. The wait ends early when the broker's window fills
+        meanwhile (pass_gate.py): the group is then written, unless it is being uploaded.
         """
         staging = self._store.staging
         if self._store.pending_points or not staging.open:
@@ -280,12 +316,19 @@ class MqttIngest:
         staged = staging.offer(group.readings)
         if staged is None:
             return
+        self._window_filled.clear()
+        self._passing = True
         try:
-            async with asyncio.timeout(self._pass_through_wait_s):
-                await staged.settled.wait()
-        except TimeoutError:
-            if not staging.reclaim(staged):
-                await staged.settled.wait()  # an upload is under way: its answer decides
+            await wait_any(staged.settled, self._window_filled, timeout_s=self._pass_through_wait_s)
+            if not staged.settled.is_set():
+                if self._window_filled.is_set():
+                    self._gate.pressure("window", held=self.held_messages)
+                if not staging.reclaim(staged):
+                    await staged.settled.wait()  # an upload is under way: its answer decides
+        finally:
+            self._passing = False
+        if staged.declined is not None:
+            self._gate.pressure(staged.declined, held=self.held_messages)
         passed = sum(staged.delivered)
         if not passed:
             return
@@ -312,7 +355,8 @@ class MqttIngest:
             await self._mqtt.wait_reconnected(self._resync_generation, RESYNC_WAIT_S)
             self._resync_generation = None
             group = self._pending
-        wait_s = group.first_at + self._commit_interval_s - time.monotonic()
+        interval_s = self._gather_s() if self._passes_through() else self._commit_interval_s
+        wait_s = group.first_at + interval_s - time.monotonic()
         if wait_s > 0 and not self._group_full.is_set() and not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):

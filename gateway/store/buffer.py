@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from gateway.errors import DiskFull, StoreCorrupt, StoreError, UnstorableValue
 from gateway.log import get_logger
 from gateway.models import Batch, Point, Reading, StreamKey
 from gateway.store import deadletters, files, ledger, recovery, schema, streams
+from gateway.store.arrivals import Arrivals
 from gateway.store.bindable import BINDING_ERRORS
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
@@ -133,6 +135,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         self._ledger_day: str | None = None  # quota days were last pruned on this one
         # Pass-through: readings offered for upload before any write (see staging.py).
         self.staging = Staging()
+        self.arrivals = Arrivals()  # on the flush loop's clock, not `monotonic`
         self._reservations = QuotaReservations()
         self._disk = DiskGuard(path, capacity.disk_reserve_bytes, owner=owner)
         self._partial_acks = PartialAcks()
@@ -411,8 +414,10 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
         async def insert() -> tuple[AppendResult, Callable[[], None]]:
             rows: list[Row] = []
             new_streams: dict[StreamKey, int] = {}
+            per_stream: Counter[StreamKey] = Counter()
             for reading in readings:
                 key = StreamKey(reading.device_id, reading.datastream_id)
+                per_stream[key] += 1
                 stream_id = self._stream_ids.get(key) or new_streams.get(key)
                 if stream_id is None:
                     stream_id = new_streams[key] = await streams.create(self._db, key)
@@ -449,6 +454,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
                 self.used_bytes = drops.used_bytes
                 self._policy.committed(drops, buffered=self.pending_points)
                 if inserted:
+                    self.arrivals.note(per_stream)
                     self.new_rows.notify()
 
             return result, on_commit
@@ -580,10 +586,15 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams):
             newest_day = max(day for _, day in delivered)
             if newest_day != self._ledger_day:  # the first ack of a day (or since open)
                 await ledger.prune_days(self._db)
+            returned: dict[tuple[int, str], int] = {}
+            if not self.staging.open and self._reservations.outstanding:
+                # pass-through closed: its unused reservations go back in this transaction
+                returned = await self._reservations.give_back(self._db)
 
             def on_commit() -> None:
                 self._rows_left(deleted)
                 self._ledger_day = newest_day
+                self._reservations.given_back(returned)
 
             return deleted, on_commit
 
