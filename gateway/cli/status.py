@@ -356,6 +356,9 @@ def _cloud(live: dict[str, Any] | None, settings: Settings, now_ms: int) -> dict
         "last_error_kind": live["last_error_kind"],
         "last_error_at": _iso(live["last_error_ms"]),
         "uploads": live["uploads"],
+        "requests_last_minute": live.get("cloud_requests_last_minute"),
+        "requests_per_minute_limit": live.get("cloud_requests_per_minute_limit"),
+        "pass_through": live.get("pass_through"),
     }
 
 
@@ -434,6 +437,12 @@ def render(report: dict[str, Any]) -> str:
         )
         if cloud["last_error"]:
             lines.append(f"            last error {cloud['last_error_at']}: {cloud['last_error']}")
+        if cloud.get("requests_per_minute_limit"):
+            lines.append(
+                f"            requests {_n(cloud['requests_last_minute'])} in the last minute "
+                f"(limit {_n(cloud['requests_per_minute_limit'])}/min); "
+                f"pass-through {cloud['pass_through']}"
+            )
         lines.append(
             f"mqtt        {'connected' if mqtt['connected'] else 'DISCONNECTED'} ({mqtt['broker']})"
         )

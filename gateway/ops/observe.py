@@ -201,6 +201,13 @@ class LiveState:
     # (str keys: this travels as JSON); the ledger on disk counts them already
     quota_reserved_today: dict[str, int]
     rates_per_s: dict[str, float]
+    # the organization's request budget (uplink/budget.py): requests started in the last
+    # 60 s, and cloud.max_requests_per_minute
+    cloud_requests_last_minute: int = 0
+    cloud_requests_per_minute_limit: int = 0
+    # pass-through: "on", "paused" (writing first: the broker's window or the budget is the
+    # limit), "closed" (buffered readings or the cloud unreachable) or "off" (configured)
+    pass_through: str = "off"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -319,7 +326,18 @@ class Observer:
             unmapped_devices_total=len(unmapped),
             quota_reserved_today=self._reserved_today(),
             rates_per_s=self.rates.rates(),
+            cloud_requests_last_minute=flush.budget.requests_last_minute() if flush else 0,
+            cloud_requests_per_minute_limit=settings.cloud.max_requests_per_minute,
+            pass_through=self._pass_through_state(),
         )
+
+    def _pass_through_state(self) -> str:
+        store, settings = self._gateway.store, self._gateway.settings
+        if not settings.flush.pass_through:
+            return "off"
+        if store is not None and store.staging.paused:
+            return "paused"
+        return "on" if store is not None and store.staging.open else "closed"
 
     def _reserved_today(self) -> dict[str, int]:
         store, cloud = self._gateway.store, self._gateway.settings.cloud

@@ -95,12 +95,17 @@ class QuotaLedger:
         """Count ahead what a round of pass-through uploads needs on `day`: `needs[d]`
         points of device d, topping its reservation up to `sizes[d]` when it runs short
         (reservations.py). One transaction at most, none while the reservations cover the
-        round. Returns the devices whose need is covered; the quota cannot cover the rest."""
+        round; other devices of `sizes` that are below half of theirs are topped up in the
+        same transaction (one write a minute for all devices, not one each). Returns the
+        devices whose need is covered; the quota cannot cover the rest."""
         reservations = self._reservations
         short = {device: n for device, n in needs.items() if reservations.left(device, day) < n}
         covered = set(needs) - set(short)
         if not short:
             return covered
+        for device, size in sizes.items():
+            if device not in needs and reservations.left(device, day) < size // 2:
+                short[device] = 0  # rides along
 
         async def work() -> tuple[set[int], Callable[[], None] | None]:
             grants: dict[int, int] = {}
@@ -115,7 +120,7 @@ class QuotaLedger:
                     reservations.granted(device, day, grant)
                 reservations.writes += 1
 
-            return set(grants), on_commit if grants else None
+            return {d for d in grants if d in needs}, on_commit if grants else None
 
         return covered | await self._in_transaction(work)
 

@@ -59,18 +59,18 @@ class QuotaReservations:
         self, db: aiosqlite.Connection, device_id: int, day: str, need: int, size: int, limit: int
     ) -> int | None:
         """Inside a transaction: top the device's reservation up to `size` (at least
-        `need`, at most what the quota leaves); returns the points written (0 if enough were
-        reserved already), or None if the quota cannot cover `need`. Memory changes only
-        in `granted`, once the transaction has committed."""
+        `need`, at most what the quota leaves); returns the points written (0: none were
+        needed or none are left), or None if the quota cannot cover `need`. Memory changes
+        only in `granted`, once the transaction has committed."""
         left = self.left(device_id, day)
-        if left >= need:
+        if left >= max(size, need):
             return 0
         counted, exhausted = await ledger.points_sent(db, device_id, day)
-        room = limit - counted
-        grant = min(max(size, need) - left, room)
+        grant = max(0, min(max(size, need) - left, limit - counted))
         if exhausted or left + grant < need:
             return None
-        await ledger.count_delivered(db, device_id, day, grant)
+        if grant:
+            await ledger.count_delivered(db, device_id, day, grant)
         return grant
 
     def granted(self, device_id: int, day: str, points: int) -> None:

@@ -71,6 +71,7 @@ class PassThrough:
         self._inflight = inflight
         self._pacing = pacing
         self._recent: deque[tuple[float, int, int]] = deque()  # (when, device, points)
+        self._first_sent_at: float | None = None
         self.stats = PassThroughStats()
 
     def open(self) -> None:
@@ -156,21 +157,31 @@ class PassThrough:
             need = {device_id: count}
             await self._store.reserve_quota(accepted_day, need, need, quota.limit)
         self._store.use_reserved_quota(device_id, accepted_day, count)
-        self._recent.append((time.monotonic(), device_id, count))
+        now = time.monotonic()
+        self._recent.append((now, device_id, count))
+        if self._first_sent_at is None:
+            self._first_sent_at = now
         for index in request.indices:
             group.delivered[index] = True
         self.stats.delivered += count
         return None
 
     def _sizes(self, needs: Counter[int]) -> dict[int, int]:
-        """Per device, a reservation of about a minute of its pass-through traffic."""
-        cutoff = time.monotonic() - RESERVE_HORIZON_S
+        """Per device (of this round, and every other that sent in the last minute), a
+        reservation of about a minute of its pass-through traffic (in the first minute,
+        what it sent so far scaled to a minute)."""
+        now = time.monotonic()
+        cutoff = now - RESERVE_HORIZON_S
         while self._recent and self._recent[0][0] < cutoff:
             self._recent.popleft()
         last_minute: Counter[int] = Counter()
         for _, device_id, points in self._recent:
-            if device_id in needs:
-                last_minute[device_id] += points
+            last_minute[device_id] += points
+        span_s = RESERVE_HORIZON_S
+        if self._first_sent_at is not None:
+            span_s = min(RESERVE_HORIZON_S, max(5.0, now - self._first_sent_at))
+        scale = RESERVE_HORIZON_S / span_s
         return {
-            device: reservation_size(last_minute[device], need) for device, need in needs.items()
+            device: reservation_size(round(last_minute[device] * scale), needs.get(device, 0))
+            for device in last_minute.keys() | needs.keys()
         }
