@@ -36,11 +36,18 @@ BATCHING_SHARE = 0.5
 class RequestBudget:
     """At most `per_minute` requests in any `WINDOW_S`; lives on the event loop."""
 
-    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        per_minute: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        window_s: float = WINDOW_S,  # tests shrink "a minute"
+    ) -> None:
         if per_minute < 1:
             raise ValueError(f"per_minute must be at least 1, not {per_minute}")
         self.per_minute = per_minute
         self._clock = clock
+        self._window_s = window_s
         self._in_flight = 0
         # When the slots of answered requests free up (answer + WINDOW_S), oldest first.
         self._frees_at: deque[float] = deque()
@@ -61,7 +68,7 @@ class RequestBudget:
     def _prune(self, now: float) -> None:
         while self._frees_at and self._frees_at[0] <= now:
             self._frees_at.popleft()
-        while self._started and self._started[0] <= now - WINDOW_S:
+        while self._started and self._started[0] <= now - self._window_s:
             self._started.popleft()
 
     def used(self) -> int:
@@ -84,7 +91,7 @@ class RequestBudget:
             return 0.0
         if self._frees_at:
             return max(0.0, self._frees_at[0] - self._clock())
-        return WINDOW_S
+        return self._window_s
 
     async def acquire(self) -> None:
         """Wait for a free slot and take it; `release` must follow (see `slot`)."""
@@ -109,7 +116,7 @@ class RequestBudget:
         """The request was answered (or failed, or was cancelled): its slot stays busy for
         `WINDOW_S` more."""
         self._in_flight -= 1
-        self._frees_at.append(self._clock() + WINDOW_S)
+        self._frees_at.append(self._clock() + self._window_s)
         self._answered.set()
 
     @contextlib.asynccontextmanager
@@ -124,8 +131,8 @@ class RequestBudget:
     def stream_interval_s(self, streams: int) -> float:
         """How far apart each of `streams` active streams should send, so that together
         they use `BATCHING_SHARE` of the budget."""
-        return max(1, streams) * WINDOW_S / (self.per_minute * BATCHING_SHARE)
+        return max(1, streams) * self._window_s / (self.per_minute * BATCHING_SHARE)
 
     def requests_per_s(self) -> float:
         """The request rate batching aims at (`BATCHING_SHARE` of the cap)."""
-        return self.per_minute * BATCHING_SHARE / WINDOW_S
+        return self.per_minute * BATCHING_SHARE / self._window_s
