@@ -71,6 +71,8 @@ class Pacing:
         self._since = clock()
         self.last_rows_at = 0.0
         self._leased_now: set[StreamKey] = set()  # leased since the last `unsent`
+        # Due, not sent, lingering again: settling does not hurry them (new rows do).
+        self._deferred: set[StreamKey] = set()
         # Set by the flush loop: send everything now (shutdown, reopening pass-through).
         self.drain = False
 
@@ -79,6 +81,7 @@ class Pacing:
     def absorb(self, notes: dict[StreamKey, Arrival], last_rows_at: float) -> None:
         """New rows, per stream (`store.arrivals.take()`)."""
         self.last_rows_at = max(self.last_rows_at, last_rows_at)
+        self._deferred -= notes.keys()
         for key, arrival in notes.items():
             waiting = self._waiting.get(key)
             if waiting is None:
@@ -99,6 +102,7 @@ class Pacing:
         """A lease asked for `wanted` readings of the stream and got `count`: all it had,
         unless it got as many as it asked."""
         self._leased_now.add(key)
+        self._deferred.discard(key)
         if count:
             self._seen[key] = self._clock()
         if count < wanted:
@@ -116,12 +120,14 @@ class Pacing:
         for key in due:
             if key not in self._leased_now:
                 self._waiting[key] = Arrival(now, 0)
+                self._deferred.add(key)
         self._leased_now.clear()
 
     def forget(self, keys: Iterable[StreamKey]) -> None:
         """Streams with nothing buffered any more."""
         for key in keys:
             self._waiting.pop(key, None)
+            self._deferred.discard(key)
 
     def _prune(self, now: float) -> None:
         cutoff = now - ACTIVE_WINDOW_S
@@ -191,11 +197,20 @@ class Pacing:
         room = self._budget_room()
         if now - self.last_rows_at >= SETTLE_S and room > 0:
             settled = sorted(
-                (s for s in pending if self._waiting[s.key].first_at <= self.last_rows_at),
+                (s for s in pending if self._settling(s.key)),
                 key=lambda s: self._waiting[s.key].first_at,
             )
             return Due(frozenset(s.key for s in settled[:room]), "settled")
         return Due(frozenset(), "")
+
+    def _settling(self, key: StreamKey) -> bool:
+        """Waiting since before ingest's last rows, and not just put back by `unsent`."""
+        waiting = self._waiting.get(key)
+        return (
+            waiting is not None
+            and waiting.first_at <= self.last_rows_at
+            and key not in self._deferred
+        )
 
     def _budget_room(self) -> int:
         """Requests batching may still plan for this minute."""
@@ -212,7 +227,7 @@ class Pacing:
         now = self._clock()
         oldest = min(arrival.first_at for arrival in self._waiting.values())
         due_in_s = max(0.0, oldest + self.linger_s(floor_s) - now)
-        settling = any(a.first_at <= self.last_rows_at for a in self._waiting.values())
+        settling = any(self._settling(key) for key in self._waiting)
         if settling and self._budget_room() > 0:
             due_in_s = min(due_in_s, max(0.0, self.last_rows_at + SETTLE_S - now))
         return due_in_s
