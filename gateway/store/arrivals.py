@@ -28,12 +28,19 @@ class Arrivals:
         self._clock = clock
         self._notes: dict[StreamKey, Arrival] = {}
         self.last_at = 0.0  # the newest commit that added rows (monotonic)
+        # The usual time between two such commits (a moving average): a few ms while a
+        # backlog streams in, the commit interval for a trickle. Tells a pause from the end.
+        self.gap_s: float | None = None
 
     def note(self, counts: Mapping[StreamKey, int]) -> None:
         """A commit added `counts` readings per stream."""
         if not counts:
             return
-        now = self.last_at = self._clock()
+        now = self._clock()
+        if self.last_at:
+            gap_s = now - self.last_at
+            self.gap_s = gap_s if self.gap_s is None else 0.8 * self.gap_s + 0.2 * gap_s
+        self.last_at = now
         for key, count in counts.items():
             arrival = self._notes.get(key)
             if arrival is None:

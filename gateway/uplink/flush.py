@@ -252,7 +252,8 @@ class FlushLoop:
         ingest would pass through if only the buffer were empty; tell ingest how long to
         gather a pass-through group."""
         store = self._store
-        self.pacing.absorb(store.arrivals.take(), store.arrivals.last_at)
+        arrivals = store.arrivals
+        self.pacing.absorb(arrivals.take(), arrivals.last_at, arrivals.gap_s)
         self.pacing.drain = (
             self._final_flush_active
             or self._drain_requested

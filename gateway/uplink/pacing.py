@@ -10,8 +10,9 @@ reading, for
 
 and is uploaded when that has passed (streams due within a quarter of it go along, one
 round and one delete transaction instead of several), or at once when it holds a full
-batch, or when ingest has been quiet for `SETTLE_S` while the budget has room (a burst
-ended: what it left goes now, not a linger later). Streams this process has no notes for
+batch, or when ingest has been quiet for a while (three of its usual gaps between commits,
+0.05-0.5 s) while the budget has room (a burst ended: what it left goes now, not a linger
+later). Streams this process has no notes for
 (a backlog from before a restart, rows another process added) are due at once. With
 the defaults, 100 readings/s over 20 datastreams lingers 2.4 s per stream: ~12 readings
 a request.
@@ -37,8 +38,11 @@ from gateway.store.arrivals import Arrival
 from gateway.store.streams import StreamState
 from gateway.uplink.budget import BATCHING_SHARE, RequestBudget
 
-# Ingest has added nothing for this long: a burst is over.
+# Ingest has added nothing for SETTLE_GAPS times its usual gap between commits (at least
+# SETTLE_MIN_S, at most SETTLE_S): a burst is over. A steady trickle never pauses that long.
 SETTLE_S = 0.5
+SETTLE_MIN_S = 0.05
+SETTLE_GAPS = 3.0
 # Streams and readings seen within this window make up the load batching plans for.
 ACTIVE_WINDOW_S = 60.0
 # Streams due within this share of their linger go in the same round as one that is due.
@@ -70,6 +74,7 @@ class Pacing:
         self._readings: deque[tuple[float, int]] = deque()
         self._since = clock()
         self.last_rows_at = 0.0
+        self.settle_s = SETTLE_S
         self._leased_now: set[StreamKey] = set()  # leased since the last `unsent`
         # Due, not sent, lingering again: settling does not hurry them (new rows do).
         self._deferred: set[StreamKey] = set()
@@ -78,9 +83,14 @@ class Pacing:
 
     # ------------------------------------------------------------------ what arrives
 
-    def absorb(self, notes: dict[StreamKey, Arrival], last_rows_at: float) -> None:
-        """New rows, per stream (`store.arrivals.take()`)."""
+    def absorb(
+        self, notes: dict[StreamKey, Arrival], last_rows_at: float, gap_s: float | None = None
+    ) -> None:
+        """New rows, per stream (`store.arrivals.take()`), the newest commit's time and the
+        usual gap between commits (`store.arrivals.gap_s`)."""
         self.last_rows_at = max(self.last_rows_at, last_rows_at)
+        if gap_s is not None:
+            self.settle_s = min(SETTLE_S, max(SETTLE_MIN_S, SETTLE_GAPS * gap_s))
         self._deferred -= notes.keys()
         for key, arrival in notes.items():
             waiting = self._waiting.get(key)
@@ -195,7 +205,7 @@ class Pacing:
             }
             return Due(frozenset(due), reason)
         room = self._budget_room()
-        if now - self.last_rows_at >= SETTLE_S and room > 0:
+        if now - self.last_rows_at >= self.settle_s and room > 0:
             settled = sorted(
                 (s for s in pending if self._settling(s.key)),
                 key=lambda s: self._waiting[s.key].first_at,
@@ -229,5 +239,5 @@ class Pacing:
         due_in_s = max(0.0, oldest + self.linger_s(floor_s) - now)
         settling = any(self._settling(key) for key in self._waiting)
         if settling and self._budget_room() > 0:
-            due_in_s = min(due_in_s, max(0.0, self.last_rows_at + SETTLE_S - now))
+            due_in_s = min(due_in_s, max(0.0, self.last_rows_at + self.settle_s - now))
         return due_in_s
