@@ -63,7 +63,11 @@ def post_all(
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
         def post(body: bytes) -> None:
-            response = client.post(IMPORT_PATH, content=body, headers=headers)
+            try:
+                response = client.post(IMPORT_PATH, content=body, headers=headers)
+            except httpx.TransportError:  # a keep-alive connection closed under us: again,
+                response = client.post(IMPORT_PATH, content=body, headers=headers)  # as the
+                # daemon would (it retries on its next pass)
             if response.status_code != 204:
                 raise SystemExit(f"sandbox answered {response.status_code}: {response.text}")
 

@@ -354,6 +354,13 @@ class BlynkCloud:
         with contextlib.suppress(OSError, ssl.SSLError):  # connected: all a probe asks
             await writer.wait_closed()
 
+    async def prepare(self, timeout_s: float = 5.0) -> None:
+        """Fetch a token before the first upload needs one: a backlog waiting at start goes
+        up a round trip sooner. Never raises: the first upload meets whatever is wrong."""
+        with contextlib.suppress(CloudError, TimeoutError):
+            async with asyncio.timeout(min(timeout_s, self._timeout_s)):
+                await self.access_token()
+
     async def access_token(self) -> str:
         """A cached token, renewed ahead of `expires_in` so no upload meets an expired one."""
         if self._token is not None and self._monotonic() < self._token.renew_at:

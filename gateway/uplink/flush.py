@@ -1,8 +1,9 @@
 """store → cloud: the upload loop.
 
-Each pass visits every stream that has buffered readings once, in rotation, and sends at
-most one batch per stream, so a device with a 50,000-point backlog cannot starve one with
-ten new points. Streams the cloud has accepted before go first; new and parked ones are
+Each pass visits every stream that is due (pacing.py: batching by time, sized from the
+request budget) once, in rotation, up to `cloud.max_concurrent_requests` at once
+(inflight.py), one batch each: a 50,000-point backlog cannot starve ten new points.
+Streams the cloud has accepted before go first; new and parked ones are
 tried at a bounded rate after them (stream_order.py), so thousands of ids the cloud does not
 know cannot delay a device it does. Before sending, a batch is trimmed to the device's
 remaining daily quota, and the age rule is applied at the moment of sending (to every
@@ -17,14 +18,11 @@ probes it with a bare TCP (and TLS) connect every `probe_interval_s` and uploads
 one succeeds, however long the outage. When the cloud answers badly (5xx, 429, a timeout
 after sending), it backs off exponentially and obeys Retry-After.
 
-The loop waits on (stop, tick, new rows, backoff expiry), like litestream's replica loop;
-failures are logged once per state change, and a streak of them is closed by one
-`back_online` line that says how many there were. While a large backlog drains, a
-`draining` line every 30 s tells the operator how fast and how long.
-
-The loop beats a `Heartbeat` on every iteration, every request and before every wait
-(naming the wait's bound), so systemd's watchdog can tell a loop that waits from one
-that is stuck.
+The loop waits on (stop, tick, a stream due, backoff expiry), like litestream's replica
+loop; failures are logged once per state change, a streak of them closed by one
+`back_online` line; while a large backlog drains, a `draining` line every 30 s. It beats
+a `Heartbeat` on every iteration, every request and before every wait (naming the wait's
+bound), so systemd's watchdog can tell a loop that waits from one that is stuck.
 """
 
 from __future__ import annotations
@@ -106,10 +104,9 @@ class FlushLoop:
     ) -> None:
         self._store = store
         self._new_rows = store.new_rows.listen()
-        # The request budget the cloud client enforces; batching plans with it (pacing.py).
         self.budget = budget or RequestBudget(cloud_settings.max_requests_per_minute)
         self.inflight = InFlight(cloud_settings.max_concurrent_requests)
-        self.pacing = Pacing(self.budget)
+        self.pacing = Pacing(self.budget)  # batching by time, planned with the budget
         self._cloud = cloud
         self._settings = settings
         self._cloud_settings = cloud_settings
@@ -189,6 +186,8 @@ class FlushLoop:
             # Open before the first pass's queries: ingest's first group may come first,
             # and an empty buffer with the cloud presumed reachable is all it needs.
             self.pass_through.open()
+        if (prepare := getattr(self._cloud, "prepare", None)) is not None:
+            await prepare()  # a token ahead of the first upload (BlynkCloud; never raises)
         while not self._stop.is_set():
             self._follow_settings()
             self.heartbeat.beat()
@@ -227,18 +226,11 @@ class FlushLoop:
             self._follow_load()
             if self.pacing.drain and self._new_rows.is_set():
                 return
-            now = time.monotonic()
-            wait_s = deadline - now
-            due_in_s = (
-                None
-                if self.pacing.drain
-                else self.pacing.next_due_in_s(self._settings.batch_size, self._settings.linger_s)
-            )
-            if due_in_s is not None:
-                wait_s = min(wait_s, due_in_s)
-            acks_due_in_s = self._acks.due_in_s()
-            if acks_due_in_s is not None:
-                wait_s = min(wait_s, acks_due_in_s)
+            settings = self._settings
+            waits = [deadline - time.monotonic(), self._acks.due_in_s()]
+            if not self.pacing.drain:
+                waits.append(self.pacing.next_due_in_s(settings.batch_size, settings.linger_s))
+            wait_s = min(wait for wait in waits if wait is not None)
             if wait_s <= 0:
                 return
             self._new_rows.clear()
@@ -314,10 +306,7 @@ class FlushLoop:
             log.info("flush_store_recovered", failed_attempts=self._store_failures)
             self._store_failures = 0
 
-    async def _ack_delivered(self) -> None:
-        await self._acks.delete()
-
-    def _acks_due(self) -> bool:
+    def _acks_due(self) -> bool:  # acks.py
         return self._acks.due(hurry=self.pacing.drain or self._stop.is_set())
 
     async def _wait(
@@ -342,7 +331,7 @@ class FlushLoop:
 
     async def _final_flush(self, timeout_s: float) -> None:
         try:
-            await self._ack_delivered()
+            await self._acks.delete()
         except StoreError as exc:
             log.error("final_flush_store_unavailable", error=str(exc))
             return
@@ -363,7 +352,7 @@ class FlushLoop:
         finally:
             self._final_flush_active = False
             with contextlib.suppress(StoreError):
-                await self._ack_delivered()
+                await self._acks.delete()
                 await self._stream_order.remember(self._store)
 
     # ------------------------------------------------------------------ one pass
@@ -374,7 +363,7 @@ class FlushLoop:
         self.stats.passes += 1
         self._drain_requested = drain
         if self._acks_due():
-            await self._ack_delivered()
+            await self._acks.delete()
         await self._stream_order.remember(self._store)
         self._report_stream_events()
         self._new_rows.clear()
@@ -398,7 +387,7 @@ class FlushLoop:
             self.pacing.unsent(due.streams)
             self._log_expired(self._pass_expired, "send")
             if self._acks_due():
-                await self._ack_delivered()
+                await self._acks.delete()
             await self._stream_order.remember(self._store)
 
     async def _visit(self, streams: list[StreamState]) -> PassOutcome:
@@ -457,8 +446,7 @@ class FlushLoop:
         )
 
     async def _sent_today(self, device_id: int, day: str) -> tuple[int, bool]:
-        """The ledger's count plus what was accepted but not yet deleted, and what is in
-        flight for the device (other streams' requests under way)."""
+        """The ledger's count plus what was accepted but not yet deleted or is in flight."""
         sent, exhausted = await self._store.points_sent(device_id, day)
         held = self._acks.points(device_id, day)
         return sent + held + self.inflight.points(device_id), exhausted
@@ -466,7 +454,7 @@ class FlushLoop:
     async def _send_stream(self, stream: StreamState) -> PassOutcome:
         device_id = stream.key.device_id
         if self._acks.holds(stream.key):
-            await self._ack_delivered()  # its accepted rows leave before the next lease
+            await self._acks.delete()  # its accepted rows leave before the next lease
         now_ms = self._clock_ms()
         day = self._quota.day_of(now_ms)
         async with self.inflight.device_lock(device_id):
@@ -498,7 +486,7 @@ class FlushLoop:
             return PassOutcome.SENT if lease.expired else PassOutcome.IDLE
         outcome = await self._deliver(batch)
         if self._acks.due(hurry=False):
-            await self._ack_delivered()
+            await self._acks.delete()
         if outcome is PassOutcome.SENT and stream.parked_reason is not None:
             await self._store.unpark(stream.key)
             self._unparked_log.note(stream.key)
