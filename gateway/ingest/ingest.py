@@ -24,7 +24,7 @@ from gateway.config import MqttSettings
 from gateway.errors import BufferFull, StoreError
 from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, Admission, kept_topic
 from gateway.ingest.mqtt_loop import MqttConnection
-from gateway.ingest.pass_gate import PassGate
+from gateway.ingest.pass_gate import FAST_ANSWER_S, PassGate
 from gateway.ingest.redelivery import RedeliveryFilter
 from gateway.ingest.routes import RouteTable
 from gateway.ingest.routes.table import describe_exception
@@ -33,6 +33,7 @@ from gateway.log import get_logger
 from gateway.models import Reading
 from gateway.store import AppendResult, RejectedPayload, Store
 from gateway.store.bindable import reading_problem, storable_rejected
+from gateway.store.staging import StagedGroup
 
 log = get_logger("ingest")
 
@@ -278,11 +279,14 @@ class MqttIngest:
         """Pass-through for this group, or write it first (pass_gate.py decides)."""
         if not self._pass_through_wait_s or self.holding:
             return False
-        gate = self._gate
+        gate, gather_s = self._gate, self._gather_s()
         gate.sample(self.stats.received)
         if len(group) >= self._commit_max:  # the window closed it, not its gathering time
-            gate.pressure("window", held=self.held_messages)
-        allowed = gate.allows(self._gather_s())
+            if gather_s > self._commit_interval_s:
+                gate.pressure("budget", held=self.held_messages)  # cannot gather enough
+            elif not gate.fast(self._store.staging.round_trip_s):
+                gate.pressure("window", held=self.held_messages)  # a round trip per window
+        allowed = gate.allows(gather_s)
         self._store.staging.paused = gate.paused
         return allowed
 
@@ -317,14 +321,18 @@ class MqttIngest:
         if staged is None:
             return
         self._window_filled.clear()
+        if self.held_messages >= self._gate.window:
+            self._window_filled.set()  # full already: the broker sends nothing more meanwhile
         self._passing = True
         try:
+            deadline = time.monotonic() + self._pass_through_wait_s
             await wait_any(staged.settled, self._window_filled, timeout_s=self._pass_through_wait_s)
-            if not staged.settled.is_set():
-                if self._window_filled.is_set():
-                    self._gate.pressure("window", held=self.held_messages)
-                if not staging.reclaim(staged):
-                    await staged.settled.wait()  # an upload is under way: its answer decides
+            window_full = self._window_filled.is_set() and not staged.settled.is_set()
+            if window_full and not await self._answered_fast(staged, deadline):
+                self._gate.pressure("window", held=self.held_messages)
+                staged.hurry = True  # no more requests of it start: the rest is written
+            if not staged.settled.is_set() and not staging.reclaim(staged):
+                await staged.settled.wait()  # an upload is under way: its answer decides
         finally:
             self._passing = False
         if staged.declined is not None:
@@ -341,6 +349,16 @@ class MqttIngest:
         for message in group.messages:
             if message.readings:
                 message.readings = [r for r in message.readings if not next(flags)]
+
+    async def _answered_fast(self, staged: StagedGroup, deadline: float) -> bool:
+        """The window is full while `staged` waits: a near cloud's answer costs nothing, so
+        wait for it; a far one's (or, its distance unknown, one not in by FAST_ANSWER_S)
+        holds the broker: False."""
+        round_trip_s = self._store.staging.round_trip_s
+        if round_trip_s is not None and not self._gate.fast(round_trip_s):
+            return False
+        wait_s = deadline - time.monotonic() if round_trip_s is not None else FAST_ANSWER_S
+        return await wait_any(staged.settled, timeout_s=wait_s)
 
     async def _next_group(self) -> _PendingGroup | None:
         """The group to commit now, once it is full or old enough; None if there is none."""

@@ -6,13 +6,19 @@ unacknowledged, so while a group waits it can send at most the rest of the windo
 backlog queued (a replayed session, a burst, a publisher uploading its own history) ingest
 would take ~20 messages per round trip, 200 a second with the cloud 100 ms away. The
 gateway cannot see the broker's queue, but it sees the window fill. So ingest writes first
-(one commit, PUBACKs at once, as without pass-through) when:
+(one commit, PUBACKs at once, as without pass-through) when (reason `window`):
 
-* a group reaches `commit_max` (80 % of the window) before its gathering time is up;
-* the window fills while a group waits for the cloud (it is then written as soon as it is
-  not in flight any more; a group already being uploaded waits for its answer);
-* the flush loop declines a group because the request budget has no slot for it now
-  (every reading would wait for one with its PUBACK held).
+* a group reaches `commit_max` (80 % of the window) before its gathering time is up, or
+  the window fills while a group waits for the cloud, and the cloud's round trip (the
+  median of the last uploads, `staging.round_trip_s`) is longer than `FAST_ANSWER_S` (the
+  waiting group is then written unless it is being uploaded: that one waits for its
+  answer);
+
+and (reason `budget`) when a group reaches `commit_max` before a gathering time the request
+budget asked for (`staging.hold_s`: pass-through would need more requests than the budget's
+share), or the flush loop declines a group because no request slot is free now. A cloud
+that answers within milliseconds (a server on site, the sandbox) keeps pass-through on
+through a backlog of one stream: nothing waits, and nothing is written.
 
 It stays write-first until the trickle returns: `RESUME_AFTER_S` without any of that, at
 a rate at which a gathered group would fill at most half of `commit_max` (pause at full,
@@ -36,6 +42,9 @@ log = get_logger("ingest")
 
 # Quiet this long (no full group, no filled window, no budget refusal) before resuming.
 RESUME_AFTER_S = 5.0
+# A cloud that answers within this (a sandbox, a server on site) costs the window nothing
+# worth a write: a real cloud is 30-300 ms away, a commit takes milliseconds.
+FAST_ANSWER_S = 0.025
 # The arrival rate is measured over this window.
 RATE_WINDOW_S = 5.0
 
@@ -68,6 +77,12 @@ class PassGate:
             return 0.0
         (t0, first), (t1, last) = self._received[0], self._received[-1]
         return (last - first) / max(t1 - t0, 0.2)
+
+    @staticmethod
+    def fast(round_trip_s: float | None) -> bool:
+        """Does the cloud answer fast enough for pass-through to cost the window nothing?
+        (Unknown: assume so; the first wait tells.)"""
+        return round_trip_s is None or round_trip_s <= FAST_ANSWER_S
 
     def pressure(self, reason: str, held: int) -> None:
         """The window filled (or the budget refused): write first from now on."""

@@ -28,7 +28,7 @@ RESERVE_HORIZON_S = 60.0
 # ...but never more than this (what a crash can strand per device and day)...
 RESERVE_MAX = 500
 # ...nor less than this (a device just started has no observed rate yet).
-RESERVE_MIN = 10
+RESERVE_MIN = 60
 
 
 def reservation_size(points_last_minute: int, need: int) -> int:

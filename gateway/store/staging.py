@@ -21,6 +21,7 @@ the buffer empties and pass-through can reopen.
 from __future__ import annotations
 
 import asyncio
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ class StagedGroup:
     claimed_by_ingest: bool = False
     # Why the flush loop gave it back unsent ("budget": no request slot free), if it did.
     declined: str | None = None
+    # Set by ingest while it is being uploaded: start no more of its requests (the rest of
+    # it is written instead, the broker's window being full).
+    hurry: bool = False
 
     def __post_init__(self) -> None:
         self.delivered = [False] * len(self.readings)
@@ -60,8 +64,19 @@ class Staging:
         self.hold_s = 0.0
         # Set by ingest while it writes first to keep the broker's window free.
         self.paused = False
+        # The cloud's recent upload round trips (seconds), noted by the flush loop: ingest
+        # tells a near cloud from a far one by their median (`round_trip_s`).
+        self._round_trips: deque[float] = deque(maxlen=8)
         self.passed = 0  # readings delivered without being written
         self.returned = 0  # readings handed back to be written
+
+    def note_round_trip(self, seconds: float) -> None:
+        self._round_trips.append(seconds)
+
+    @property
+    def round_trip_s(self) -> float | None:
+        """The median of the last few uploads' round trips; None before the first."""
+        return statistics.median(self._round_trips) if self._round_trips else None
 
     def offer(self, readings: Sequence[Reading]) -> StagedGroup | None:
         """Queue readings for upload; None when pass-through is closed (write them)."""

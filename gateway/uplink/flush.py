@@ -187,7 +187,7 @@ class FlushLoop:
             # and an empty buffer with the cloud presumed reachable is all it needs.
             self.pass_through.open()
         if (prepare := getattr(self._cloud, "prepare", None)) is not None:
-            await prepare()  # a token ahead of the first upload (BlynkCloud; never raises)
+            await prepare()  # BlynkCloud: a token ahead of the first upload; never raises
         while not self._stop.is_set():
             self._follow_settings()
             self.heartbeat.beat()
@@ -539,8 +539,10 @@ class FlushLoop:
             error = exc
             raise
         finally:
+            elapsed_s = time.perf_counter() - started
+            self._store.staging.note_round_trip(elapsed_s)
             if self.upload_observer is not None:
-                self.upload_observer(batch, time.perf_counter() - started, error)
+                self.upload_observer(batch, elapsed_s, error)
 
     def _accepted(self, batch: Batch, day: str) -> None:
         self._acks.accepted(batch, day)

@@ -139,6 +139,7 @@ class PassThrough:
             [request for request in requests if request.stream.device_id in covered],
             send,
             stream_of=lambda request: request.stream,
+            may_start=lambda _request: not group.hurry,
             finished=lambda _request, _result: not errors,
         )
         self._pacing.passed([request.stream for request in requests], len(group.readings))
