@@ -13,8 +13,9 @@ its start-up; the difference is what reading, leasing, acknowledging and deletin
 SQLite, plus the flush loop's bookkeeping, cost per point.
 
 `--latency-ms` makes the sandbox answer every request that much later, for both (a real
-cloud is 30-300 ms away; issue 18). The baseline posts one request at a time, as the
-daemon did when this was written: at 100 ms it is bound to ~10 batches/s.
+cloud is 30-300 ms away; issue 18). The baseline posts `--concurrency` requests at a
+time (default 4, the daemon's `cloud.max_concurrent_requests` since issue 18; 1 was the
+daemon's way before, bound to ~10 batches/s at 100 ms).
 
     .venv/bin/python benchmarks/drain_cloud.py --readings 200000 --repeats 3
     .venv/bin/python benchmarks/drain_cloud.py --readings 200000 --latency-ms 100
@@ -47,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The baseline client, a script of its own (`python benchmarks/httpx_poster.py`).
 POSTER = Path(__file__).resolve().parent / "httpx_poster.py"
 BATCH_SIZE = 1000  # the daemon's default flush.batch_size
+CONCURRENCY = 4  # the daemon's default cloud.max_concurrent_requests
 DRAIN_TIMEOUT_S = 600.0
 
 
@@ -95,7 +97,9 @@ def daemon_drain(
             process.stop(30.0)
 
 
-def httpx_drain(readings: int, base_ts: int, sandbox: SandboxThread) -> float:
+def httpx_drain(
+    readings: int, base_ts: int, sandbox: SandboxThread, concurrency: int = CONCURRENCY
+) -> float:
     """Points/s of the baseline client, `httpx_poster.py` in a child process."""
     process = subprocess.Popen(
         [
@@ -105,6 +109,7 @@ def httpx_drain(readings: int, base_ts: int, sandbox: SandboxThread) -> float:
             str(readings),
             str(base_ts),
             str(BATCH_SIZE),
+            str(concurrency),
         ]
     )
     try:
@@ -122,6 +127,7 @@ def measure(
     sandbox: SandboxThread,
     workdir: Path,
     latency_ms: float = 0.0,
+    concurrency: int = CONCURRENCY,
 ) -> tuple[float, float]:
     """(daemon points/s, raw httpx points/s) for one repeat, the sandbox up and answering
     `latency_ms` late (back to its previous latency afterwards)."""
@@ -136,7 +142,7 @@ def measure(
         finally:
             for suffix in ("", "-wal", "-shm", ".reserve"):
                 Path(f"{copy}{suffix}").unlink(missing_ok=True)
-        return daemon, httpx_drain(readings, base_ts, sandbox)
+        return daemon, httpx_drain(readings, base_ts, sandbox, concurrency)
     finally:
         sandbox.call(
             lambda cloud: cloud.set_latency(previous.latency_ms, jitter_ms=previous.jitter_ms)
@@ -149,6 +155,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--latency-ms", type=float, default=0.0, help="sandbox round trip")
+    parser.add_argument(
+        "--concurrency", type=int, default=CONCURRENCY, help="the baseline's requests at once"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix=".bench-drain-", dir=args.workdir or REPO))
     broker = MosquittoBroker(workdir / "broker", persistence=False)
@@ -160,7 +169,16 @@ def main() -> int:
         broker.start()
         sandbox.start()
         results = [
-            measure(source, args.readings, base_ts, broker, sandbox, workdir, args.latency_ms)
+            measure(
+                source,
+                args.readings,
+                base_ts,
+                broker,
+                sandbox,
+                workdir,
+                args.latency_ms,
+                args.concurrency,
+            )
             for _ in range(args.repeats)
         ]
     finally:

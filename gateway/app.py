@@ -32,6 +32,7 @@ from gateway.ops.status_socket import StatusServer, socket_path
 from gateway.ops.systemd import ServiceMonitor, ServiceNotifier, status_line
 from gateway.store import Capacity, Store
 from gateway.store.timekeeping import TimeKeeper
+from gateway.uplink.budget import RequestBudget
 from gateway.uplink.cloud import BlynkCloud
 from gateway.uplink.flush import FlushLoop
 from gateway.uplink.netwatch import NetworkWatcher
@@ -121,12 +122,15 @@ class Gateway:
         await timekeeper.start()
         # None: `trust = "always"`, nothing is held and no step is looked for (as before).
         keeps_time = None if self.clock.always else self.clock
+        # Every request the gateway makes counts against this (uplink/budget.py).
+        budget = RequestBudget(settings.cloud.max_requests_per_minute)
         self.cloud = cloud = BlynkCloud(
             settings.cloud.server,
             settings.cloud.client_id,
             settings.cloud.client_secret.get_secret_value(),
             timeout_s=settings.cloud.timeout_s,
             transport=self._cloud_transport,
+            budget=budget,
         )
         routes = RouteTable(
             settings.routes,
@@ -157,6 +161,7 @@ class Gateway:
             clock_ms=self._clock_ms,
             network_changed=network.changed.listen(),
             clock=keeps_time,
+            budget=budget,
         )
         log.info(
             "gateway_started",

@@ -134,6 +134,21 @@ async def publish(publisher: AckedPublisher, messages: list[tuple[str, str]]) ->
     return await asyncio.to_thread(publisher.publish_many, messages)
 
 
+async def trickle(
+    publisher: AckedPublisher, messages: list[tuple[str, str]], per_s: float = 40.0
+) -> int:
+    """Like `publish`, but `per_s` messages a second (in steps of 0.1 s): a trickle, which
+    pass-through takes without writing, where a burst fills the broker's in-flight window
+    and is written first (gateway/ingest/pass_gate.py)."""
+    step = max(1, round(per_s / 10))
+    acked = 0
+    for index in range(0, len(messages), step):
+        started = time.monotonic()
+        acked += await asyncio.to_thread(publisher.publish_many, messages[index : index + step])
+        await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+    return acked
+
+
 def accepted_set(cloud: SandboxCloud) -> set[tuple[int, int, int, Any]]:
     return {(p.device_id, p.datastream_id, p.ts, p.value) for p in cloud.accepted}
 

@@ -63,6 +63,7 @@ async def test_malformed_tokens_are_cloud_errors_retried_never_a_crash_nor_echoe
     publisher: AckedPublisher,
 ) -> None:
     process = make_gateway_process()
+    sandbox.bad_tokens = "non_ascii"  # from the first token on: the daemon asks at start
     process.start()
     pid = process.pid
     await asyncio.to_thread(process.wait_for_event, "mqtt_connected")

@@ -88,6 +88,9 @@ async def test_metrics_scraped_while_readings_flow(
         assert value(final, "blynk_gateway_quota_used_points", device_id="101") == count
         assert value(final, "blynk_gateway_mqtt_connected") == 1
         assert value(final, "blynk_gateway_cloud_online") == 1
+        # Every request counts against the budget: the uploads, and the token request.
+        assert value(final, "blynk_gateway_cloud_requests_last_minute") == uploads + 1
+        assert value(final, "blynk_gateway_cloud_requests_per_minute_limit") == 1000
         assert value(final, "blynk_gateway_evicted_total") == 0
         assert not [k for k in final if k[0] == "blynk_gateway_dead_letters"]
 

@@ -167,8 +167,10 @@ async def test_expired_token_is_renewed_once(
         await publish(publisher, messages[50:])
         await wait_until(lambda: len(sandbox.accepted) >= 100)
     assert accepted_set(sandbox) == expected
-    assert sandbox.tokens_issued == 2
-    assert [r.status for r in sandbox.requests].count(401) == 1
+    assert sandbox.tokens_issued == 2  # renewed once, however many requests met the 401
+    # One 401 per request in flight with the revoked token: the two routes' streams are
+    # uploaded at once (cloud.max_concurrent_requests), so one or two.
+    assert 1 <= [r.status for r in sandbox.requests].count(401) <= 2
 
 
 async def test_unknown_device_is_parked_and_others_keep_flowing(

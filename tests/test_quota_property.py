@@ -100,13 +100,13 @@ async def scenario(steps: list[tuple[str, int, int]], answers: list[str], db: Pa
             elif kind == "next_day":
                 clock[0] += DAY_MS
             else:
-                await flush.run_pass()
+                await flush.run_pass(drain=True)
         # Drain: the cloud now says yes; days pass until the buffer is empty.
         cloud.answers.clear()
         for _ in range(200):
             if store.pending_points == 0:
                 break
-            await flush.run_pass()
+            await flush.run_pass(drain=True)
             if store.pending_points:
                 clock[0] += DAY_MS
         letters = await store.dead_letters(limit=100_000)

@@ -79,6 +79,10 @@ async def test_status_reports_a_running_daemon_and_forecasts_expiry(
     assert report["cloud"]["online"] is True
     assert report["cloud"]["last_upload_ok"] is not None
     assert report["cloud"]["uploads"]["ok"] >= 2
+    # The request budget's use: every upload attempt and the token request, this minute.
+    uploads = sum(report["cloud"]["uploads"].values())
+    assert report["cloud"]["requests_last_minute"] == uploads + 1
+    assert report["cloud"]["requests_per_minute_limit"] == 1000
     assert report["mqtt"]["connected"] is True
     backlog = report["backlog"]
     assert backlog["readings"] == 25 + 10
@@ -102,6 +106,7 @@ async def test_status_reports_a_running_daemon_and_forecasts_expiry(
     assert table.returncode == 0, table.stderr
     assert "10 readings WILL EXPIRE" in table.stdout
     assert "running, pid" in table.stdout and "online since" in table.stdout
+    assert f"requests {uploads + 1} in the last minute (limit 1,000/min)" in table.stdout
 
     # Stopped: the database still answers, and the report says the daemon is not running.
     assert await asyncio.to_thread(gateway.terminate) == 0

@@ -424,6 +424,9 @@ def _cloud(live: dict[str, Any] | None, settings: Settings, now_ms: int) -> dict
         "last_error_kind": live["last_error_kind"],
         "last_error_at": iso(live["last_error_ms"]),
         "uploads": live["uploads"],
+        "requests_last_minute": live.get("cloud_requests_last_minute"),
+        "requests_per_minute_limit": live.get("cloud_requests_per_minute_limit"),
+        "pass_through": live.get("pass_through"),
     }
 
 

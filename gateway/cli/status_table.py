@@ -58,6 +58,12 @@ def render(report: dict[str, Any]) -> str:
         )
         if cloud["last_error"]:
             lines.append(f"            last error {cloud['last_error_at']}: {cloud['last_error']}")
+        if cloud.get("requests_per_minute_limit"):
+            lines.append(
+                f"            requests {_n(cloud['requests_last_minute'])} in the last minute "
+                f"(limit {_n(cloud['requests_per_minute_limit'])}/min); "
+                f"pass-through {cloud['pass_through']}"
+            )
         lines.append(
             f"mqtt        {'connected' if mqtt['connected'] else 'DISCONNECTED'} ({mqtt['broker']})"
         )

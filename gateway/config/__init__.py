@@ -50,6 +50,11 @@ ENV_PREFIX = "BLYNK_GATEWAY_"
 ENV_NESTED_DELIMITER = "__"
 
 
+# The HTTP client keeps this many connections (plus one for a token request) whatever the
+# setting, so a reload can raise `cloud.max_concurrent_requests` up to it.
+MAX_CONCURRENT_REQUESTS = 16
+
+
 class CloudSettings(Section):
     server: str = "https://fra1.blynk.cloud"
     client_id: str = Field(min_length=1)
@@ -60,6 +65,13 @@ class CloudSettings(Section):
     # Readings this close to the age limit are not sent: clocks and queues differ.
     age_margin_hours: Annotated[float, Field(ge=0, le=240)] = 6.0
     day_timezone: str = "UTC"
+    # Upload requests in flight at once, each for a different stream (order within a stream
+    # is kept): a cloud 100 ms away then takes that many batches per round trip, not one.
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=MAX_CONCURRENT_REQUESTS)] = 4
+    # Blynk answers 429 above 10,000 requests a minute per organization, and every gateway
+    # of the fleet shares that: this gateway's cap, never exceeded (token requests and
+    # retries included; uplink/budget.py). When it binds, batches grow instead.
+    max_requests_per_minute: Annotated[int, Field(ge=1, le=10_000)] = 1000
 
     def oldest_sendable_ms(self, now_ms: int) -> int:
         """Readings older than this are refused by the cloud, less a margin for clock drift."""

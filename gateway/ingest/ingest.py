@@ -25,6 +25,7 @@ from gateway.config import MqttSettings
 from gateway.errors import BufferFull, StoreError
 from gateway.ingest.admission import KEPT_PAYLOAD_BYTES, Admission, kept_topic, reading_dead_letter
 from gateway.ingest.mqtt_loop import MqttConnection
+from gateway.ingest.pass_gate import FAST_ANSWER_S, PassGate
 from gateway.ingest.redelivery import RedeliveryFilter
 from gateway.ingest.routes import RouteTable
 from gateway.ingest.routes.table import describe_exception
@@ -35,6 +36,7 @@ from gateway.models import ProvisionalReading, Reading, StreamKey
 from gateway.sampling import Rule
 from gateway.store import AppendResult, RejectedPayload, Store
 from gateway.store.bindable import reading_problem, storable_rejected
+from gateway.store.staging import StagedGroup
 
 log = get_logger("ingest")
 
@@ -148,6 +150,10 @@ class MqttIngest:
             on_session_lost=self._redelivery.session_lost,
             held_messages=lambda: self.held_messages,
         )
+        # Offer a group for pass-through, or write it first (see pass_gate.py).
+        self._gate = PassGate(commit_max_readings, settings.inflight_window)
+        self._passing = False  # a group waits for the cloud
+        self._window_filled = asyncio.Event()  # ... and the broker's window filled meanwhile
         self._pending = _PendingGroup()
         self._committing = 0  # messages in the commit under way
         self._group_ready = asyncio.Event()
@@ -250,6 +256,8 @@ class MqttIngest:
         group.messages.append(entry)
         if len(group) >= self._commit_max:
             self._group_full.set()
+        if self._passing and len(group) + self._committing >= self._gate.window:
+            self._window_filled.set()
         if len(group) + self._committing >= READ_PAUSE_MESSAGES and not self.holding:
             self._mqtt.pause_reading()
 
@@ -264,7 +272,7 @@ class MqttIngest:
             self._committing = len(group)
             try:
                 self._sampler.thin(group.messages)
-                if self._pass_through_wait_s and not self.holding:
+                if self._offers_pass_through(group):
                     await self._pass_through(group)
                 result = await self._append(group.messages)
             except BufferFull as full:
@@ -285,13 +293,46 @@ class MqttIngest:
             if self._deferred_since_resync and not self.holding:
                 await self._resync()
 
+    def _offers_pass_through(self, group: _PendingGroup) -> bool:
+        """Pass-through for this group, or write it first (pass_gate.py decides)."""
+        if not self._pass_through_wait_s or self.holding:
+            return False
+        gate, gather_s = self._gate, self._gather_s()
+        gate.sample(self.stats.received)
+        if len(group) >= self._commit_max:  # the window closed it, not its gathering time
+            if gather_s > self._commit_interval_s:
+                gate.pressure("budget", held=self.held_messages)  # cannot gather enough
+            elif not gate.fast(self._store.staging.round_trip_s):
+                gate.pressure("window", held=self.held_messages)  # a round trip per window
+        allowed = gate.allows(gather_s)
+        self._store.staging.paused = gate.paused
+        return allowed
+
+    def _gather_s(self) -> float:
+        """How long a pass-through group gathers: the commit interval, or longer when the
+        request budget asks for several readings per request (store.staging.hold_s)."""
+        return max(self._commit_interval_s, self._store.staging.hold_s)
+
+    def _passes_through(self) -> bool:
+        """The next group will be offered for pass-through (as far as can be told now)."""
+        staging = self._store.staging
+        return bool(
+            self._pass_through_wait_s
+            and not self.holding
+            and not self._gate.paused
+            and staging.open
+            and not self._store.pending_points
+        )
+
     async def _pass_through(self, group: _PendingGroup) -> None:
         """Offer the group's readings for upload before writing them (store/staging.py);
         what the cloud accepted leaves the group, so it is acknowledged without a write.
 
         Only while nothing is buffered (but windows' raw readings): a reading must never
         overtake an older one of its stream that waits in the buffer. A windowed stream's
-        readings are always written: its windows are made from the buffer.
+        readings are always written: its windows are made from the buffer. The wait ends
+        early when the broker's window fills meanwhile (pass_gate.py): the group is then
+        written, unless it is being uploaded.
         """
         staging = self._store.staging
         if not staging.open or not self._store.only_windows_buffered():
@@ -303,12 +344,23 @@ class MqttIngest:
         staged = staging.offer(offered)
         if staged is None:
             return
+        self._window_filled.clear()
+        if self.held_messages >= self._gate.window:
+            self._window_filled.set()  # full already: the broker sends nothing more meanwhile
+        self._passing = True
         try:
-            async with asyncio.timeout(self._pass_through_wait_s):
-                await staged.settled.wait()
-        except TimeoutError:
-            if not staging.reclaim(staged):
+            deadline = time.monotonic() + self._pass_through_wait_s
+            await wait_any(staged.settled, self._window_filled, timeout_s=self._pass_through_wait_s)
+            window_full = self._window_filled.is_set() and not staged.settled.is_set()
+            if window_full and not await self._answered_fast(staged, deadline):
+                self._gate.pressure("window", held=self.held_messages)
+                staged.hurry = True  # no more requests of it start: the rest is written
+            if not staged.settled.is_set() and not staging.reclaim(staged):
                 await staged.settled.wait()  # an upload is under way: its answer decides
+        finally:
+            self._passing = False
+        if staged.declined is not None:
+            self._gate.pressure(staged.declined, held=self.held_messages)
         passed = sum(staged.delivered)
         if not passed:
             return
@@ -321,6 +373,16 @@ class MqttIngest:
         for message in group.messages:
             if message.readings:
                 message.readings = [r for r in message.readings if id(r) not in delivered]
+
+    async def _answered_fast(self, staged: StagedGroup, deadline: float) -> bool:
+        """The window is full while `staged` waits: a near cloud's answer costs nothing, so
+        wait for it; a far one's (or, its distance unknown, one not in by FAST_ANSWER_S)
+        holds the broker: False."""
+        round_trip_s = self._store.staging.round_trip_s
+        if round_trip_s is not None and not self._gate.fast(round_trip_s):
+            return False
+        wait_s = deadline - time.monotonic() if round_trip_s is not None else FAST_ANSWER_S
+        return await wait_any(staged.settled, timeout_s=wait_s)
 
     async def _next_group(self) -> _PendingGroup | None:
         """The group to commit now, once it is full or old enough; None if there is none."""
@@ -335,7 +397,8 @@ class MqttIngest:
             await self._mqtt.wait_reconnected(self._resync_generation, RESYNC_WAIT_S)
             self._resync_generation = None
             group = self._pending
-        wait_s = group.first_at + self._commit_interval_s - time.monotonic()
+        interval_s = self._gather_s() if self._passes_through() else self._commit_interval_s
+        wait_s = group.first_at + interval_s - time.monotonic()
         if wait_s > 0 and not self._group_full.is_set() and not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait_s):

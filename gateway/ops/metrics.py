@@ -154,6 +154,16 @@ def families(snapshot: Snapshot) -> list[Metric]:
     gauge("mqtt_connected", "1 while the broker connection is up.", int(live.mqtt_connected))
     gauge("cloud_online", "1 unless uploads are failing.", int(live.cloud_online))
     gauge(
+        "cloud_requests_last_minute",
+        "Requests to the cloud started in the last 60 s (the request budget's use).",
+        live.cloud_requests_last_minute,
+    )
+    gauge(
+        "cloud_requests_per_minute_limit",
+        "cloud.max_requests_per_minute: the budget never exceeded.",
+        live.cloud_requests_per_minute_limit,
+    )
+    gauge(
         "parked_streams",
         "Streams held back after the cloud did not know them (data kept).",
         sum(1 for head in snapshot.streams if head.parked_reason is not None),

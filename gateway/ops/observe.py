@@ -254,6 +254,13 @@ class LiveState:
     sampling: dict[str, dict[str, Any]] = field(default_factory=dict)
     # whether the clock is trusted and what waits for it (store/timekeeping.py `report`)
     clock: dict[str, Any] | None = None
+    # the organization's request budget (uplink/budget.py): requests started in the last
+    # 60 s, and cloud.max_requests_per_minute
+    cloud_requests_last_minute: int = 0
+    cloud_requests_per_minute_limit: int = 0
+    # pass-through: "on", "paused" (writing first: the broker's window or the budget is the
+    # limit), "closed" (buffered readings or the cloud unreachable) or "off" (configured)
+    pass_through: str = "off"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -406,7 +413,18 @@ class Observer:
             rates_per_s=self.rates.rates(),
             sampling=sampling_in_force(ingest),
             clock=gateway.clock_report(),
+            cloud_requests_last_minute=flush.budget.requests_last_minute() if flush else 0,
+            cloud_requests_per_minute_limit=settings.cloud.max_requests_per_minute,
+            pass_through=self._pass_through_state(),
         )
+
+    def _pass_through_state(self) -> str:
+        store, settings = self._gateway.store, self._gateway.settings
+        if not settings.flush.pass_through:
+            return "off"
+        if store is not None and store.staging.paused:
+            return "paused"
+        return "on" if store is not None and store.staging.open else "closed"
 
     def _reserved_today(self) -> dict[str, int]:
         store, cloud = self._gateway.store, self._gateway.settings.cloud

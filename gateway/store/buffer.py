@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ from gateway.store import (
     streams,
     windows,
 )
+from gateway.store.arrivals import Arrivals
 from gateway.store.bindable import BINDING_ERRORS
 from gateway.store.capacity import Capacity, CapacityPolicy, Row
 from gateway.store.deadletters import (
@@ -154,6 +156,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
         self._ledger_day: str | None = None  # quota days were last pruned on this one
         # Pass-through: readings offered for upload before any write (see staging.py).
         self.staging = Staging()
+        self.arrivals = Arrivals()  # on the flush loop's clock, not `monotonic`
         self._reservations = QuotaReservations()
         self.sampling = SamplingState(started_ms=clock_ms())  # windows.py
         self._disk = DiskGuard(path, capacity.disk_reserve_bytes, owner=owner)
@@ -447,6 +450,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
             rows: list[Row] = []
             held: list[HeldRow] = []
             new_streams: dict[StreamKey, int] = {}
+            per_stream: Counter[StreamKey] = Counter()  # arrivals, for pacing.py
 
             async def stream_id_of(key: StreamKey) -> int:
                 stream_id = self._stream_ids.get(key) or new_streams.get(key)
@@ -469,6 +473,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
                         continue
                     ts_ms += self.boot_offset_ms  # the clock became trusted meanwhile
                 rows.append((stream_id, ts_ms, reading.value_json))
+                per_stream[key] += 1
             if late:
                 await windows.add_late(self._db, self._clock_ms(), late, self.sampling)
             sampled = await self._write_sampling(touched, kept or {}, stream_id_of)
@@ -510,6 +515,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
                 self.used_bytes = drops.used_bytes
                 self._policy.committed(drops, buffered=self.pending_points)
                 if inserted:
+                    self.arrivals.note(per_stream)
                     self.new_rows.notify()
 
             return result, on_commit
@@ -646,10 +652,15 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
             newest_day = max(day for _, day in delivered)
             if newest_day != self._ledger_day:  # the first ack of a day (or since open)
                 await ledger.prune_days(self._db)
+            returned: dict[tuple[int, str], int] = {}
+            if not self.staging.open and self._reservations.outstanding:
+                # pass-through closed: its unused reservations go back in this transaction
+                returned = await self._reservations.give_back(self._db)
 
             def on_commit() -> None:
                 self._batch_gone(deleted, done)
                 self._ledger_day = newest_day
+                self._reservations.given_back(returned)
 
             return deleted, on_commit
 

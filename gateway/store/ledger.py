@@ -2,13 +2,14 @@
 
 The day is the quota day in the configured zone (an ISO date, `DailyQuota.day_of`). The
 flush loop only asks about today, so only the newest QUOTA_DAYS_KEPT days are kept.
-Pass-through uploads count their points ahead, in chunks (reservations.py); what the ledger
-reports as sent leaves out what is reserved and not used yet.
+Pass-through uploads count their points ahead, about a minute of each device's traffic at
+a time (reservations.py); what the ledger reports as sent leaves out what is reserved and
+not used yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 import aiosqlite
@@ -105,20 +106,40 @@ class QuotaLedger:
         """The cloud refused the device for its daily limit: do not try again that day."""
         await self._write(lambda: mark_exhausted(self._db, device_id, day))
 
-    async def reserve_quota(self, device_id: int, day: str, points: int, limit: int) -> bool:
-        """Count `points` against the day before a pass-through upload (a ledger write
-        only when the reserved chunk runs out); False if the quota cannot cover them."""
+    async def reserve_quota(
+        self, day: str, needs: Mapping[int, int], sizes: Mapping[int, int], limit: int
+    ) -> set[int]:
+        """Count ahead what a round of pass-through uploads needs on `day`: `needs[d]`
+        points of device d, topping its reservation up to `sizes[d]` when it runs short
+        (reservations.py). One transaction at most, none while the reservations cover the
+        round; other devices of `sizes` that are below half of theirs are topped up in the
+        same transaction (one write a minute for all devices, not one each). Returns the
+        devices whose need is covered; the quota cannot cover the rest."""
         reservations = self._reservations
-        if reservations.left(device_id, day) >= points:
-            return True
+        short = {device: n for device, n in needs.items() if reservations.left(device, day) < n}
+        covered = set(needs) - set(short)
+        if not short:
+            return covered
+        for device, size in sizes.items():
+            if device not in needs and reservations.left(device, day) < size // 2:
+                short[device] = 0  # rides along
 
-        async def work() -> tuple[bool, Callable[[], None] | None]:
-            grant = await reservations.reserve(self._db, device_id, day, points, limit)
-            if not grant:
-                return grant == 0, None
-            return True, lambda: reservations.granted(device_id, day, grant)
+        async def work() -> tuple[set[int], Callable[[], None] | None]:
+            grants: dict[int, int] = {}
+            for device, need in short.items():
+                size = sizes.get(device, need)
+                grant = await reservations.reserve(self._db, device, day, need, size, limit)
+                if grant:
+                    grants[device] = grant
 
-        return await self._in_transaction(work)
+            def on_commit() -> None:
+                for device, grant in grants.items():
+                    reservations.granted(device, day, grant)
+                reservations.writes += 1
+
+            return {d for d in grants if d in needs}, on_commit if grants else None
+
+        return covered | await self._in_transaction(work)
 
     async def rebase_quota_days(self, today: str) -> int:
         """The clock stepped back: charges counted on days after `today` move to today
@@ -148,8 +169,9 @@ class QuotaLedger:
             return
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            await self._reservations.give_back(self._db)
+            returned = await self._reservations.give_back(self._db)
         except BaseException:
             await self._db.rollback()
             raise
         await self._db.commit()
+        self._reservations.given_back(returned)

@@ -10,11 +10,18 @@ Writing nothing for a reading the cloud takes a second later is what saves the S
 A group is claimed by exactly one side: the flush loop (`take`, while it is queued) or
 ingest (`reclaim`, when its wait runs out). Everything runs on the event loop, so plain
 attributes are enough; `settled` wakes the ingest side.
+
+Two more facts cross here, one each way: `hold_s`, how long ingest should gather a group
+before offering it (the flush loop sizes it from the request budget, uplink/pacing.py), and
+`paused`, ingest writing first because pass-through would hold the broker's in-flight
+window (ingest/pass_gate.py); the flush loop then stops lingering when it turns False, so
+the buffer empties and pass-through can reopen.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +39,11 @@ class StagedGroup:
     sending: bool = False
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     claimed_by_ingest: bool = False
+    # Why the flush loop gave it back unsent ("budget": no request slot free), if it did.
+    declined: str | None = None
+    # Set by ingest while it is being uploaded: start no more of its requests (the rest of
+    # it is written instead, the broker's window being full).
+    hurry: bool = False
 
     def __post_init__(self) -> None:
         self.delivered = [False] * len(self.readings)
@@ -48,8 +60,23 @@ class Staging:
         self.offered = Notifier()  # the flush loop listens: a group waits for it
         # Set by the flush loop while it can upload at once (online, nothing buffered).
         self.open = False
+        # Set by the flush loop: how long ingest gathers a group before offering it.
+        self.hold_s = 0.0
+        # Set by ingest while it writes first to keep the broker's window free.
+        self.paused = False
+        # The cloud's recent upload round trips (seconds), noted by the flush loop: ingest
+        # tells a near cloud from a far one by their median (`round_trip_s`).
+        self._round_trips: deque[float] = deque(maxlen=8)
         self.passed = 0  # readings delivered without being written
         self.returned = 0  # readings handed back to be written
+
+    def note_round_trip(self, seconds: float) -> None:
+        self._round_trips.append(seconds)
+
+    @property
+    def round_trip_s(self) -> float | None:
+        """The median of the last few uploads' round trips; None before the first."""
+        return statistics.median(self._round_trips) if self._round_trips else None
 
     def offer(self, readings: Sequence[Reading]) -> StagedGroup | None:
         """Queue readings for upload; None when pass-through is closed (write them)."""

@@ -17,9 +17,10 @@ on the cloud's day and again on the gateway's next one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from gateway.clock import Clock
 from gateway.log import get_logger
-from gateway.models import Batch
 from gateway.store import Store
 from gateway.uplink.quota import DailyQuota
 
@@ -37,15 +38,16 @@ class ClockGate:
         """As of the clock's last look (pass-through asks this without a check)."""
         return self._clock.trusted
 
-    async def allows(self, quota: DailyQuota, unacked: list[tuple[Batch, str]]) -> bool:
-        """May this pass upload? After a step, first moves stale charges to today."""
+    async def allows(self, quota: DailyQuota, rebase_held: Callable[[str], None]) -> bool:
+        """May this pass upload? After a step, first moves stale charges to today
+        (`rebase_held`: the accepted batches not deleted yet, uplink/acks.py)."""
         clock = self._clock
         if not clock.check():
             return False
         if clock.steps != self._steps_seen:
             self._steps_seen = clock.steps
             today = quota.day_of(clock.now_ms())
-            unacked[:] = [(batch, min(day, today)) for batch, day in unacked]
+            rebase_held(today)
             moved = await self._store.rebase_quota_days(today)
             if moved:
                 log.warning(

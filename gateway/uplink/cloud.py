@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from gateway import __version__
+from gateway.config import MAX_CONCURRENT_REQUESTS
 from gateway.errors import (
     AuthFailed,
     BatchRejected,
@@ -37,6 +38,7 @@ from gateway.errors import (
 )
 from gateway.log import scrubber
 from gateway.models import Batch
+from gateway.uplink.budget import RequestBudget
 
 IMPORT_PATH = "/api/v1/organization/device/import/batch"
 TOKEN_PATH = "/oauth2/token"
@@ -232,7 +234,15 @@ class CloudClient(Protocol):
 
 
 class BlynkCloud:
-    """One instance per process; it owns the token and a keep-alive connection pool."""
+    """One instance per process; it owns the token and a keep-alive connection pool.
+
+    Several uploads may run at once (`cloud.max_concurrent_requests`, one per stream): the
+    pool keeps a connection for each, plus one for a token request, so none waits for a
+    connection (httpx would count that wait against the timeout) and none is reopened
+    between batches. HTTP/1.1: the sandbox cannot speak HTTP/2, so nothing here measured
+    what it would bring (README "Performance"). Every request, tokens included, takes a
+    slot of the request `budget` first.
+    """
 
     def __init__(
         self,
@@ -243,18 +253,24 @@ class BlynkCloud:
         timeout_s: float = 15.0,
         transport: httpx.AsyncBaseTransport | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        budget: RequestBudget | None = None,
     ) -> None:
         self.server = server.rstrip("/")
         self._credentials = (client_id, client_secret)
         self._auth = httpx.BasicAuth(client_id, client_secret)
         self._monotonic = monotonic
         self._token: _Token | None = None
+        # Concurrent uploads that find no token wait for one request, not one each.
+        self._token_lock = asyncio.Lock()
         self._timeout_s = timeout_s
         self._ssl_context: ssl.SSLContext | None = None
         self.token_renewals = 0
+        self.budget = budget
+        connections = MAX_CONCURRENT_REQUESTS + 1
         self._http = httpx.AsyncClient(
             base_url=self.server,
             timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             follow_redirects=False,
             transport=transport,
             headers={"User-Agent": f"blynk-edge-gateway/{__version__}"},
@@ -263,8 +279,11 @@ class BlynkCloud:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    def forget_token(self) -> None:
-        self._token = None
+    def forget_token(self, token: str | None = None) -> None:
+        """Drop the cached token; with `token`, only if it is still that one (another upload
+        may have renewed it since this one was refused)."""
+        if token is None or (self._token is not None and self._token.access_token == token):
+            self._token = None
 
     def set_credentials(self, client_id: str, client_secret: str) -> None:
         """New OAuth client credentials (a reload): the next request fetches a new token.
@@ -279,6 +298,14 @@ class BlynkCloud:
         self._token = None
 
     async def _send(self, request: httpx.Request, auth: httpx.Auth | None = None) -> httpx.Response:
+        if self.budget is None:
+            return await self._send_now(request, auth)
+        async with self.budget.slot():
+            return await self._send_now(request, auth)
+
+    async def _send_now(
+        self, request: httpx.Request, auth: httpx.Auth | None = None
+    ) -> httpx.Response:
         try:
             if auth is None:
                 return await self._http.send(request)
@@ -327,10 +354,23 @@ class BlynkCloud:
         with contextlib.suppress(OSError, ssl.SSLError):  # connected: all a probe asks
             await writer.wait_closed()
 
+    async def prepare(self, timeout_s: float = 5.0) -> None:
+        """Fetch a token before the first upload needs one: a backlog waiting at start goes
+        up a round trip sooner. Never raises: the first upload meets whatever is wrong."""
+        with contextlib.suppress(CloudError, TimeoutError):
+            async with asyncio.timeout(min(timeout_s, self._timeout_s)):
+                await self.access_token()
+
     async def access_token(self) -> str:
         """A cached token, renewed ahead of `expires_in` so no upload meets an expired one."""
         if self._token is not None and self._monotonic() < self._token.renew_at:
             return self._token.access_token
+        async with self._token_lock:
+            if self._token is not None and self._monotonic() < self._token.renew_at:
+                return self._token.access_token  # renewed while this one waited
+            return await self._renew_token()
+
+    async def _renew_token(self) -> str:
         request = self._http.build_request(
             "POST", TOKEN_PATH, params={"grant_type": "client_credentials"}
         )
@@ -361,7 +401,7 @@ class BlynkCloud:
             if 200 <= status < 300:
                 return
             if status in (401, 403):
-                self.forget_token()
+                self.forget_token(token)
                 if attempt == 1:
                     continue
             raise classify_failure(response, "import")

@@ -1,8 +1,9 @@
 """store → cloud: the upload loop.
 
-Each pass visits every stream that has buffered readings once, in rotation, and sends at
-most one batch per stream, so a device with a 50,000-point backlog cannot starve one with
-ten new points. Streams the cloud has accepted before go first; new and parked ones are
+Each pass visits every stream that is due (pacing.py: batching by time, sized from the
+request budget) once, in rotation, up to `cloud.max_concurrent_requests` at once
+(inflight.py), one batch each: a 50,000-point backlog cannot starve ten new points.
+Streams the cloud has accepted before go first; new and parked ones are
 tried at a bounded rate after them (stream_order.py), so thousands of ids the cloud does not
 know cannot delay a device it does. Before sending, a batch is trimmed to the device's
 remaining daily quota, and the age rule is applied at the moment of sending (to every
@@ -17,14 +18,11 @@ probes it with a bare TCP (and TLS) connect every `probe_interval_s` and uploads
 one succeeds, however long the outage. When the cloud answers badly (5xx, 429, a timeout
 after sending), it backs off exponentially and obeys Retry-After.
 
-The loop waits on (stop, tick, new rows, backoff expiry), like litestream's replica loop;
-failures are logged once per state change, and a streak of them is closed by one
-`back_online` line that says how many there were. While a large backlog drains, a
-`draining` line every 30 s tells the operator how fast and how long.
-
-The loop beats a `Heartbeat` on every iteration, every request and before every wait
-(naming the wait's bound), so systemd's watchdog can tell a loop that waits from one
-that is stuck.
+The loop waits on (stop, tick, a stream due, backoff expiry), like litestream's replica
+loop; failures are logged once per state change, a streak of them closed by one
+`back_online` line; while a large backlog drains, a `draining` line every 30 s. It beats
+a `Heartbeat` on every iteration, every request and before every wait (naming the wait's
+bound), so systemd's watchdog can tell a loop that waits from one that is stuck.
 """
 
 from __future__ import annotations
@@ -49,12 +47,17 @@ from gateway.errors import (
     UnknownTarget,
     WrongRegion,
 )
-from gateway.log import format_duration, get_logger
+from gateway.log import get_logger
 from gateway.models import Batch, StreamKey
 from gateway.store import Store, StreamState
+from gateway.uplink.acks import HeldAcks
+from gateway.uplink.budget import RequestBudget
 from gateway.uplink.clockgate import ClockGate
 from gateway.uplink.cloud import CloudClient
+from gateway.uplink.drain_progress import DRAIN_MIN_BATCHES, DrainProgress
+from gateway.uplink.inflight import InFlight, run_round
 from gateway.uplink.link import Uplink
+from gateway.uplink.pacing import Pacing
 from gateway.uplink.passthrough import PassThrough
 from gateway.uplink.quota import DailyQuota
 from gateway.uplink.stream_order import StreamEvents, StreamOrder
@@ -64,16 +67,10 @@ log = get_logger("flush")
 EXPIRY_SWEEP_INTERVAL_S = 60.0
 STORE_RETRY_MIN_S = 0.5
 STORE_RETRY_MAX_S = 30.0
-# Accepted batches are deleted from the buffer together, one transaction per pass (fewer
-# fsyncs, less SD wear), but never held longer than this: a crash re-sends what was held.
-ACK_HOLD_MAX_S = 1.0
 # The watchdog's budget between two heartbeats: a cloud exchange (a token request and the
 # upload, each up to connect + write + read timeouts) plus store calls.
 HEARTBEAT_REQUEST_TIMEOUTS = 6
 HEARTBEAT_MARGIN_S = 10.0
-# `draining` lines: at most one per interval, only for a backlog of more than a few batches.
-DRAIN_LOG_INTERVAL_S = 30.0
-DRAIN_MIN_BATCHES = 5
 
 
 class PassOutcome(enum.Enum):
@@ -91,52 +88,6 @@ class FlushStats:
     expired: int = 0
 
 
-class DrainProgress:
-    """`draining backlog=… rate_per_s=… eta=…` while a large backlog shrinks.
-
-    Quiet for small backlogs (a few batches drain before anyone reads the line) and while
-    nothing is delivered (offline or over quota: those states have lines of their own).
-    """
-
-    def __init__(
-        self,
-        min_backlog: int,
-        interval_s: float = DRAIN_LOG_INTERVAL_S,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.min_backlog = min_backlog
-        self.interval_s = interval_s
-        self._clock = clock
-        self._window_start: float | None = None
-        self._delivered_at_start = 0
-
-    def update(self, backlog: int, delivered_total: int) -> None:
-        now = self._clock()
-        if backlog <= self.min_backlog:
-            self._window_start = None
-            return
-        if self._window_start is None:
-            self._window_start, self._delivered_at_start = now, delivered_total
-            return
-        elapsed_s = now - self._window_start
-        if elapsed_s < self.interval_s:
-            return
-        delivered = delivered_total - self._delivered_at_start
-        self._window_start, self._delivered_at_start = now, delivered_total
-        if delivered <= 0:
-            return
-        rate_per_s = delivered / elapsed_s
-        eta_s = backlog / rate_per_s
-        log.info(
-            "draining",
-            backlog=backlog,
-            rate_per_s=round(rate_per_s, 1),
-            eta=format_duration(eta_s),
-            eta_s=round(eta_s),
-        )
-
-
 class FlushLoop:
     # Told of every upload attempt (batch, seconds, the error or None): `status`, metrics.
     upload_observer: Callable[[Batch, float, BaseException | None], None] | None = None
@@ -151,12 +102,16 @@ class FlushLoop:
         clock_ms: Callable[[], int] | None = None,
         network_changed: asyncio.Event | None = None,
         clock: Clock | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         """`clock`: upload only while it is trusted, re-evaluate after its steps
         (clockgate.py); None: `clock_ms` is always trusted."""
         self._store = store
         self._clock_gate = None if clock is None else ClockGate(clock, store)
         self._new_rows = store.new_rows.listen()
+        self.budget = budget or RequestBudget(cloud_settings.max_requests_per_minute)
+        self.inflight = InFlight(cloud_settings.max_concurrent_requests)
+        self.pacing = Pacing(self.budget)  # batching by time, planned with the budget
         self._cloud = cloud
         self._settings = settings
         self._cloud_settings = cloud_settings
@@ -174,12 +129,13 @@ class FlushLoop:
         )
         self._recovering = store.pending_points > 0
         self._final_flush_active = False
+        self._drain_requested = False  # run_pass(drain=True)
         self._exhausted_logged: set[tuple[int, str]] = set()
         # Proven streams first, the others at a bounded rate (stream_order.py).
         self._stream_order = StreamOrder(settings.new_stream_tries_per_min)
         # Streams that were parked when this pass began: parking them again is not news.
         self._parked_before: set[StreamKey] = set()
-        self._refusals = 0  # streams parked so far: tells a refused try from the others
+        self._refused_now: set[StreamKey] = set()  # parked in this pass: refused tries
         self._untried = 0  # new streams waiting for a try, as of the last pass
         self._parked_log = StreamEvents("stream_parked", "streams_parked", "error")
         self._unparked_log = StreamEvents("stream_unparked", "streams_unparked", "info")
@@ -187,10 +143,8 @@ class FlushLoop:
         self._next_expiry_sweep = 0.0
         self._store_failures = 0
         self._pass_expired = 0
-        # Batches the cloud accepted, with the quota day they count against, that the store
-        # has not deleted yet (held for one transaction per pass, or the store failed).
-        self._unacked: list[tuple[Batch, str]] = []
-        self._unacked_since = 0.0
+        # Batches the cloud accepted that the store has not deleted yet (acks.py).
+        self._acks = HeldAcks(store)
         self.heartbeat = Heartbeat(
             HEARTBEAT_MARGIN_S + HEARTBEAT_REQUEST_TIMEOUTS * cloud_settings.timeout_s
         )
@@ -202,6 +156,8 @@ class FlushLoop:
             quota=lambda: self._quota,
             clock_ms=self._clock_ms,
             cutoff_ms=self._cutoff_ms,
+            inflight=self.inflight,
+            pacing=self.pacing,
         )
         self._staged = store.staging.offered.listen()
 
@@ -214,6 +170,8 @@ class FlushLoop:
         self._settings = settings
         self._cloud_settings = cloud_settings
         self._quota = DailyQuota(cloud_settings.daily_points_limit, cloud_settings.day_timezone)
+        self.budget.reconfigure(cloud_settings.max_requests_per_minute)
+        self.inflight.reconfigure(cloud_settings.max_concurrent_requests)
         self.uplink.reconfigure(settings)
         self._stream_order.allowance.reconfigure(settings.new_stream_tries_per_min)
         self._new_rows.set()
@@ -233,6 +191,8 @@ class FlushLoop:
             # Open before the first pass's queries: ingest's first group may come first,
             # and an empty buffer with the cloud presumed reachable is all it needs.
             self.pass_through.open()
+        if (prepare := getattr(self._cloud, "prepare", None)) is not None:
+            await prepare()  # BlynkCloud: a token ahead of the first upload; never raises
         while not self._stop.is_set():
             self._follow_settings()
             self.heartbeat.beat()
@@ -255,30 +215,48 @@ class FlushLoop:
                 self.pass_through.open()
             else:
                 self.pass_through.close()
-            await self._wait(self._settings.interval_s, wake_on_new_rows=True, wake_on_staged=True)
+            await self._until_due()
             if self._staged.is_set():
                 self._staged.clear()
                 await self._send_staged()
-                continue
-            if self._new_rows.is_set():
-                await self._linger()
 
-    async def _linger(self) -> None:
-        """Let a trickle of new readings gather into one request and one delete
-        transaction (fewer requests, less SD wear) instead of one per commit.
-
-        The wait ends as soon as a full batch is buffered (a backlog arriving fast must not
-        sit out the linger) or a group is offered for pass-through (ingest holds its
-        PUBACKs for it).
-        """
-        deadline = time.monotonic() + self._settings.linger_s
-        while 0 < self._store.pending_points < self._settings.batch_size:
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0 or self._staged.is_set():
+    async def _until_due(self) -> None:
+        """Until there is something to do: a stream due (pacing.py: it lingered long enough,
+        holds a full batch, or ingest settled), a group offered for pass-through (ingest
+        holds its PUBACKs for it), held acks due, the tick, or stop. A commit alone only
+        updates the pacing notes; while the buffer drains to reopen pass-through, it starts
+        a pass at once."""
+        deadline = time.monotonic() + self._settings.interval_s
+        while not self._staged.is_set():
+            self._follow_load()
+            if self.pacing.drain and self._new_rows.is_set():
+                return
+            settings = self._settings
+            waits = [deadline - time.monotonic(), self._acks.due_in_s()]
+            if not self.pacing.drain:
+                waits.append(self.pacing.next_due_in_s(settings.batch_size, settings.linger_s))
+            wait_s = min(wait for wait in waits if wait is not None)
+            if wait_s <= 0:
                 return
             self._new_rows.clear()
-            if await self._wait(remaining_s, wake_on_new_rows=True, wake_on_staged=True):
+            if await self._wait(wait_s, wake_on_new_rows=True, wake_on_staged=True):
                 return
+            if not self._new_rows.is_set():
+                return  # the time came, or a group was offered
+
+    def _follow_load(self) -> None:
+        """Take the store's arrival notes; drain (no lingering) while shutting down or while
+        ingest would pass through if only the buffer were empty; tell ingest how long to
+        gather a pass-through group."""
+        store = self._store
+        arrivals = store.arrivals
+        self.pacing.absorb(arrivals.take(), arrivals.last_at, arrivals.gap_s)
+        self.pacing.drain = (
+            self._final_flush_active
+            or self._drain_requested
+            or (self._settings.pass_through and self.uplink.online and not store.staging.paused)
+        )
+        store.staging.hold_s = self.pacing.pass_through_hold_s()
 
     def _pass_through_allowed(self) -> bool:
         return (
@@ -286,7 +264,8 @@ class FlushLoop:
             and (self._clock_gate is None or self._clock_gate.open)
             and self.uplink.online
             and self._store.only_windows_buffered()  # sampling: windows wait in the buffer
-            and not self._unacked
+            and not self._acks.busy
+            and self.inflight.count == 0
             and not self._stop.is_set()
         )
 
@@ -322,7 +301,7 @@ class FlushLoop:
             log.error(
                 "flush_store_unavailable",
                 error=str(exc),
-                unacked_batches=len(self._unacked),
+                unacked_batches=len(self._acks),
                 action="retrying; batches the cloud accepted are acknowledged locally later",
             )
         delay = min(STORE_RETRY_MAX_S, STORE_RETRY_MIN_S * 2 ** min(self._store_failures - 1, 10))
@@ -333,14 +312,8 @@ class FlushLoop:
             log.info("flush_store_recovered", failed_attempts=self._store_failures)
             self._store_failures = 0
 
-    async def _ack_delivered(self) -> None:
-        """Delete what the cloud accepted, all held batches in one transaction.
-
-        Until they are recorded no new pass starts, so their rows are not uploaded twice.
-        """
-        if self._unacked:
-            await self._store.ack_many(self._unacked)
-            self._unacked.clear()
+    def _acks_due(self) -> bool:  # acks.py
+        return self._acks.due(hurry=self.pacing.drain or self._stop.is_set())
 
     async def _wait(
         self, timeout_s: float, *, wake_on_new_rows: bool, wake_on_staged: bool = False
@@ -364,7 +337,7 @@ class FlushLoop:
 
     async def _final_flush(self, timeout_s: float) -> None:
         try:
-            await self._ack_delivered()
+            await self._acks.delete()
         except StoreError as exc:
             log.error("final_flush_store_unavailable", error=str(exc))
             return
@@ -385,59 +358,87 @@ class FlushLoop:
         finally:
             self._final_flush_active = False
             with contextlib.suppress(StoreError):
-                await self._ack_delivered()
+                await self._acks.delete()
                 await self._stream_order.remember(self._store)
 
     # ------------------------------------------------------------------ one pass
 
-    async def run_pass(self) -> PassOutcome:
+    async def run_pass(self, *, drain: bool = False) -> PassOutcome:
+        """Upload one batch of every stream that is due (pacing.py), several at once;
+        `drain`: of every stream with buffered readings, however short it lingered."""
         self.stats.passes += 1
+        self._drain_requested = drain
         gate = self._clock_gate
-        allowed = gate is None or await gate.allows(self._quota, self._unacked)
-        await self._ack_delivered()
+        allowed = gate is None or await gate.allows(self._quota, self._acks.rebase)
+        if self._acks_due():
+            await self._acks.delete()
         await self._stream_order.remember(self._store)
         self._report_stream_events()
         self._new_rows.clear()
         if not allowed:
             return PassOutcome.IDLE  # the clock is not trusted: no quota day, no age rule
         await self._expire_if_due()
+        listed_at = time.monotonic()
         streams = await self._store.pending_streams()
+        self._follow_load()
         if not streams:
             self._note_drained()
+            return PassOutcome.IDLE
+        due = self.pacing.due(
+            streams, listed_at, self._settings.batch_size, self._settings.linger_s
+        )
+        streams = [stream for stream in streams if stream.key in due.streams]
+        if not streams:
             return PassOutcome.IDLE
         self._pass_expired = 0
         try:
             return await self._visit(streams)
         finally:
+            self.pacing.unsent(due.streams)
             self._log_expired(self._pass_expired, "send")
-            await self._ack_delivered()
+            if self._acks_due():
+                await self._acks.delete()
             await self._stream_order.remember(self._store)
 
     async def _visit(self, streams: list[StreamState]) -> PassOutcome:
-        """Every proven stream (in rotation), then trials while the allowance lasts."""
+        """Every proven stream (in rotation), then trials while the allowance lasts; up to
+        `cloud.max_concurrent_requests` of them at once (inflight.py)."""
         plan = self._stream_order.plan(streams, self._clock_ms())
         self._parked_before = {s.key for s in streams if s.parked_reason is not None}
+        self._refused_now = set()
         served = plan.rotated(self._rotation)
         self._rotation += 1
-        sent_any = False
-        for index, stream in enumerate(served + plan.trials):
+        allowance = self._stream_order.allowance
+        order = [(stream, False) for stream in served] + [(s, True) for s in plan.trials]
+
+        def may_start(item: tuple[StreamState, bool]) -> bool:
             if self._stop.is_set() and not self._final_flush_active:
-                break
-            trial = index >= len(served)
-            if trial and not self._stream_order.allowance.take():
-                break  # the rest wait for the allowance to refill
+                return False
+            if item[1] and not allowance.take():
+                return False  # the rest wait for the allowance to refill
             self.heartbeat.beat()
-            refusals = self._refusals
+            return True
+
+        async def send(item: tuple[StreamState, bool]) -> PassOutcome:
+            stream, trial = item
             outcome = await self._send_stream(stream)
-            if trial and self._refusals == refusals:
-                self._stream_order.allowance.give_back()  # not refused: the try cost nothing
-            if outcome is PassOutcome.BACKOFF:
-                return outcome
-            sent_any = sent_any or outcome is PassOutcome.SENT
-            if self._unacked and time.monotonic() - self._unacked_since >= ACK_HOLD_MAX_S:
-                await self._ack_delivered()
+            if trial and stream.key not in self._refused_now:
+                allowance.give_back()  # not refused: the try cost nothing
+            return outcome
+
+        outcomes = await run_round(
+            self.inflight,
+            order,
+            send,
+            stream_of=lambda item: item[0].key,
+            may_start=may_start,
+            finished=lambda _item, outcome: outcome is not PassOutcome.BACKOFF,
+            beat=self.heartbeat.beat,
+        )
         self._untried = plan.untried
-        return PassOutcome.SENT if sent_any else PassOutcome.IDLE
+        if PassOutcome.BACKOFF in outcomes:
+            return PassOutcome.BACKOFF
+        return PassOutcome.SENT if PassOutcome.SENT in outcomes else PassOutcome.IDLE
 
     def _report_stream_events(self, *, force: bool = False) -> None:
         """End the parked/unparked summary intervals that are over (every pass)."""
@@ -455,34 +456,47 @@ class FlushLoop:
         )
 
     async def _sent_today(self, device_id: int, day: str) -> tuple[int, bool]:
-        """The ledger's count plus what was accepted in this pass but not yet deleted."""
+        """The ledger's count plus what was accepted but not yet deleted or is in flight."""
         sent, exhausted = await self._store.points_sent(device_id, day)
-        held = sum(
-            len(batch)
-            for batch, held_day in self._unacked
-            if held_day == day and batch.stream.device_id == device_id
-        )
-        return sent + held, exhausted
+        held = self._acks.points(device_id, day)
+        return sent + held + self.inflight.points(device_id), exhausted
 
     async def _send_stream(self, stream: StreamState) -> PassOutcome:
+        device_id = stream.key.device_id
+        if self._acks.holds(stream.key):
+            await self._acks.delete()  # its accepted rows leave before the next lease
         now_ms = self._clock_ms()
         day = self._quota.day_of(now_ms)
-        sent_today, exhausted = await self._sent_today(stream.key.device_id, day)
-        allowance = self._quota.allowance(sent_today, exhausted)
-        if allowance <= 0:
-            self._note_exhausted(stream.key.device_id, day, now_ms, sent_today)
-            return PassOutcome.IDLE
+        async with self.inflight.device_lock(device_id):
+            sent_today, exhausted = await self._sent_today(device_id, day)
+            allowance = self._quota.allowance(sent_today, exhausted)
+            if allowance <= 0:
+                self._note_exhausted(device_id, day, now_ms, sent_today)
+                return PassOutcome.IDLE
+            wanted = min(self._settings.batch_size, allowance)
+            self.inflight.hold_points(device_id, wanted)  # the quota counts them meanwhile
+        try:
+            return await self._lease_and_deliver(stream, wanted, now_ms)
+        finally:
+            self.inflight.hold_points(device_id, -wanted)
+
+    async def _lease_and_deliver(
+        self, stream: StreamState, wanted: int, now_ms: int
+    ) -> PassOutcome:
         lease = await self._store.lease(
             stream.key,
-            min(self._settings.batch_size, allowance),
+            wanted,
             newest_first=self._settings.order == "newest",
             expire_before_ms=self._cutoff_ms(now_ms),
         )
+        self.pacing.leased(stream.key, len(lease.batch), wanted)
         self._count_expired(lease.expired)
         batch = lease.batch
         if not batch.points:
             return PassOutcome.SENT if lease.expired else PassOutcome.IDLE
         outcome = await self._deliver(batch)
+        if self._acks.due(hurry=False):
+            await self._acks.delete()
         if outcome is PassOutcome.SENT and stream.parked_reason is not None:
             await self._store.unpark(stream.key)
             self._unparked_log.note(stream.key)
@@ -535,13 +549,13 @@ class FlushLoop:
             error = exc
             raise
         finally:
+            elapsed_s = time.perf_counter() - started
+            self._store.staging.note_round_trip(elapsed_s)
             if self.upload_observer is not None:
-                self.upload_observer(batch, time.perf_counter() - started, error)
+                self.upload_observer(batch, elapsed_s, error)
 
     def _accepted(self, batch: Batch, day: str) -> None:
-        if not self._unacked:
-            self._unacked_since = time.monotonic()
-        self._unacked.append((batch, day))
+        self._acks.accepted(batch, day)
         self.stats.delivered += len(batch)
 
     async def _without_expired(self, batch: Batch) -> Batch:
@@ -632,7 +646,7 @@ class FlushLoop:
         not parked already, many streams in one line per interval."""
         until_ms = self._clock_ms() + int(self._settings.parked_retry_s * 1000)
         await self._store.park(stream, reason, until_ms)
-        self._refusals += 1
+        self._refused_now.add(stream)
         if stream not in self._parked_before:
             self._parked_before.add(stream)
             self._parked_log.note(
