@@ -209,8 +209,9 @@ async def test_bad_credentials_keep_buffering_and_recover(
         assert flush is not None
         await wait_until(lambda: flush.uplink.stats.failures >= 3, 10, "three slow retries")
         assert sandbox.accepted == []
-        # Slow retries, not a loop: each pass asked for a token once, failed, then waited.
-        assert sandbox.token_requests == flush.uplink.stats.failures
+        # Slow retries, not a loop: each pass asked for a token once, failed, then waited
+        # (and one more was asked at start, ahead of the first upload).
+        assert sandbox.token_requests == flush.uplink.stats.failures + 1
         assert flush.stats.passes <= flush.uplink.stats.failures + 1
         sandbox.client_secret = "sandbox-secret"
         await wait_until(lambda: len(sandbox.accepted) == 100, 10, "delivered after the fix")

@@ -148,7 +148,9 @@ async def test_retryable_cloud_errors_are_retried_until_delivered(
         await sandbox.set_fault("slow", count=1, delay_s=1.0)
         await publish(publisher, messages[150:])
         await wait_until(lambda: accepted_set(sandbox) == expected, message="all delivered")
-        assert gateway.flush.uplink.stats.failures >= 3 + 1 + 2 + 1
+        # At least one failure per fault; the two routes' requests go up together, and two
+        # that fail together are one failure (one backoff).
+        assert gateway.flush.uplink.stats.failures >= 4
     statuses = [record.status for record in sandbox.requests]
     assert statuses.count(500) == 3 and statuses.count(429) == 1
     duplicates = len(sandbox.accepted) - len(expected)

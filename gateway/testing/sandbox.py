@@ -26,7 +26,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiohttp import BasicAuth, web
@@ -89,7 +89,7 @@ class RequestRecord:
     message: str | None
     # When the cloud handled it (time.monotonic(), the same clock in every process here):
     # a budget test counts the requests in any 60 s from these.
-    at_s: float = 0.0
+    at_s: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)

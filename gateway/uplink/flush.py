@@ -158,6 +158,7 @@ class FlushLoop:
             cutoff_ms=self._cutoff_ms,
             inflight=self.inflight,
             pacing=self.pacing,
+            trials=self._stream_order,
         )
         self._staged = store.staging.offered.listen()
 
@@ -221,11 +222,9 @@ class FlushLoop:
                 await self._send_staged()
 
     async def _until_due(self) -> None:
-        """Until there is something to do: a stream due (pacing.py: it lingered long enough,
-        holds a full batch, or ingest settled), a group offered for pass-through (ingest
-        holds its PUBACKs for it), held acks due, the tick, or stop. A commit alone only
-        updates the pacing notes; while the buffer drains to reopen pass-through, it starts
-        a pass at once."""
+        """Until a stream is due (pacing.py), a group is offered for pass-through, held
+        acks are due, the tick, or stop. A commit alone only updates the pacing notes,
+        except while the buffer drains to reopen pass-through."""
         deadline = time.monotonic() + self._settings.interval_s
         while not self._staged.is_set():
             self._follow_load()
@@ -248,8 +247,7 @@ class FlushLoop:
         """Take the store's arrival notes; drain (no lingering) while shutting down or while
         ingest would pass through if only the buffer were empty; tell ingest how long to
         gather a pass-through group."""
-        store = self._store
-        arrivals = store.arrivals
+        store, arrivals = self._store, self._store.arrivals
         self.pacing.absorb(arrivals.take(), arrivals.last_at, arrivals.gap_s)
         self.pacing.drain = (
             self._final_flush_active

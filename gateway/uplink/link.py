@@ -88,7 +88,13 @@ class Uplink:
         return time.monotonic() < self._backoff_until
 
     def failed(self, exc: UplinkFailure, *, slow: bool = False) -> None:
-        """An upload failed in a way that says nothing about its data: wait, log once."""
+        """An upload failed in a way that says nothing about its data: wait, log once.
+
+        Requests in flight together (`cloud.max_concurrent_requests`) fail together: one
+        that fails while the backoff another started still runs is the same failure, and
+        does not lengthen the next backoff."""
+        if not self.online and self.in_backoff():
+            return
         self.stats.failures += 1
         self._failure_streak += 1
         self._unreachable = isinstance(exc, ConnectFailed)

@@ -72,6 +72,7 @@ class Pacing:
         # of junk topics does not stretch every stream's linger.
         self._seen: dict[StreamKey, float] = {}
         self._readings: deque[tuple[float, int]] = deque()
+        self._readings_sum = 0  # of the counts in `_readings`
         self._since = clock()
         self.last_rows_at = 0.0
         self.settle_s = SETTLE_S
@@ -99,14 +100,18 @@ class Pacing:
             else:
                 waiting.count += arrival.count
         if notes:
-            self._readings.append((last_rows_at, sum(a.count for a in notes.values())))
+            self._count_readings(last_rows_at, sum(a.count for a in notes.values()))
 
     def passed(self, keys: Iterable[StreamKey], readings: int) -> None:
         """Readings that went up through pass-through (never buffered)."""
         now = self._clock()
         for key in keys:
             self._seen[key] = now
-        self._readings.append((now, readings))
+        self._count_readings(now, readings)
+
+    def _count_readings(self, at: float, count: int) -> None:
+        self._readings.append((at, count))
+        self._readings_sum += count
 
     def leased(self, key: StreamKey, count: int, wanted: int) -> None:
         """A lease asked for `wanted` readings of the stream and got `count`: all it had,
@@ -144,7 +149,7 @@ class Pacing:
         if any(seen < cutoff for seen in self._seen.values()):
             self._seen = {key: seen for key, seen in self._seen.items() if seen >= cutoff}
         while self._readings and self._readings[0][0] < cutoff:
-            self._readings.popleft()
+            self._readings_sum -= self._readings.popleft()[1]
 
     # ------------------------------------------------------------------ the load
 
@@ -156,7 +161,7 @@ class Pacing:
         now = self._clock()
         self._prune(now)
         span_s = min(ACTIVE_WINDOW_S, max(1.0, now - self._since))
-        return sum(count for _, count in self._readings) / span_s
+        return self._readings_sum / span_s
 
     def linger_s(self, floor_s: float) -> float:
         return max(floor_s, self.budget.stream_interval_s(self.active_streams()))

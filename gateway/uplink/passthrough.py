@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from gateway.errors import CloudError
+from gateway.errors import CloudError, UnknownTarget
 from gateway.log import get_logger
 from gateway.models import Batch, Point, StreamKey
 from gateway.store import Store
@@ -31,6 +31,7 @@ from gateway.store.staging import StagedGroup
 from gateway.uplink.inflight import InFlight, run_round
 from gateway.uplink.pacing import Pacing
 from gateway.uplink.quota import DailyQuota
+from gateway.uplink.stream_order import StreamOrder
 
 log = get_logger("flush")
 
@@ -61,6 +62,7 @@ class PassThrough:
         cutoff_ms: Callable[[int], int],
         inflight: InFlight,
         pacing: Pacing,
+        trials: StreamOrder | None = None,
     ) -> None:
         self._store = store
         self._staging = store.staging
@@ -70,6 +72,8 @@ class PassThrough:
         self._cutoff_ms = cutoff_ms
         self._inflight = inflight
         self._pacing = pacing
+        # Streams the cloud never accepted cost a try each, as on the buffered path.
+        self._trials = trials
         self._recent: deque[tuple[float, int, int]] = deque()  # (when, device, points)
         self._first_sent_at: float | None = None
         self.stats = PassThroughStats()
@@ -133,10 +137,14 @@ class PassThrough:
             error = await self._send_one(group, request, day)
             if error is not None:
                 errors.append(error)
+            refused = isinstance(error, UnknownTarget)
+            if self._trials is not None and request.stream in tried and not refused:
+                self._trials.allowance.give_back()  # not refused: the try cost nothing
 
+        tried: set[StreamKey] = set()
         await run_round(
             self._inflight,
-            [request for request in requests if request.stream.device_id in covered],
+            [r for r in requests if r.stream.device_id in covered and self._may_try(r, tried)],
             send,
             stream_of=lambda request: request.stream,
             may_start=lambda _request: not group.hurry,
@@ -166,6 +174,17 @@ class PassThrough:
             group.delivered[index] = True
         self.stats.delivered += count
         return None
+
+    def _may_try(self, request: _Request, tried: set[StreamKey]) -> bool:
+        """A stream the cloud accepted before goes; another takes a try from the buffered
+        path's allowance (stream_order.py) or is written, so junk topics cost no more
+        refused requests through pass-through than through the buffer."""
+        if self._trials is None or request.stream in self._trials.proven:
+            return True
+        if not self._trials.allowance.take():
+            return False
+        tried.add(request.stream)
+        return True
 
     def _sizes(self, needs: Counter[int]) -> dict[int, int]:
         """Per device (of this round, and every other that sent in the last minute), a
