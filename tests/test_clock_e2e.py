@@ -87,6 +87,8 @@ async def test_a_fake_hwclock_boot_gets_every_reading_its_true_time_at_the_sync(
         sync.synchronized = True
         await wait_until(lambda: len(sandbox.accepted) == 500, message="all 500 uploaded")
         today, stale_day = day_of(fake.true_ms()), day_of(fake.true_ms() - 3 * DAY_MS)
+        # The ledger counts a batch when its rows are deleted (held up to 1 s, uplink/acks.py).
+        await wait_until(lambda: store.pending_points == 0, message="the batches deleted")
         assert await store.points_sent(101, today) == (500, False)
         assert await store.points_sent(101, stale_day) == (0, False)
         assert gateway.flush is not None and gateway.flush.stats.expired == 0
