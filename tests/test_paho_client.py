@@ -174,3 +174,31 @@ async def _first_publish_arrives(
     await wait_until(lambda: received == [client_id.encode()], 5, "the first publish")
     await connection.close()
     await asyncio.wait_for(task, 10)
+
+
+def test_a_client_outliving_its_event_loop_closes_quietly() -> None:
+    """paho's `__del__` closes a leftover socket whenever the collector runs, which can be
+    after `asyncio.run` returned: the close callback must not raise on the closed loop
+    (a CI run printed that as an unraisable `RuntimeError: Event loop is closed`)."""
+    connection = MqttConnection(
+        MqttSettings(host="127.0.0.1", port=1, client_id="late"),
+        [TOPIC],
+        on_message=lambda message, generation: None,
+        on_session_lost=lambda: None,
+    )
+    client = connection._new_client()
+    ours, peer = socket.socketpair()
+
+    async def adopt_socket() -> None:
+        connection._loop = asyncio.get_running_loop()
+
+    asyncio.run(adopt_socket())
+    assert connection._loop is not None and connection._loop.is_closed()
+    client._sock = ours
+    try:
+        client._reset_sockets()  # what __del__ does: raised RuntimeError before
+        connection._on_socket_register_write(client, None, peer)
+        connection._on_socket_unregister_write(client, None, peer)
+        assert client.socket() is None
+    finally:
+        peer.close()

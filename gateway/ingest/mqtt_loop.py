@@ -414,9 +414,21 @@ class MqttConnection:
 
     # ------------------------------------------------------------------ socket callbacks
 
+    def _call_in_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Hand a socket event to the event loop, from whichever thread paho raised it in.
+
+        A client can outlive its loop: the garbage collector closes a leftover socket after
+        `asyncio.run` returned (paho's `__del__`), and an exception there would be printed
+        as an unraisable error. A closed loop watches no sockets, so there is nothing to do.
+        """
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # closed between the check and the call
+            loop.call_soon_threadsafe(callback, *args)
+
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._watch_socket, client, sock)
+        self._call_in_loop(self._watch_socket, client, sock)
 
     def _watch_socket(self, client: mqtt.Client, sock: Any) -> None:
         assert self._loop is not None
@@ -462,9 +474,7 @@ class MqttConnection:
             self._disconnected.set()
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._forget_socket, sock)
+        self._call_in_loop(self._forget_socket, sock)
 
     def _forget_socket(self, sock: Any) -> None:
         assert self._loop is not None
@@ -473,8 +483,7 @@ class MqttConnection:
             self._loop.remove_writer(sock)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._watch_writable, client, sock)
+        self._call_in_loop(self._watch_writable, client, sock)
 
     def _watch_writable(self, client: mqtt.Client, sock: Any) -> None:
         assert self._loop is not None
@@ -482,7 +491,8 @@ class MqttConnection:
             self._loop.add_writer(sock, client.loop_write)
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
+        if self._loop is None or self._loop.is_closed():
+            return
         if sock.fileno() != -1:
             self._loop.remove_writer(sock)
 
