@@ -31,6 +31,7 @@ from gateway.ops.reload import serve_reloads
 from gateway.ops.status_socket import StatusServer, socket_path
 from gateway.ops.systemd import ServiceMonitor, ServiceNotifier, status_line
 from gateway.store import Capacity, Store
+from gateway.store.quota_journal import journal_path
 from gateway.store.timekeeping import TimeKeeper
 from gateway.uplink.budget import RequestBudget
 from gateway.uplink.cloud import BlynkCloud
@@ -116,6 +117,8 @@ class Gateway:
             long_work=self.notifier,
             stop=self._stop_requested,  # a disk too full to open the buffer: wait for room
             boot_id=self.clock.boot_id,
+            # RAM that outlives a crash, not a reboot: a kill strands no reserved quota.
+            quota_journal=journal_path(settings.store.path, os.environ.get("RUNTIME_DIRECTORY")),
         )
         # Before ingest: earlier boots' held readings are settled, the clock looked at.
         self.timekeeper = timekeeper = TimeKeeper(self.clock, store, settings.clock)

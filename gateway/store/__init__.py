@@ -2,9 +2,11 @@
 
 `Store` (buffer.py) is what ingest and flush use; the rest is its parts: `schema`
 (tables, `migrate`), `capacity` (limits and drop policies), `disk` (full-disk reserve),
-`deadletters`, `ledger` (daily quota), `inspection` (read-only views), `recovery` and
-`rawpages` (salvaging a damaged file), `progress` (long work tells its owner it moves),
-`provisional` and `timekeeping` (readings held until the clock is trusted).
+`deadletters`, `ledger` (daily quota), `reservations` and `quota_journal` (quota counted
+ahead for pass-through, and what a crash left unused), `inspection` (read-only views),
+`recovery` and `rawpages` (salvaging a damaged file), `progress` (long work tells its
+owner it moves), `provisional` and `timekeeping` (readings held until the clock is
+trusted).
 """
 
 from gateway.store.buffer import EXPIRE_CHUNK, AppendResult, Lease, Store

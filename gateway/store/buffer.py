@@ -68,6 +68,7 @@ from gateway.store.inspection import ReadViews
 from gateway.store.ledger import QuotaLedger
 from gateway.store.progress import LongWorkObserver
 from gateway.store.provisional import HeldRow, ProvisionalOps
+from gateway.store.quota_journal import QuotaJournal
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, is_corruption, store_error
 from gateway.store.reservations import QuotaReservations
@@ -126,6 +127,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
         monotonic: Callable[[], float],
         long_work: LongWorkObserver | None,
         boot_id: str,
+        quota_journal: Path | None = None,
     ) -> None:
         self.path = path
         self._long_work = long_work
@@ -157,7 +159,10 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
         # Pass-through: readings offered for upload before any write (see staging.py).
         self.staging = Staging()
         self.arrivals = Arrivals()  # on the flush loop's clock, not `monotonic`
-        self._reservations = QuotaReservations()
+        journal = None
+        if owner and quota_journal is not None:
+            journal = QuotaJournal(quota_journal, boot_id)
+        self._reservations = QuotaReservations(journal)
         self.sampling = SamplingState(started_ms=clock_ms())  # windows.py
         self._disk = DiskGuard(path, capacity.disk_reserve_bytes, owner=owner)
         self._partial_acks = PartialAcks()
@@ -183,6 +188,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
         long_work: LongWorkObserver | None = None,
         stop: asyncio.Event | None = None,
         boot_id: str | None = None,
+        quota_journal: Path | None = None,
     ) -> Store:
         """Open (creating or upgrading) the buffer.
 
@@ -193,7 +199,9 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
         paces the summary log lines (tests inject one). `long_work` hears how a salvage, an
         upgrade or the full check progresses, here and for as long as the store is open.
         `boot_id` keys the readings held for the clock (the kernel's, gateway/clock.py,
-        unless a test gives one).
+        unless a test gives one). `quota_journal` is the owner's RAM file of unused
+        pass-through reservations (quota_journal.py): what a crash left there is given
+        back here.
         """
         started = time.perf_counter()
         await asyncio.to_thread(files.prepare_buffer_path, path, owner=owner)
@@ -207,6 +215,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
             monotonic=monotonic or time.monotonic,
             long_work=long_work,
             boot_id=boot_id or read_boot_id() or "unknown",
+            quota_journal=quota_journal,
         )
         await asyncio.to_thread(store._disk.open_reserve)
         try:
@@ -222,6 +231,8 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
             report.emit(buffered=store.pending_points)
         store.started_clean = store._clean_record
         await store._disk.size_reserve(store._db, store.page_size)
+        if owner:
+            await store.recover_reservations()
         store.open_ms = (time.perf_counter() - started) * 1000
         return store
 
@@ -281,6 +292,7 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
             if self._owner:
                 with contextlib.suppress(sqlite3.Error):
                     await self._give_back_reservations()
+                    self._reservations.close()
                 with contextlib.suppress(sqlite3.Error):
                     await self._db.execute("PRAGMA optimize")
                 with contextlib.suppress(sqlite3.Error):
@@ -652,15 +664,16 @@ class Store(QuotaLedger, DeadLetterOps, ReadViews, AcceptedStreams, WindowOps, P
             newest_day = max(day for _, day in delivered)
             if newest_day != self._ledger_day:  # the first ack of a day (or since open)
                 await ledger.prune_days(self._db)
-            returned: dict[tuple[int, str], int] = {}
+            give_back = None
             if not self.staging.open and self._reservations.outstanding:
                 # pass-through closed: its unused reservations go back in this transaction
-                returned = await self._reservations.give_back(self._db)
+                give_back = await self._reservations.give_back(self._db)
 
             def on_commit() -> None:
                 self._batch_gone(deleted, done)
                 self._ledger_day = newest_day
-                self._reservations.given_back(returned)
+                if give_back is not None:
+                    self._reservations.given_back(*give_back)
 
             return deleted, on_commit
 

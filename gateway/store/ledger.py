@@ -14,12 +14,15 @@ from typing import TYPE_CHECKING, TypeVar
 
 import aiosqlite
 
+from gateway.log import get_logger
 from gateway.store.sql import changes, fetch_one
 
 if TYPE_CHECKING:
     from gateway.store.reservations import QuotaReservations
 
 T = TypeVar("T")
+
+log = get_logger("store")
 
 # Distinct days kept: today and a margin for clock steps and zone changes.
 QUOTA_DAYS_KEPT = 7
@@ -30,6 +33,14 @@ async def count_delivered(db: aiosqlite.Connection, device_id: int, day: str, po
         "INSERT INTO quota_days (device_id, day, points) VALUES (?, ?, ?) "
         "ON CONFLICT (device_id, day) DO UPDATE SET points = points + excluded.points",
         (device_id, day, points),
+    )
+
+
+async def uncount(db: aiosqlite.Connection, device_id: int, day: str, points: int) -> None:
+    """Take back points counted ahead and never used (never below zero, no new row)."""
+    await db.execute(
+        "UPDATE quota_days SET points = max(0, points - ?) WHERE device_id = ? AND day = ?",
+        (points, device_id, day),
     )
 
 
@@ -131,11 +142,13 @@ class QuotaLedger:
                 grant = await reservations.reserve(self._db, device, day, need, size, limit)
                 if grant:
                     grants[device] = grant
+            epoch = await reservations.bump_epoch(self._db) if grants else 0
 
             def on_commit() -> None:
                 for device, grant in grants.items():
                     reservations.granted(device, day, grant)
                 reservations.writes += 1
+                reservations.committed(epoch)
 
             return {d for d in grants if d in needs}, on_commit if grants else None
 
@@ -145,11 +158,43 @@ class QuotaLedger:
         """The clock stepped back: charges counted on days after `today` move to today
         (ledger and reservations); how many points moved."""
 
+        reservations = self._reservations
+
         async def work() -> tuple[int, Callable[[], None]]:
             moved = await rebase_days(self._db, today)
-            return moved, lambda: self._reservations.rebase(today)
+            epoch = await reservations.bump_epoch(self._db)
+
+            def on_commit() -> None:
+                reservations.rebase(today)
+                reservations.committed(epoch)
+
+            return moved, on_commit
 
         return await self._in_transaction(work)
+
+    async def recover_reservations(self) -> None:
+        """At the owner's start: give back the quota a crashed predecessor reserved and
+        did not use, as its RAM journal says (quota_journal.py). No journal, no write."""
+        reservations = self._reservations
+        entry = reservations.journal_left_behind()
+        if entry is None:
+            return
+
+        async def work() -> tuple[str | None, Callable[[], None] | None]:
+            epoch, why_not = await reservations.recover(self._db, entry)
+            if epoch is None:
+                return why_not, None
+            return why_not, lambda: reservations.committed(epoch)
+
+        why_not = await self._in_transaction(work)
+        if why_not is None:
+            log.info(
+                "quota_reservations_recovered",
+                points=sum(entry.unused.values()),
+                devices=len({device for device, _ in entry.unused}),
+            )
+        else:
+            log.info("quota_reservations_kept", reason=why_not)
 
     def reserved_quota(self, device_id: int, day: str) -> int:
         return self._reservations.left(device_id, day)
@@ -163,15 +208,19 @@ class QuotaLedger:
         """The cloud accepted `points` sent through pass-through."""
         self._reservations.use(device_id, day, points)
 
+    def journal_reserved_use(self) -> None:
+        """The readings of the uses so far are about to be acknowledged (quota_journal.py)."""
+        self._reservations.journal_use()
+
     async def _give_back_reservations(self) -> None:
         """At close, with the store's lock held: uncount reserved quota no upload used."""
         if not self._reservations.outstanding:
             return
         await self._db.execute("BEGIN IMMEDIATE")
         try:
-            returned = await self._reservations.give_back(self._db)
+            returned, epoch = await self._reservations.give_back(self._db)
         except BaseException:
             await self._db.rollback()
             raise
         await self._db.commit()
-        self._reservations.given_back(returned)
+        self._reservations.given_back(returned, epoch)

@@ -93,6 +93,7 @@ class PassThrough:
             try:
                 error = await self._send(group)
             finally:
+                self._store.journal_reserved_use()  # before ingest acknowledges the group
                 self._staging.finish(group)
                 self.stats.declined += len(group.undelivered())
             if error is not None:
