@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 # The baseline client, a script of its own (`python benchmarks/httpx_poster.py`).
 POSTER = Path(__file__).resolve().parent / "httpx_poster.py"
 BATCH_SIZE = 1000  # the daemon's default flush.batch_size
-CONCURRENCY = 4  # the daemon's default cloud.max_concurrent_requests
+CONCURRENCY = 8  # the daemon's default cloud.max_concurrent_requests
 DRAIN_TIMEOUT_S = 600.0
 
 

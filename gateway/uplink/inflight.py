@@ -1,7 +1,7 @@
 """Uploads under way: several at once, never two for one stream, quota counted meanwhile.
 
 A cloud 100 ms away allows ten requests a second one after another; with
-`cloud.max_concurrent_requests` (4) of them in flight the round trip is shared. Order
+`cloud.max_concurrent_requests` (8) of them in flight the round trip is shared. Order
 within a stream stays what it was, because a stream never has two requests in flight:
 its next batch is leased only after the cloud answered the previous one. The points a
 device has in flight count against its quota before the cloud answers, so two streams of
