@@ -84,6 +84,7 @@ class Variant:
     flush: dict[str, Any] = field(default_factory=dict)
     cloud_up: bool = True
     sample: dict[str, Any] | None = None  # on every route (gateway/sampling.py)
+    mqtt: dict[str, Any] = field(default_factory=dict)  # e.g. MQTT 5 and its window
 
 
 WRITE_FIRST = {"pass_through": False}
@@ -98,7 +99,16 @@ VARIANTS = [
     Variant("sampled-10s", {}, sample={"every": "10s"}),
     Variant("sampled-60s", {}, sample={"every": "60s"}),
     Variant("deadband-1", {}, sample={"deadband": 1}),
+    # What-if (not in the default run): a broker window big enough for pass-through to hold
+    # a paced group (MQTT 5's Receive Maximum), and one commit a second for what it declines.
+    Variant(
+        "mqtt5-window-1000",
+        {"commit_interval_ms": 1000},
+        mqtt={"protocol": "5", "inflight_window": 1000},
+    ),
 ]
+# Run by `run.py --only latency` (c), not by this script's default list.
+WHAT_IF = ("mqtt5-window-1000",)
 
 
 def write_bytes(pid: int) -> int:
@@ -198,7 +208,7 @@ def measure_steady(
             | ({"sample": variant.sample} if variant.sample else {})
             for i in range(sensors)
         ],
-        mqtt={"host": broker.host, "client_id": f"wear-{run_dir.name}"},
+        mqtt={"host": broker.host, "client_id": f"wear-{run_dir.name}", **variant.mqtt},
         store=variant.store,
         flush={"interval_s": 1.0, **variant.flush},
     )
@@ -307,7 +317,8 @@ def run(args: Any) -> int:
     os.sync()
     if write_bytes(os.getpid()) == probe:
         print(f"warning: write_bytes does not count on {args.workdir} (tmpfs?); figures are 0")
-    variants = [v for v in VARIANTS if not args.only or v.name in args.only.split(",")]
+    wanted = args.only.split(",") if args.only else []
+    variants = [v for v in VARIANTS if v.name in wanted or (not wanted and v.name not in WHAT_IF)]
     results: dict[str, list[float]] = {v.name: [] for v in variants}
     print(
         f"SD wear at {args.rate:g} readings/s, {SENSORS} sensors, window {args.window:g} s, "
