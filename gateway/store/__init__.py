@@ -1,15 +1,16 @@
 """The durable buffer (SQLite): the only package that speaks SQL.
 
-`Store` (buffer.py) is what ingest and flush use; the rest is its parts: `schema`
-(tables, `migrate`), `capacity` (limits and drop policies), `disk` (full-disk reserve),
-`deadletters`, `ledger` (daily quota), `reservations` and `quota_journal` (quota counted
-ahead for pass-through, and what a crash left unused), `inspection` (read-only views),
-`recovery` and `rawpages` (salvaging a damaged file), `progress` (long work tells its
-owner it moves), `provisional` and `timekeeping` (readings held until the clock is
-trusted).
+`Store` (buffer.py) is what ingest and flush use; the rest is its parts: `outflow` (the
+flush side: lease, ack, expire, dead-letter), `parts` (what `Store`'s mixins share),
+`schema` (tables, `migrate`), `capacity` (limits and drop policies), `disk` (full-disk
+reserve), `deadletters`, `ledger` (daily quota), `reservations` and `quota_journal`
+(quota counted ahead for pass-through, and what a crash left unused), `inspection`
+(read-only views), `recovery` and `rawpages` (salvaging a damaged file), `progress` (long
+work tells its owner it moves), `provisional` and `timekeeping` (readings held until the
+clock is trusted).
 """
 
-from gateway.store.buffer import EXPIRE_CHUNK, AppendResult, Lease, Store
+from gateway.store.buffer import AppendResult, Store
 from gateway.store.capacity import Capacity, FullPolicy
 from gateway.store.deadletters import (
     DeadLetter,
@@ -20,6 +21,7 @@ from gateway.store.deadletters import (
 )
 from gateway.store.disk import StoreFault
 from gateway.store.inspection import StreamHead
+from gateway.store.outflow import EXPIRE_CHUNK, Lease
 from gateway.store.progress import LongWorkObserver, WorkProgress
 from gateway.store.rawpages import check_header
 from gateway.store.recovery import SalvageReport, quick_check

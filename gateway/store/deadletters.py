@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 
-from gateway.aio import Notifier
 from gateway.log import get_logger
 from gateway.models import StreamKey
 from gateway.store import streams
+from gateway.store.parts import StoreParts
 from gateway.store.sql import changes, changes_many, fetch_one
 
 log = get_logger("store")
 
-T = TypeVar("T")
 # Dead letters put back per transaction by `retry`.
 RETRY_CHUNK = 5000
 # One `dead_letters_pruned` line per interval while the table is at its limit.
@@ -335,20 +334,9 @@ class PruneReporter:
         self._unreported = 0
 
 
-class DeadLetterOps:
+class DeadLetterOps(StoreParts):
     """The store's dead-letter commands (`blynk-gateway dead-letters purge|retry`), mixed
     into `Store`; each runs in the store's transactions, safe beside the running daemon."""
-
-    _db: aiosqlite.Connection
-    _stream_ids: dict[StreamKey, int]
-    _stream_keys: dict[int, StreamKey]
-    pending_points: int
-    new_rows: Notifier
-
-    async def _in_transaction(
-        self, work: Callable[[], Awaitable[tuple[T, Callable[[], None] | None]]]
-    ) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
 
     async def purge_dead_letters(self, selection: DeadLetterFilter) -> int:
         async def work() -> tuple[int, None]:

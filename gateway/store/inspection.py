@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import aiosqlite
 
 from gateway.models import StreamKey
 from gateway.store import deadletters
 from gateway.store.deadletters import ALL, DeadLetter, DeadLetterFilter
+from gateway.store.parts import StoreParts
 from gateway.store.sql import fetch_one
-
-T = TypeVar("T")
 
 
 async def counts(db: aiosqlite.Connection) -> dict[str, int]:
@@ -98,15 +95,11 @@ async def quota_day(db: aiosqlite.Connection, day: str) -> dict[int, tuple[int, 
     return {int(row[0]): (int(row[1]), bool(row[2])) for row in rows}
 
 
-class ReadViews:
+class ReadViews(StoreParts):
     """The store's read-only views, mixed into `Store` (kept here so buffer.py stays about
     moving rows). Each runs under the store's lock through `Store._read`, like every read."""
 
     path: Path
-    _db: aiosqlite.Connection
-
-    async def _read(self, work: Callable[[], Awaitable[T]]) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
 
     async def counts(self) -> dict[str, int]:
         """Row counts the operator cares about (used by status and tests)."""
@@ -145,9 +138,6 @@ class ReadViews:
             device: (points - self.reserved_quota(device, day), exhausted)
             for device, (points, exhausted) in rows.items()
         }
-
-    def reserved_quota(self, device_id: int, day: str) -> int:
-        raise NotImplementedError  # pragma: no cover - Store provides it (ledger.py)
 
     def file_bytes(self) -> int:
         """The database, its WAL and shared-memory files, as they take space on the disk."""

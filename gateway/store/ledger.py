@@ -9,18 +9,13 @@ not used yet.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Mapping
 
 import aiosqlite
 
 from gateway.log import get_logger
+from gateway.store.parts import StoreParts
 from gateway.store.sql import changes, fetch_one
-
-if TYPE_CHECKING:
-    from gateway.store.reservations import QuotaReservations
-
-T = TypeVar("T")
 
 log = get_logger("store")
 
@@ -90,23 +85,9 @@ async def prune_days(db: aiosqlite.Connection, keep: int = QUOTA_DAYS_KEPT) -> i
     )
 
 
-class QuotaLedger:
+class QuotaLedger(StoreParts):
     """The store's quota methods, mixed into `Store` (kept here so buffer.py stays about
     moving rows); they run under the store's lock like every read and write."""
-
-    _db: aiosqlite.Connection
-    _reservations: QuotaReservations
-
-    async def _read(self, work: Callable[[], Awaitable[T]]) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
-
-    async def _write(self, work: Callable[[], Awaitable[object]]) -> None:
-        raise NotImplementedError  # pragma: no cover - Store provides it
-
-    async def _in_transaction(
-        self, work: Callable[[], Awaitable[tuple[T, Callable[[], None] | None]]]
-    ) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
 
     async def points_sent(self, device_id: int, day: str) -> tuple[int, bool]:
         """(points the cloud accepted for the device on `day`, whether it refused more)."""

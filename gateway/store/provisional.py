@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import aiosqlite
 
-from gateway.aio import Notifier
 from gateway.log import get_logger
+from gateway.store.parts import StoreParts
 from gateway.store.sql import changes, changes_many, fetch_one
 
 log = get_logger("store")
 
-T = TypeVar("T")
 # (stream id, boottime ms, value JSON): a held reading as one boot's rows key it.
 HeldRow = tuple[int, int, str]
 
@@ -258,14 +257,10 @@ def salvage(source: sqlite3.Connection, fresh: sqlite3.Connection) -> None:
 
 
 # --------------------------------------------------------------------------- Store's side
-class ProvisionalOps:
+class ProvisionalOps(StoreParts):
     """The store's methods for held readings, mixed into `Store` (buffer.py keeps moving
     rows in general; this is the clock's part). They run under the store's lock."""
 
-    _db: aiosqlite.Connection
-    _clock_ms: Callable[[], int]
-    pending_points: int
-    new_rows: Notifier
     # Readings held for the clock, all boots (`status`; capacity counts them too).
     provisional_points: int
     # This boot (the kernel's id) and its row in `boots` once registered.
@@ -274,17 +269,6 @@ class ProvisionalOps:
     # wall - boottime once this boot's clock is trusted: held readings that reach the
     # store after that are given their wall time at once (None: hold them).
     boot_offset_ms: int | None
-
-    async def _read(self, work: Callable[[], Awaitable[T]]) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
-
-    async def _in_transaction(
-        self, work: Callable[[], Awaitable[tuple[T, Callable[[], None] | None]]]
-    ) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
-
-    async def _prune_dead_letters(self) -> None:
-        raise NotImplementedError  # pragma: no cover - Store provides it
 
     async def _hold(self, rows: Sequence[HeldRow]) -> tuple[int, int]:
         """Inside an append: store this boot's held rows; (how many new, the boot's row)."""

@@ -4,16 +4,14 @@ the streams the cloud has accepted a batch of."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import aiosqlite
 
 from gateway.errors import StoreError
 from gateway.models import StreamKey
-
-T = TypeVar("T")
+from gateway.store.parts import StoreParts
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,20 +85,12 @@ async def mark_accepted(db: aiosqlite.Connection, keys: Iterable[StreamKey]) -> 
     )
 
 
-class AcceptedStreams:
+class AcceptedStreams(StoreParts):
     """The store's memory of which streams the cloud accepted, mixed into `Store`.
 
     The flush loop keeps the set in memory (one entry per real stream: only the cloud's
     acceptance adds one, so junk topics cannot grow it) and writes each new entry once.
     """
-
-    _db: aiosqlite.Connection
-
-    async def _read(self, work: Callable[[], Awaitable[T]]) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
-
-    async def _write(self, work: Callable[[], Awaitable[object]]) -> None:
-        raise NotImplementedError  # pragma: no cover - Store provides it
 
     async def accepted_streams(self) -> set[StreamKey]:
         return await self._read(lambda: accepted(self._db))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import aiosqlite
 
@@ -34,11 +33,10 @@ from gateway.log import get_logger
 from gateway.models import Batch, Point, ProvisionalReading, Reading, StreamKey
 from gateway.sampling import Aggregator, Rule, WindowRule, window_start
 from gateway.store import deadletters, streams
+from gateway.store.parts import StoreParts
 from gateway.store.sql import changes_many
 
 log = get_logger("store")
-
-T = TypeVar("T")
 
 LATE_REASON = "late_for_window"
 # Rows fetched per round trip while a lease folds windows.
@@ -278,29 +276,9 @@ class WindowsDone:
     folded: int = 0
 
 
-class WindowOps:
+class WindowOps(StoreParts):
     """The store's sampled-stream methods, mixed into `Store` (kept here so buffer.py
     stays about moving rows); they run in the store's reads and transactions."""
-
-    _db: aiosqlite.Connection
-    _stream_ids: dict[StreamKey, int]
-    _clock_ms: Callable[[], int]
-    sampling: SamplingState
-    pending_points: int
-
-    async def _read(self, work: Callable[[], Awaitable[T]]) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
-
-    async def _in_transaction(
-        self, work: Callable[[], Awaitable[tuple[T, Callable[[], None] | None]]]
-    ) -> T:
-        raise NotImplementedError  # pragma: no cover - Store provides it
-
-    async def _expire_stream(self, stream_id: int, cutoff_ms: int, reason: str = "expired") -> int:
-        raise NotImplementedError  # pragma: no cover - Store provides it
-
-    def _rows_left(self, count: int) -> None:
-        raise NotImplementedError  # pragma: no cover - Store provides it
 
     def windowed(self, stream: StreamKey) -> bool:
         """Does the flush loop send this stream's buffered readings as window points?"""
