@@ -155,13 +155,18 @@ def steady(publisher: AckedPublisher) -> Callable[[float], SteadyPublisher]:
     return make
 
 
-@pytest.mark.parametrize("latency_ms", [LATENCY_MS, 30.0], ids=["100ms", "30ms"])
+@pytest.mark.parametrize(
+    ("latency_ms", "mqtt5_window"),
+    [(LATENCY_MS, None), (30.0, None), (LATENCY_MS, 1000)],
+    ids=["100ms", "30ms", "100ms-mqtt5-window-1000"],
+)
 async def test_a_steady_100_readings_per_second_cost_at_most_a_tenth_of_a_request_each(
     settings: Settings,
     far_cloud: SandboxCloud,
     publisher: AckedPublisher,
     steady: Callable[[float], SteadyPublisher],
     latency_ms: float,
+    mqtt5_window: int | None,
 ) -> None:
     """100 readings/s over 20 datastreams for 10 s: over the last 8 s (the first 2 are
     start-up), at most 0.1 import requests per reading delivered, the window's readings
@@ -173,8 +178,17 @@ async def test_a_steady_100_readings_per_second_cost_at_most_a_tenth_of_a_reques
     needs ~5 s to settle (77 requests for ~590 readings in the window, every run here),
     and 30 ms, the near end of a real cloud's 30-300 ms, makes its cycle 0.6 s: ~0.3
     requests per reading. The promise (README, issue 18) holds at any latency.
+
+    With MQTT 5 and a 1,000-message window (the README's advice for a far cloud and an SD
+    card) pass-through can hold a paced group. Once one group had been written, the buffer
+    never emptied again: each commit added rows faster than the drain's round trips took
+    them away, and the drain went on in tiny batches, 0.64 requests per reading. Ingest
+    now gathers while the buffer drains, and the drain keeps within the budget's share.
     """
     far_cloud.set_latency(latency_ms)
+    if mqtt5_window is not None:
+        mqtt = settings.mqtt.model_copy(update={"protocol": "5", "inflight_window": mqtt5_window})
+        settings = settings.model_copy(update={"mqtt": mqtt})
     warmup_s, window_s = 2.0, 8.0
     async with InProcessGateway(settings):
         with steady(100.0) as source:

@@ -249,11 +249,16 @@ class FlushLoop:
         gather a pass-through group."""
         store, arrivals = self._store, self._store.arrivals
         self.pacing.absorb(arrivals.take(), arrivals.last_at, arrivals.gap_s)
-        self.pacing.drain = (
-            self._final_flush_active
-            or self._drain_requested
-            or (self._settings.pass_through and self.uplink.online and not store.staging.paused)
+        # Emptying the buffer so pass-through can reopen: without lingering, but only
+        # within the budget's batching share; a drain that cannot catch up (readings keep
+        # coming) must not spend the whole minute's budget in seconds.
+        reopening = (
+            self._settings.pass_through
+            and self.uplink.online
+            and not store.staging.paused
+            and self.pacing.budget_room() > 0
         )
+        self.pacing.drain = self._final_flush_active or self._drain_requested or reopening
         store.staging.hold_s = self.pacing.pass_through_hold_s()
 
     def _pass_through_allowed(self) -> bool:

@@ -209,7 +209,7 @@ class Pacing:
                 if (w := self._waiting.get(s.key)) is not None and w.first_at <= early
             }
             return Due(frozenset(due), reason)
-        room = self._budget_room()
+        room = self.budget_room()
         if now - self.last_rows_at >= self.settle_s and room > 0:
             settled = sorted(
                 (s for s in pending if self._settling(s.key)),
@@ -227,7 +227,7 @@ class Pacing:
             and key not in self._deferred
         )
 
-    def _budget_room(self) -> int:
+    def budget_room(self) -> int:
         """Requests batching may still plan for this minute."""
         planned = int(self.budget.per_minute * BATCHING_SHARE)
         return planned - self.budget.requests_last_minute()
@@ -243,6 +243,6 @@ class Pacing:
         oldest = min(arrival.first_at for arrival in self._waiting.values())
         due_in_s = max(0.0, oldest + self.linger_s(floor_s) - now)
         settling = any(self._settling(key) for key in self._waiting)
-        if settling and self._budget_room() > 0:
+        if settling and self.budget_room() > 0:
             due_in_s = min(due_in_s, max(0.0, self.last_rows_at + self.settle_s - now))
         return due_in_s
