@@ -9,6 +9,7 @@ connection is dropped without the clean shutdown's give-back.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -149,3 +150,22 @@ def test_each_buffer_has_its_own_journal(tmp_path: Path) -> None:
     assert first != second
     assert first.parent == Path("/run/blynk-gateway")
     assert journal_path(tmp_path / "a.db", None).parent == Path("/dev/shm")
+
+
+async def test_a_journal_someone_else_owns_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/dev/shm is shared by every user: a journal put there by another one (owner not us)
+    must not make the gateway give back quota."""
+    store = await open_owner(tmp_path)
+    await reserve_and_use(store, {101: 40})
+    store.journal_reserved_use()
+    await crash(store)
+
+    real_uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)  # the file's owner is not "us"
+    store = await open_owner(tmp_path)
+    try:
+        assert ledger(tmp_path) == {101: 300}
+    finally:
+        await store.close()

@@ -86,6 +86,10 @@ class QuotaJournal:
         if not self.enabled:
             return None
         try:
+            if self.path.stat().st_uid != os.getuid():
+                # /dev/shm is shared: a file someone else put there is not ours to trust.
+                log.warning("quota_journal_not_ours", path=str(self.path))
+                return None
             record = json.loads(self.path.read_text())
             unused = {(int(d), str(day)): int(p) for d, day, p in record["unused"]}
             return JournalEntry(str(record["boot_id"]), int(record["epoch"]), unused)
