@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_systemd import WATCHDOG_USEC, NotifyListener
 
 from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.errors import DiskFull, StoreError
 from gateway.models import Batch, Point, StreamKey
+from gateway.ops.systemd import ServiceNotifier
 from gateway.store import disk
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
@@ -268,20 +270,35 @@ async def test_a_first_start_on_a_disk_at_0_bytes_waits_for_room_instead_of_exit
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No reserve of ours, no WAL to reuse, no room for the -shm: the daemon cannot open
-    the buffer. It says so once and waits (systemd would give up restarting it)."""
+    the buffer. It says so once and waits (systemd would give up restarting it), and
+    tells systemd it is still starting: EXTEND_TIMEOUT_USEC with a STATUS= naming the
+    wait, at every try (before, TimeoutStartSec= restarted it every 300 s), until READY."""
     monkeypatch.setattr(disk, "OPEN_RETRY_S", 0.1)
     fs = make_tiny_fs(3 * MiB)
     filler = fs.fill_to_zero()
     settings = make_settings(routes=ROUTES, store={"path": str(fs.db_path)})
-    gateway = Gateway(settings)
+    listener = NotifyListener(f"@blynk-test-{os.urandom(8).hex()}")
+    notifier = ServiceNotifier(listener.address, watchdog_usec=WATCHDOG_USEC)
+    notifier.long_work_every_s = 0.05  # every try is told (the daemon's: once a second)
+    gateway = Gateway(settings, notifier=notifier)
     running = asyncio.create_task(gateway.run())
-    await wait_until(lambda: bool(events(log_output, "store_open_waiting_for_space")))
-    await asyncio.sleep(0.5)  # several more tries: still waiting, still one line
-    assert not running.done()
-    [waiting] = events(log_output, "store_open_waiting_for_space")
-    assert waiting["free_disk_bytes"] == 0 and waiting["level"] == "error"
-    filler.unlink()  # the operator frees space
-    await wait_until(lambda: gateway.ingest is not None and gateway.ingest.connected.is_set())
+    try:
+        await wait_until(lambda: bool(events(log_output, "store_open_waiting_for_space")))
+        await asyncio.sleep(0.5)  # several more tries: still waiting, still one line
+        assert not running.done()
+        [waiting] = events(log_output, "store_open_waiting_for_space")
+        assert waiting["free_disk_bytes"] == 0 and waiting["level"] == "error"
+        extended = [m for _, m in listener.with_key("EXTEND_TIMEOUT_USEC")]
+        assert len(extended) >= 3
+        assert extended[-1]["STATUS"].startswith("waiting for disk space to open the buffer")
+        assert not any("READY" in m for _, m in listener.messages())
+        filler.unlink()  # the operator frees space
+        await wait_until(lambda: gateway.ingest is not None and gateway.ingest.connected.is_set())
+        await wait_until(lambda: any(m.get("READY") == "1" for _, m in listener.messages()))
+        assert not notifier.long_work_active
+    finally:
+        notifier.close()
+        listener.close()
     messages, expected = readings(10, now_ms())
     assert await publish_all(publisher, messages) == 10
     await wait_until(lambda: accepted_set(sandbox) >= expected, 30, "the readings")

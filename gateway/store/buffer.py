@@ -219,7 +219,7 @@ class Store(
         )
         await asyncio.to_thread(store._disk.open_reserve)
         try:
-            await store._disk.connect_when_room(store._connect, stop)
+            await store._disk.connect_when_room(store._connect, stop, long_work)
         except StoreCorrupt as exc:
             if not owner:
                 raise

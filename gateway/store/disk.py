@@ -47,6 +47,7 @@ from gateway.errors import DiskFull, StoreCorrupt, StoreError
 from gateway.log import get_logger
 from gateway.models import Batch
 from gateway.store.files import PRIVATE_FILE_MODE
+from gateway.store.progress import LongWorkObserver
 from gateway.store.sql import fetch_one
 
 log = get_logger("store")
@@ -224,44 +225,63 @@ class DiskGuard:
             self._reserve.shrink_to(max(0, held - short - _FS_BLOCK))
 
     async def connect_when_room(
-        self, connect: Callable[[], Awaitable[None]], stop: asyncio.Event | None
+        self,
+        connect: Callable[[], Awaitable[None]],
+        stop: asyncio.Event | None,
+        long_work: LongWorkObserver | None = None,
     ) -> None:
         """`connect`; while the disk is too full even to open the buffer (no room for its
         -shm, and no reserve to give back), the owner waits for room instead of exiting:
         systemd would soon give up restarting it, and the broker keeps the readings
-        meanwhile. One line when it starts waiting; `stop` ends the wait (StoreError)."""
+        meanwhile. One line when it starts waiting; `stop` ends the wait (StoreError).
+        Each try is reported to `long_work` (the notifier: it extends systemd's start
+        timeout and shows the wait in `systemctl status`, instead of a restart every
+        `TimeoutStartSec`)."""
         since: float | None = None
-        while True:
-            try:
-                await connect()
-            except StoreCorrupt:
-                raise
-            except StoreError as exc:
-                free = await asyncio.to_thread(free_disk_bytes, self._directory)
-                if not self._owner or free >= OPEN_ROOM_BYTES:
+        try:
+            while True:
+                try:
+                    await connect()
+                except StoreCorrupt:
                     raise
-                if since is None:
-                    since = time.monotonic()
-                    log.error(
-                        "store_open_waiting_for_space",
-                        error=str(exc),
-                        db=str(self._path),
-                        free_disk_bytes=free,
-                        action="the disk is too full to open the buffer; free some space: "
-                        f"the gateway tries again every {OPEN_RETRY_S:g} s",
-                    )
-                if stop is not None:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(OPEN_RETRY_S):
-                            await stop.wait()
-                    if stop.is_set():
-                        raise StoreError(f"stopped while waiting for room: {exc}") from exc
-                else:
-                    await asyncio.sleep(OPEN_RETRY_S)
-                continue
-            if since is not None:
-                log.info("store_opened", waited_s=round(time.monotonic() - since, 1))
+                except StoreError as exc:
+                    free = await asyncio.to_thread(free_disk_bytes, self._directory)
+                    if not self._owner or free >= OPEN_ROOM_BYTES:
+                        raise
+                    if since is None:
+                        since = time.monotonic()
+                        log.error(
+                            "store_open_waiting_for_space",
+                            error=str(exc),
+                            db=str(self._path),
+                            free_disk_bytes=free,
+                            action="the disk is too full to open the buffer; free some "
+                            f"space: the gateway tries again every {OPEN_RETRY_S:g} s",
+                        )
+                    if long_work is not None:
+                        long_work.long_work(
+                            f"waiting for disk space to open the buffer ({free} bytes free)",
+                            holds_store=True,
+                        )
+                    await self._wait_to_retry(stop, exc)
+                    continue
+                if since is not None:
+                    log.info("store_opened", waited_s=round(time.monotonic() - since, 1))
+                return
+        finally:
+            if since is not None and long_work is not None:
+                long_work.long_work_done()
+
+    @staticmethod
+    async def _wait_to_retry(stop: asyncio.Event | None, error: StoreError) -> None:
+        if stop is None:
+            await asyncio.sleep(OPEN_RETRY_S)
             return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(OPEN_RETRY_S):
+                await stop.wait()
+        if stop.is_set():
+            raise StoreError(f"stopped while waiting for room: {error}") from error
 
     async def connected(self, db: aiosqlite.Connection, page_size: int) -> None:
         """A new connection (open, or after a salvage): bound its WAL to the reserve."""
