@@ -1,13 +1,13 @@
 """The upload side: from the buffer (or straight from ingest) to the Blynk cloud.
 
 `cloud` is the HTTP client behind the `CloudClient` protocol; `flush` is the loop that
-leases batches from the store and sends them under the quota (`quota`) and age rules:
-`pacing` decides when a stream's readings go up (batching by time), `budget` keeps every
-request within `cloud.max_requests_per_minute`, `inflight` runs several uploads at once
-(one per stream), `acks` deletes accepted batches together, `stream_order` serves streams
-the cloud has accepted before first and tries new ones at a bounded rate, `clockgate`
-holds uploads while the clock is untrusted, and `drain_progress` reports a shrinking
-backlog. `passthrough` offers fresh readings for upload before they are written; `link`
+leases batches from the store and sends them under the quota (`quota`) and age (`age`)
+rules: `pacing` decides when a stream's readings go up (batching by time), `budget` keeps
+every request within `cloud.max_requests_per_minute`, `inflight` runs several uploads at
+once (one per stream), `acks` deletes accepted batches together, `stream_order` serves
+streams the cloud has accepted before first and tries new ones at a bounded rate,
+`clockgate` holds uploads while the clock is untrusted, and `drain_progress` reports a
+shrinking backlog. `passthrough` offers fresh readings for upload before they are written; `link`
 keeps the cloud's online/offline state, backoff and reachability probe; `netwatch` wakes
 it when the host's network changes. It meets ingest only in `store` and imports nothing
 from `ops`.

@@ -6,8 +6,8 @@ request budget) once, in rotation, up to `cloud.max_concurrent_requests` at once
 Streams the cloud has accepted before go first; new and parked ones are
 tried at a bounded rate after them (stream_order.py), so thousands of ids the cloud does not
 know cannot delay a device it does. Before sending, a batch is trimmed to the device's
-remaining daily quota, and the age rule is applied at the moment of sending (to every
-batch and every half of a bisected one): points older than the cloud accepts are
+remaining daily quota, and the age rule is applied at the moment of sending (age.py: to
+every batch and every half of a bisected one): points older than the cloud accepts are
 dead-lettered as `expired`, so no request carries a point the cloud will refuse for age.
 The outcome of every upload is one of: delivered (acked in the store, charged to the quota
 day in which the cloud accepted it), buffered (retried later), or dead-lettered with the
@@ -51,6 +51,7 @@ from gateway.log import get_logger
 from gateway.models import Batch, StreamKey
 from gateway.store import Store, StreamState
 from gateway.uplink.acks import HeldAcks
+from gateway.uplink.age import AgeRule
 from gateway.uplink.budget import RequestBudget
 from gateway.uplink.clockgate import ClockGate
 from gateway.uplink.cloud import CloudClient
@@ -64,7 +65,6 @@ from gateway.uplink.stream_order import StreamEvents, StreamOrder
 
 log = get_logger("flush")
 
-EXPIRY_SWEEP_INTERVAL_S = 60.0
 STORE_RETRY_MIN_S = 0.5
 STORE_RETRY_MAX_S = 30.0
 # The watchdog's budget between two heartbeats: a cloud exchange (a token request and the
@@ -139,10 +139,9 @@ class FlushLoop:
         self._untried = 0  # new streams waiting for a try, as of the last pass
         self._parked_log = StreamEvents("stream_parked", "streams_parked", "error")
         self._unparked_log = StreamEvents("stream_unparked", "streams_unparked", "info")
-        self._skew_logged = False
-        self._next_expiry_sweep = 0.0
         self._store_failures = 0
-        self._pass_expired = 0
+        # The cloud's age rule at send time: expiry, the sweep, a clock skew (age.py).
+        self._age = AgeRule(store, cloud_settings, clock_ms=self._clock_ms, stats=self.stats)
         # Batches the cloud accepted that the store has not deleted yet (acks.py).
         self._acks = HeldAcks(store)
         self.heartbeat = Heartbeat(
@@ -155,7 +154,7 @@ class FlushLoop:
             upload=self._timed_upload,
             quota=lambda: self._quota,
             clock_ms=self._clock_ms,
-            cutoff_ms=self._cutoff_ms,
+            cutoff_ms=self._age.cutoff_ms,
             inflight=self.inflight,
             pacing=self.pacing,
             trials=self._stream_order,
@@ -171,6 +170,7 @@ class FlushLoop:
         self._settings = settings
         self._cloud_settings = cloud_settings
         self._quota = DailyQuota(cloud_settings.daily_points_limit, cloud_settings.day_timezone)
+        self._age.reconfigure(cloud_settings)
         self.budget.reconfigure(cloud_settings.max_requests_per_minute)
         self.inflight.reconfigure(cloud_settings.max_concurrent_requests)
         self.uplink.reconfigure(settings)
@@ -380,7 +380,7 @@ class FlushLoop:
         self._new_rows.clear()
         if not allowed:
             return PassOutcome.IDLE  # the clock is not trusted: no quota day, no age rule
-        await self._expire_if_due()
+        await self._age.expire_if_due()
         listed_at = time.monotonic()
         streams = await self._store.pending_streams()
         self._follow_load()
@@ -393,12 +393,12 @@ class FlushLoop:
         streams = [stream for stream in streams if stream.key in due.streams]
         if not streams:
             return PassOutcome.IDLE
-        self._pass_expired = 0
+        self._age.start_pass()
         try:
             return await self._visit(streams)
         finally:
             self.pacing.unsent(due.streams)
-            self._log_expired(self._pass_expired, "send")
+            self._age.end_pass()
             if self._acks_due():
                 await self._acks.delete()
             await self._stream_order.remember(self._store)
@@ -452,12 +452,6 @@ class FlushLoop:
         )
         self._unparked_log.flush(force=force)
 
-    def _cutoff_ms(self, now_ms: int | None = None) -> int:
-        """Points older than this are not sent: the cloud would refuse them for age."""
-        return self._cloud_settings.oldest_sendable_ms(
-            self._clock_ms() if now_ms is None else now_ms
-        )
-
     async def _sent_today(self, device_id: int, day: str) -> tuple[int, bool]:
         """The ledger's count plus what was accepted but not yet deleted or is in flight."""
         sent, exhausted = await self._store.points_sent(device_id, day)
@@ -490,10 +484,10 @@ class FlushLoop:
             stream.key,
             wanted,
             newest_first=self._settings.order == "newest",
-            expire_before_ms=self._cutoff_ms(now_ms),
+            expire_before_ms=self._age.cutoff_ms(now_ms),
         )
         self.pacing.leased(stream.key, len(lease.batch), wanted)
-        self._count_expired(lease.expired)
+        self._age.count_expired(lease.expired)
         batch = lease.batch
         if not batch.points:
             return PassOutcome.SENT if lease.expired else PassOutcome.IDLE
@@ -507,7 +501,7 @@ class FlushLoop:
 
     async def _deliver(self, batch: Batch) -> PassOutcome:
         """Upload one batch, bisecting it when the cloud refuses some of its points."""
-        batch = await self._without_expired(batch)
+        batch = await self._age.without_expired(batch)
         if not batch.points:
             return PassOutcome.SENT
         self.heartbeat.beat()
@@ -530,7 +524,11 @@ class FlushLoop:
             self._note_exhausted(batch.stream.device_id, day, now_ms, None, exc.message)
             return PassOutcome.IDLE
         except TooOld as exc:
-            return await self._refused_for_age(batch, exc)
+            rest = await self._age.refused_for_age(batch, exc)
+            if rest is None:
+                await self._park(batch.stream, f"refused_for_age: {exc.message}")
+                return PassOutcome.IDLE
+            return await self._deliver(rest) if rest.points else PassOutcome.SENT
         except BatchRejected as exc:
             return await self._bisect(batch, exc)
         except PermanentCloudError as exc:  # pragma: no cover - every subclass handled above
@@ -560,67 +558,6 @@ class FlushLoop:
     def _accepted(self, batch: Batch, day: str) -> None:
         self._acks.accepted(batch, day)
         self.stats.delivered += len(batch)
-
-    async def _without_expired(self, batch: Batch) -> Batch:
-        """Apply the age rule now, at send time: a half of a bisected batch, or a batch sent
-        after a slow pass, may hold points that aged past the cutoff since the lease."""
-        cutoff_ms = self._cutoff_ms()
-        if batch.points[0].ts_ms >= cutoff_ms and batch.points[-1].ts_ms >= cutoff_ms:
-            return batch  # leased in time order: the ends bound the rest
-        expired = tuple(p for p in batch.points if p.ts_ms < cutoff_ms)
-        if not expired:
-            return batch
-        await self._store.dead_letter(
-            batch.with_points(expired), "expired", f"older than the cutoff {cutoff_ms}"
-        )
-        self._count_expired(len(expired))
-        return batch.with_points(tuple(p for p in batch.points if p.ts_ms >= cutoff_ms))
-
-    def _count_expired(self, count: int) -> None:
-        self._pass_expired += count
-        self.stats.expired += count
-
-    async def _refused_for_age(self, batch: Batch, exc: TooOld) -> PassOutcome:
-        """The cloud refused points our clock finds young enough: its clock differs.
-
-        Bisecting would cost one request per point. Instead, dead-letter what the rule
-        implies on the cloud's clock (its `Date` header) and send the rest; if the cloud's
-        clock implies nothing, park the stream (data kept, retried slowly).
-        """
-        now_ms = self._clock_ms()
-        cutoff_ms = self._cutoff_ms(exc.cloud_now_ms) if exc.cloud_now_ms is not None else None
-        self._log_clock_skew(exc, now_ms)
-        if cutoff_ms is not None and cutoff_ms > self._cutoff_ms(now_ms):
-            too_old = tuple(p for p in batch.points if p.ts_ms < cutoff_ms)
-            if too_old:
-                await self._store.dead_letter(
-                    batch.with_points(too_old),
-                    "expired",
-                    f"refused for age by the cloud (its Date: {exc.cloud_date}): {exc.message}",
-                )
-                self._count_expired(len(too_old))
-                rest = tuple(p for p in batch.points if p.ts_ms >= cutoff_ms)
-                if not rest:
-                    return PassOutcome.SENT
-                return await self._deliver(batch.with_points(rest))
-        await self._park(batch.stream, f"refused_for_age: {exc.message}")
-        return PassOutcome.IDLE
-
-    def _log_clock_skew(self, exc: TooOld, now_ms: int) -> None:
-        if self._skew_logged:
-            return
-        self._skew_logged = True
-        skew_s = None if exc.cloud_now_ms is None else round((exc.cloud_now_ms - now_ms) / 1000)
-        log.warning(
-            "clock_skew_suspected",
-            gateway_time=_iso(now_ms),
-            cloud_date=exc.cloud_date,
-            cloud_ahead_s=skew_s,
-            cloud_message=exc.message,
-            max_age_days=self._cloud_settings.max_age_days,
-            action="points the cloud's clock finds too old are dead-lettered as expired; "
-            "check the gateway's NTP sync, or cloud.max_age_days if the clocks agree",
-        )
 
     async def _bisect(self, batch: Batch, exc: BatchRejected) -> PassOutcome:
         if len(batch) == 1:
@@ -657,27 +594,6 @@ class FlushLoop:
                 reason,
                 retry_in_s=self._settings.parked_retry_s,
                 action="data kept; check the ids in the route, or create them in Blynk",
-            )
-
-    async def _expire_if_due(self) -> None:
-        """The periodic sweep, for streams no pass leases (parked, or over today's quota)."""
-        now = time.monotonic()
-        if now < self._next_expiry_sweep:
-            return
-        self._next_expiry_sweep = now + EXPIRY_SWEEP_INTERVAL_S
-        moved = await self._store.expire(self._cutoff_ms())
-        self.stats.expired += moved
-        self._log_expired(moved, "sweep")
-
-    def _log_expired(self, count: int, found_by: str) -> None:
-        if count:
-            log.warning(
-                "readings_expired",
-                count=count,
-                found_by=found_by,
-                cutoff=_iso(self._cutoff_ms()),
-                max_age_days=self._cloud_settings.max_age_days,
-                age_margin_hours=self._cloud_settings.age_margin_hours,
             )
 
     # ------------------------------------------------------------------ state changes
