@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.errors import DiskFull
 from gateway.store import Store
 from gateway.store.quota_journal import QuotaJournal, journal_path
+from gateway.store.reservations import QuotaReservations
 
 DAY = "2026-12-05"
 LIMIT = 10_000
@@ -167,5 +169,32 @@ async def test_a_journal_someone_else_owns_is_not_trusted(
     store = await open_owner(tmp_path)
     try:
         assert ledger(tmp_path) == {101: 300}
+    finally:
+        await store.close()
+
+
+async def test_a_give_back_that_cannot_be_written_does_not_stop_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at start: the gateway starts, the reservation stays counted (the safe
+    side), and the journal is left for a later start to try again."""
+    store = await open_owner(tmp_path)
+    await reserve_and_use(store, {101: 40})
+    store.journal_reserved_use()
+    await crash(store)
+
+    async def disk_full(*args: object) -> None:
+        raise DiskFull("database or disk is full")
+
+    monkeypatch.setattr(QuotaReservations, "recover", disk_full)
+    store = await open_owner(tmp_path)
+    await crash(store)
+    assert ledger(tmp_path) == {101: 300}
+    assert (tmp_path / "run" / "quota.json").exists()
+
+    monkeypatch.undo()
+    store = await open_owner(tmp_path)  # room again: given back now
+    try:
+        assert ledger(tmp_path) == {101: 40}
     finally:
         await store.close()

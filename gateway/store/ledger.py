@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 import aiosqlite
 
+from gateway.errors import StoreError
 from gateway.log import get_logger
 from gateway.store.parts import StoreParts
 from gateway.store.sql import changes, fetch_one
@@ -167,7 +168,10 @@ class QuotaLedger(StoreParts):
                 return why_not, None
             return why_not, lambda: reservations.committed(epoch)
 
-        why_not = await self._in_transaction(work)
+        try:
+            why_not = await self._in_transaction(work)
+        except StoreError as exc:  # a full disk at start: the gateway starts all the same
+            why_not = f"not written: {exc}"
         if why_not is None:
             log.info(
                 "quota_reservations_recovered",
