@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -155,3 +157,18 @@ def accepted_set(cloud: SandboxCloud) -> set[tuple[int, int, int, Any]]:
 
 def ts_payload(value: float | int | str, ts_ms: int) -> str:
     return json.dumps({"value": value, "ts": ts_ms})
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`blynk-gateway ARGS` as an operator runs it: a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def status_json(config: Path) -> dict[str, Any]:
+    """`blynk-gateway status --json`, which must exit 0."""
+    result = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -32,9 +30,11 @@ from gateway.testing.sandbox import SandboxCloud
 from gateway.uplink.quota import DailyQuota
 from harness import (
     InProcessGateway,
+    cli,
     events,
     publish,
     settings_dict,
+    status_json,
     ts_payload,
     wait_for_passes,
     wait_until,
@@ -239,19 +239,6 @@ async def clock_metrics(gateway: Gateway) -> dict[str, float]:
                 family.samples[0].value
             )
     return found
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
-    )
-
-
-async def status_json(config: Path) -> dict[str, Any]:
-    result = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
-    assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
 
 
 async def wait_until_status(

@@ -18,8 +18,6 @@ import os
 import re
 import resource
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +33,7 @@ from gateway.ops.status_socket import StatusServer, query
 from gateway.testing.process import GatewayProcess
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
-from harness import InProcessGateway, events, publish, ts_payload, wait_until
+from harness import InProcessGateway, cli, events, publish, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"
 SLOW_CLIENTS = 1_100
@@ -62,12 +60,6 @@ def enough_descriptors(wanted: int) -> None:
     if soft < wanted:
         assert hard == resource.RLIM_INFINITY or hard >= wanted, f"RLIMIT_NOFILE hard {hard}"
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def open_fds(pid: int) -> int:

@@ -26,24 +26,11 @@ from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
 from gateway.testing.sandbox import SandboxCloud
 from gateway.uplink.quota import DailyQuota
-from harness import publish, settings_dict, ts_payload, wait_until
+from harness import cli, publish, settings_dict, status_json, ts_payload, wait_until
 
 TOPIC = "sensors/boiler/temperature"
 HUMIDITY = "sensors/cellar/humidity"
 LIMIT = 40
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
-    )
-
-
-async def status_json(config: Path) -> dict[str, Any]:
-    result = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
-    assert result.returncode == 0, result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
-    return report
 
 
 async def test_status_reports_a_running_daemon_and_forecasts_expiry(

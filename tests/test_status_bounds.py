@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,17 +25,11 @@ from gateway.ops.status_socket import query, socket_path
 from gateway.store import Store
 from gateway.testing.process import GatewayProcess, write_config
 from gateway.testing.publisher import AckedPublisher
-from harness import publish, settings_dict, ts_payload
+from harness import cli, publish, settings_dict, ts_payload
 
 PLAIN_ROUTE = {"topic": "plain/{device}", "datastream_id": 5}
 # Below the 128-byte name limit issue 16 asks ingest for, above what status shows.
 LONG_NAME = "sensor-" + "x" * 120
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60
-    )
 
 
 async def status(config: Path) -> tuple[dict[str, Any], str]:
