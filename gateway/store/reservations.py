@@ -101,11 +101,11 @@ class QuotaReservations:
     async def bump_epoch(self, db: aiosqlite.Connection) -> int:
         """Inside a transaction that changes reservations: the epoch it commits; pass it
         to `committed` once the transaction has."""
-        await db.execute(
+        (epoch,) = await fetch_one(
+            db,
             "INSERT INTO meta (key, value) VALUES ('reservation_epoch', 1) "
-            "ON CONFLICT (key) DO UPDATE SET value = value + 1"
+            "ON CONFLICT (key) DO UPDATE SET value = value + 1 RETURNING value",
         )
-        (epoch,) = await fetch_one(db, "SELECT value FROM meta WHERE key = 'reservation_epoch'")
         return int(epoch)
 
     def committed(self, epoch: int) -> None:
